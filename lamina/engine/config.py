@@ -1,0 +1,59 @@
+"""EngineConfig: the runtime limits and placement of one loaded model (not properties of the model itself)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lamina.errors import ConfigError
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None -> CUDA when available, else CPU. Strings are parsed by torch ("cpu", "cuda", "cuda:1")."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; expected e.g. 'cpu', 'cuda' or 'cuda:0'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but this PyTorch build sees no CUDA device")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device type {resolved.type!r} is not supported; use 'cpu' or 'cuda'")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None -> bfloat16 on CUDA, float32 on CPU. Accepts torch dtypes and names such as "bf16" or "float32"."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ConfigError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of one engine: `max_batch_size` sequences at once, each at most `max_seq_len` tokens (prompt + output)."""
+
+    max_seq_len: int
+    max_batch_size: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def __post_init__(self):
+        for name in ("max_seq_len", "max_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,136 @@
+"""ModelConfig: the frozen description of a Llama-family transformer, and its readers for Meta params.json and presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from lamina.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 frequency-dependent RoPE scaling (`rope_type: llama3` in Hugging Face configs).
+
+    Wavelengths shorter than `original_max_position_embeddings / high_freq_factor` are kept, those longer than
+    `original_max_position_embeddings / low_freq_factor` are divided by `factor`, and the band between is blended.
+    `factor` is 8 for Llama 3.1 and 32 for the Llama 3.2 1B/3B models.
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.factor <= 0 or self.low_freq_factor <= 0 or self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(
+                f"invalid RoPE scaling {self}: need factor > 0 and 0 < low_freq_factor < high_freq_factor"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and constants of the network. Runtime limits (batch size, context length) are not model properties:
+    they live in the engine's configuration."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    hidden_dim: int  # SwiGLU inner size (w1/w3 rows)
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    head_dim: int = 0  # 0 means dim // n_heads
+    tie_embeddings: bool = False  # output projection shares tok_embeddings' weight
+
+    def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model config field {name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not self.norm_eps > 0 or not self.rope_theta > 0:
+            raise ConfigError(f"norm_eps and rope_theta must be positive, got {self.norm_eps} and {self.rope_theta}")
+
+    @classmethod
+    def from_meta(cls, params: Mapping[str, Any]) -> "ModelConfig":
+        """Read a Meta `params.json` (Llama 3, 3.1, 3.2 text models).
+
+        Meta's files carry `use_scaled_rope` but not the scaling factor; it is read from `rope_scaling_factor` when
+        present, else taken from the preset whose shapes match exactly (32 for Llama 3.2 1B/3B), else 8 (Llama 3.1).
+        """
+        if any(key.startswith("vision") for key in params):
+            raise ConfigError("params.json describes a vision model; lamina supports Llama text models only")
+        missing = [key for key in ("dim", "n_layers", "n_heads", "vocab_size") if key not in params]
+        if missing:
+            raise ConfigError(f"params.json lacks required field(s) {', '.join(missing)}")
+        try:
+            dim, n_heads = int(params["dim"]), int(params["n_heads"])
+            n_kv_heads = int(params.get("n_kv_heads") or n_heads)
+            multiple_of = int(params.get("multiple_of", 256))
+            multiplier = params.get("ffn_dim_multiplier")
+            # Meta's SwiGLU sizing: 2/3 of 4*dim, times the multiplier, rounded up to multiple_of.
+            hidden = int(2 * (4 * dim) / 3)
+            if multiplier is not None:
+                hidden = int(float(multiplier) * hidden)
+            hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+            fields = dict(
+                dim=dim,
+                n_layers=int(params["n_layers"]),
+                n_heads=n_heads,
+                n_kv_heads=n_kv_heads,
+                vocab_size=int(params["vocab_size"]),
+                hidden_dim=hidden,
+                norm_eps=float(params.get("norm_eps", 1e-5)),
+                rope_theta=float(params.get("rope_theta", 500000.0)),
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"params.json holds a value of the wrong type: {e}") from None
+        if params.get("use_scaled_rope", False):
+            factor = params.get("rope_scaling_factor")
+            if factor is None:
+                match = next((p for p in PRESETS.values() if _same_shapes(p, fields)), None)
+                factor = match.rope_scaling.factor if match is not None and match.rope_scaling else 8.0
+            fields["rope_scaling"] = RopeScaling(factor=float(factor))
+        return cls(**fields)
+
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        """The configuration of a published model, by exact name (see `PRESETS`)."""
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _same_shapes(preset: ModelConfig, fields: Mapping[str, Any]) -> bool:
+    keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
+    return all(getattr(preset, k) == fields[k] for k in keys)
+
+
+_L31 = RopeScaling(factor=8.0)
+_L32 = RopeScaling(factor=32.0)
+_V3 = 128256
+
+PRESETS: dict[str, ModelConfig] = {
+    "llama3-8b": ModelConfig(4096, 32, 32, 8, _V3, 14336),
+    "llama3-70b": ModelConfig(8192, 80, 64, 8, _V3, 28672),
+    "llama3.1-8b": ModelConfig(4096, 32, 32, 8, _V3, 14336, rope_scaling=_L31),
+    "llama3.1-70b": ModelConfig(8192, 80, 64, 8, _V3, 28672, rope_scaling=_L31),
+    "llama3.2-1b": ModelConfig(2048, 16, 32, 8, _V3, 8192, rope_scaling=_L32),
+    "llama3.2-3b": ModelConfig(3072, 28, 24, 8, _V3, 8192, rope_scaling=_L32),
+}

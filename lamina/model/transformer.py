@@ -1,0 +1,165 @@
+"""The Llama transformer: RMSNorm, rotary embeddings, grouped-query attention over a caller-owned KV cache, SwiGLU.
+
+Tokens arrive flattened, `[N]`, never padded. A forward pass is either a *prefill* of fresh sequences packed end to end
+(each attends causally to itself only) or a *decode* step of one token per running sequence (each attends to its row
+of the KV cache). The caller owns the cache: per layer a pair of `[slots, n_kv_heads, max_seq_len, head_dim]` tensors,
+one row (slot) per sequence; every forward writes its keys and values there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lamina.model import rope
+from lamina.model.config import ModelConfig
+
+KVCacheLayers = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """Fresh sequences packed end to end: token i belongs to cache row `slots[i]` at position `positions[i]`."""
+
+    slots: torch.Tensor  # [N] int64
+    positions: torch.Tensor  # [N] int64, 0..len-1 within each sequence
+    seq_lens: tuple[int, ...]  # lengths of the packed sequences, in order; they sum to N
+
+
+@dataclass(frozen=True)
+class Decode:
+    """One new token per running sequence b, at `positions[b]` of cache row `slots[b]`."""
+
+    slots: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64
+    kv_len: int  # max(positions) + 1: how much of the cache any sequence can see
+    contiguous: bool  # slots are exactly 0..B-1, so cache rows can be sliced rather than gathered
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, *, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the weights' dtype, as Meta's model does.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, **kw)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, **kw)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, **kw)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, **kw)
+
+    def forward(self, x, cos, sin, batch: Prefill | Decode, mask, k_cache, v_cache) -> torch.Tensor:
+        N = x.shape[0]
+        q = self.wq(x).view(N, self.n_heads, self.head_dim)
+        k = self.wk(x).view(N, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(N, self.n_kv_heads, self.head_dim)
+        q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+        k_cache[batch.slots, :, batch.positions] = k
+        v_cache[batch.slots, :, batch.positions] = v
+
+        if isinstance(batch, Prefill):
+            # Each fresh sequence attends causally to its own keys; nothing is spent on cross-sequence pairs.
+            outs = []
+            for qs, ks, vs in zip(q.split(batch.seq_lens), k.split(batch.seq_lens), v.split(batch.seq_lens)):
+                o = F.scaled_dot_product_attention(  # [1, H, T, D]
+                    qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                    is_causal=True, enable_gqa=True,
+                )
+                outs.append(o[0].transpose(0, 1))  # [T, H, D]
+            out = torch.cat(outs)
+        else:
+            # Attend over the filled part of each sequence's cache row only, masked to its own length.
+            if batch.contiguous:
+                keys, values = k_cache[:N, :, : batch.kv_len], v_cache[:N, :, : batch.kv_len]
+            else:
+                keys, values = k_cache[batch.slots, :, : batch.kv_len], v_cache[batch.slots, :, : batch.kv_len]
+            out = F.scaled_dot_product_attention(  # [B, H, 1, D]
+                q[:, :, None, :], keys, values, attn_mask=mask, enable_gqa=True
+            )[:, :, 0, :]
+        return self.wo(out.reshape(N, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.w1 = nn.Linear(dim, hidden_dim, **kw)
+        self.w2 = nn.Linear(hidden_dim, dim, **kw)
+        self.w3 = nn.Linear(dim, hidden_dim, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.attention = Attention(config, device=device, dtype=dtype)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim, device=device, dtype=dtype)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
+
+    def forward(self, x, cos, sin, batch, mask, k_cache, v_cache) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, batch, mask, k_cache, v_cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Weights only: the KV cache and all per-request state belong to the caller."""
+
+    def __init__(self, config: ModelConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(TransformerBlock(config, device=device, dtype=dtype) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
+        self.output = None
+        if not config.tie_embeddings:
+            self.output = nn.Linear(config.dim, config.vocab_size, bias=False, device=device, dtype=dtype)
+        inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, device=device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, batch: Prefill | Decode, kv_cache: KVCacheLayers) -> torch.Tensor:
+        """tokens [N] -> final normalised hidden states [N, dim]; writes each layer's keys/values into kv_cache."""
+        h = self.tok_embeddings(tokens)
+        cos, sin = rope.rotation(self.inv_freq, batch.positions)
+        mask = None
+        if isinstance(batch, Decode):
+            key_pos = torch.arange(batch.kv_len, device=tokens.device)
+            mask = (key_pos[None, :] <= batch.positions[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
+            h = layer(h, cos, sin, batch, mask, k_cache, v_cache)
+        return self.norm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [n, dim] -> float32 logits [n, vocab]. Call it only on the rows whose logits are used."""
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, weight).float()
+
+
+def build_transformer(
+    config: ModelConfig, state_dict: dict[str, torch.Tensor], *, device: torch.device, dtype: torch.dtype
+) -> Transformer:
+    """A Transformer holding `state_dict`'s tensors, moved to `device` and cast to `dtype` without a second copy.
+
+    The state dict must match the model exactly (the weight loaders check it and say what differs).
+    """
+    model = Transformer(config, device=torch.device("meta"), dtype=dtype)
+    tensors = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in state_dict.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, device=device)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,66 @@
+"""The Llama 3 chat format: `<|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>` per message."""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence, TypedDict
+
+from lamina.errors import RequestError
+from lamina.tokenizer.llama3 import Llama3Tokenizer
+
+Role = Literal["system", "user", "assistant", "ipython"]
+ROLES = ("system", "user", "assistant", "ipython")
+
+
+class Message(TypedDict):
+    role: Role
+    content: str
+
+
+Dialog = Sequence[Message]
+
+
+class ChatFormat:
+    """Encodes dialogs for Llama 3 instruct models. `tool` is accepted as another name for the `ipython` role."""
+
+    def __init__(self, tokenizer: Llama3Tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode_header(self, role: str) -> list[int]:
+        sp = self.tokenizer.special_tokens
+        return [
+            sp["<|start_header_id|>"],
+            *self.tokenizer.encode(role, bos=False, eos=False),
+            sp["<|end_header_id|>"],
+            *self.tokenizer.encode("\n\n", bos=False, eos=False),
+        ]
+
+    def encode_message(self, message: Message) -> list[int]:
+        """Header, the content stripped of surrounding whitespace (as Meta's format and chat template do), <|eot_id|>."""
+        role, content = _check_message(message)
+        return [
+            *self.encode_header(role),
+            *self.tokenizer.encode(content.strip(), bos=False, eos=False),
+            self.tokenizer.eot_id,
+        ]
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> list[int]:
+        """<|begin_of_text|>, every message, then an open assistant header for the model to complete."""
+        if isinstance(dialog, (str, dict)) or not isinstance(dialog, Sequence):
+            raise RequestError(f"a dialog is a list of messages, got {type(dialog).__name__}")
+        tokens = [self.tokenizer.bos_id]
+        for message in dialog:
+            tokens.extend(self.encode_message(message))
+        tokens.extend(self.encode_header("assistant"))
+        return tokens
+
+
+def _check_message(message: object) -> tuple[str, str]:
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise RequestError(f"a message is a dict with 'role' and 'content', got {message!r:.80}")
+    role, content = message["role"], message["content"]
+    role = "ipython" if role == "tool" else role
+    if role not in ROLES:
+        raise RequestError(f"unknown message role {role!r}; expected one of {', '.join(ROLES)}")
+    if not isinstance(content, str):
+        raise RequestError(f"message content must be a str, got {type(content).__name__}")
+    return role, content
