@@ -1,6 +1,6 @@
 """lamina: a Llama-family text-generation engine with Meta's Llama 3 `generate` API."""
 
-from lamina.engine import Completion, EngineConfig, Llama
+from lamina.engine import Completion, EngineConfig, Llama, StreamDelta, load
 from lamina.errors import CapacityError, ConfigError, LaminaError, RequestError, TokenizerError, WeightsError
 from lamina.model import ModelConfig, RopeScaling
 from lamina.tokenizer import ChatFormat, Dialog, Llama3Tokenizer, Message
@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CapacityError", "ChatFormat", "Completion", "ConfigError", "Dialog", "EngineConfig", "LaminaError", "Llama",
-    "Llama3Tokenizer", "Message", "ModelConfig", "RequestError", "RopeScaling", "Tokenizer", "TokenizerError",
-    "WeightsError",
+    "Llama3Tokenizer", "Message", "ModelConfig", "RequestError", "RopeScaling", "StreamDelta", "Tokenizer",
+    "TokenizerError", "WeightsError", "load",
 ]

@@ -1,6 +1,7 @@
-"""The engine: KV cache, sampling, the model runner and the Llama generation facade."""
+"""The engine: KV cache, sampling, the model runner, the Llama generation facade and `load`."""
 
 from lamina.engine.config import EngineConfig
-from lamina.engine.generate import Completion, Llama
+from lamina.engine.generate import Completion, Llama, StreamDelta
+from lamina.engine.load import load
 
-__all__ = ["Completion", "EngineConfig", "Llama"]
+__all__ = ["Completion", "EngineConfig", "Llama", "StreamDelta", "load"]

@@ -7,11 +7,12 @@ does not cut it, and bad input raises a ValueError (RequestError) before any wor
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 
@@ -20,7 +21,7 @@ from lamina.engine.runner import ModelRunner
 from lamina.engine.sampling import sample, token_logprobs
 from lamina.errors import CapacityError, RequestError, TokenizerError, WeightsError
 from lamina.model import Transformer, build_transformer
-from lamina.tokenizer import ChatFormat, Dialog, Llama3Tokenizer
+from lamina.tokenizer import ChatFormat, ChatTemplate, Dialog, Llama3Tokenizer, StreamDecoder, Tokenizer
 from lamina.weights import load_meta_checkpoint
 
 # Rows of logits materialised at once when scoring a prompt (echo with logprobs): bounds memory at rows * vocab.
@@ -38,10 +39,48 @@ class Completion:
     finish_reason: Literal["stop", "length"]
 
 
-class Llama:
-    """A loaded model, its tokenizer and an engine to generate with. Build it with `Llama.build`."""
+@dataclass(frozen=True)
+class StreamDelta:
+    """What one new token of sequence `index` adds. `token` is None on the delta that reports a stop token."""
 
-    def __init__(self, model: Transformer, tokenizer: Llama3Tokenizer, config: EngineConfig, *, seed: int = 1):
+    index: int
+    text: str
+    token: int | None
+    logprob: float | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+@dataclass(frozen=True)
+class _Request:
+    prompts: list[list[int]]
+    budgets: list[int]  # new tokens each prompt may get
+    temperature: float
+    top_p: float
+    generator: torch.Generator
+
+
+@dataclass(frozen=True)
+class _TokenEvent:
+    index: int
+    token: int | None
+    logprob: float | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Llama:
+    """A loaded model, its tokenizer and chat format, and an engine to generate with.
+
+    Build one with `lamina.load(path)` (any format) or `Llama.build(...)` (Meta's signature)."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        *,
+        formatter: ChatFormat | ChatTemplate | None = None,
+        seed: int = 1,
+    ):
         if model.config.vocab_size < tokenizer.n_words:
             raise TokenizerError(
                 f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary has only "
@@ -49,12 +88,20 @@ class Llama:
             )
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+        # Without a template of its own, a model whose vocabulary has Llama 3's header tokens gets Llama 3's format.
+        if formatter is None and ChatFormat.supports(tokenizer):
+            formatter = ChatFormat(tokenizer)
+        self.formatter = formatter
         self.config = config
         self.runner = ModelRunner(model, config)
         # The session's random stream: calls without their own seed draw from it, so a run is reproducible from
         # build(seed=...) without touching torch's global generator.
         self.generator = torch.Generator(device=config.device).manual_seed(seed)
+
+    @property
+    def stop_tokens(self) -> set[int]:
+        """Token ids that end a sequence: the tokenizer's, plus the end-of-turn tokens of the chat template."""
+        return set(self.tokenizer.stop_tokens) | set(getattr(self.formatter, "stop_tokens", ()))
 
     @staticmethod
     def build(
@@ -77,6 +124,13 @@ class Llama:
         model_config, state_dict = load_meta_checkpoint(ckpt_dir)
         model = build_transformer(model_config, state_dict, device=config.device, dtype=config.dtype)
         return Llama(model, tokenizer, config, seed=seed)
+
+    @staticmethod
+    def from_pretrained(path: str | Path | None = None, **kwargs) -> "Llama":
+        """Alias of `lamina.load`: any format, detected from the path (None: the default model)."""
+        from lamina.engine.load import load  # load builds a Llama: import at call time to keep the modules acyclic
+
+        return load(path, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
     # Generation
@@ -103,7 +157,6 @@ class Llama:
             return tokens, None
         return tokens, [(r.prompt_logprobs + r.logprobs) if echo else r.logprobs for r in results]
 
-    @torch.inference_mode()
     def complete(
         self,
         prompt_tokens: Sequence[Sequence[int]],
@@ -116,59 +169,98 @@ class Llama:
         seed: int | None = None,
     ) -> list[Completion]:
         """`generate` returning a `Completion` per prompt (with its finish reason)."""
-        prompts = self._check_prompts(prompt_tokens)
-        budgets = self._check_budgets(prompts, max_gen_len)
-        temperature, top_p = _check_sampling(temperature, top_p)
-        if seed is not None and not isinstance(seed, int):
-            raise RequestError(f"seed must be an int or None, got {seed!r}")
-        generator = self.generator if seed is None else torch.Generator(self.config.device).manual_seed(seed)
-        score_prompts = bool(logprobs and echo)
-
-        B = len(prompts)
+        request = self._request(prompt_tokens, max_gen_len, temperature, top_p, seed)
+        B = len(request.prompts)
         out: list[list[int]] = [[] for _ in range(B)]
         out_lp: list[list[float]] = [[] for _ in range(B)]
         prompt_lp: list[list[float] | None] = [None] * B
-        finish: list[str] = ["length"] * B
-        active = [i for i in range(B) if budgets[i] > 0]
-        if not active and not score_prompts:
-            return [Completion(p, [], [] if logprobs else None, None, "length") for p in prompts]
+        finish = ["length"] * B
+        for event in self._events(request, logprobs, prompt_lp if logprobs and echo else None):
+            if event.token is not None:
+                out[event.index].append(event.token)
+                if logprobs:
+                    out_lp[event.index].append(event.logprob)
+            if event.finish_reason is not None:
+                finish[event.index] = event.finish_reason
+        return [
+            Completion(p, out[i], out_lp[i] if logprobs else None, prompt_lp[i], finish[i])
+            for i, p in enumerate(request.prompts)
+        ]
 
-        stop_ids = torch.tensor(self.tokenizer.stop_tokens, device=self.config.device)
-        temps = torch.full((B,), temperature, device=self.config.device)
-        top_ps = torch.full((B,), top_p, device=self.config.device)
+    def stream(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int | None = None,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        *,
+        logprobs: bool = False,
+        seed: int | None = None,
+    ) -> Iterator[StreamDelta]:
+        """Generate as `generate` does, yielding a `StreamDelta` for each sequence's every new token as it is made.
+
+        `delta.text` is the text that became final with that token: it is empty while a character is still split
+        across tokens, so the pieces never hold broken UTF-8; their concatenation is the sequence's whole text.
+        Each sequence's last delta carries its `finish_reason`. The request is checked before this returns."""
+        request = self._request(prompt_tokens, max_gen_len, temperature, top_p, seed)
+        return self._stream(request, logprobs)
+
+    def _stream(self, request: _Request, logprobs: bool) -> Iterator[StreamDelta]:
+        decoders = [StreamDecoder(self.tokenizer) for _ in request.prompts]
+        for event in self._events(request, logprobs, None):
+            decoder = decoders[event.index]
+            text = decoder.add(event.token) if event.token is not None else ""
+            if event.finish_reason is not None:
+                text += decoder.flush()
+            yield StreamDelta(event.index, text, event.token, event.logprob, event.finish_reason)
+
+    @torch.inference_mode()
+    def _events(self, request: _Request, logprobs: bool, prompt_lp: list | None) -> Iterator[_TokenEvent]:
+        """The generation loop. Yields one event per sampled token of each running sequence: the token (None when it
+        is a stop token, which is never returned), its logprob when asked, and the finish reason on the last one.
+        With `prompt_lp` (a list per prompt), fills in the prompts' teacher-forced logprobs first."""
+        prompts, budgets, generator = request.prompts, request.budgets, request.generator
+        B = len(prompts)
+        active = [i for i in range(B) if budgets[i] > 0]
+        if not active and prompt_lp is None:
+            return
+        device = self.config.device
+        stop_ids = torch.tensor(sorted(self.stop_tokens), device=device)
+        temps = torch.full((B,), request.temperature, device=device)
+        top_ps = torch.full((B,), request.top_p, device=device)
 
         hidden = self.runner.prefill(prompts, list(range(B)))
-        ends = torch.tensor([len(p) for p in prompts]).cumsum(0).tolist()
-        if score_prompts:
+        ends = list(itertools.accumulate(len(p) for p in prompts))
+        if prompt_lp is not None:
             for i, p in enumerate(prompts):
                 prompt_lp[i] = [0.0] + self._score(hidden[ends[i] - len(p) : ends[i] - 1], p[1:])
-        logits = self.model.logits(hidden[[ends[i] - 1 for i in active]]) if active else None
-
+        if not active:
+            return
+        logits = self.model.logits(hidden[[ends[i] - 1 for i in active]])
+        lengths = [len(p) for p in prompts]  # tokens of each sequence that are (or are about to be) in the cache
+        generated = [0] * B
         while active:
-            rows = torch.tensor(active, device=self.config.device)
+            rows = torch.tensor(active, device=device)
             next_tokens = sample(logits, temps[rows], top_ps[rows], generator)
-            is_stop = torch.isin(next_tokens, stop_ids)
-            lps = token_logprobs(logits, next_tokens).tolist() if logprobs else None
-            still = []
-            for j, (i, tok, stop) in enumerate(zip(active, next_tokens.tolist(), is_stop.tolist())):
+            is_stop = torch.isin(next_tokens, stop_ids).tolist()
+            lps = token_logprobs(logits, next_tokens).tolist() if logprobs else [None] * len(active)
+            still, last_tokens = [], []
+            for i, tok, stop, lp in zip(active, next_tokens.tolist(), is_stop, lps):
                 if stop:
-                    finish[i] = "stop"
+                    yield _TokenEvent(i, None, None, "stop")
                     continue
-                out[i].append(tok)
-                if lps is not None:
-                    out_lp[i].append(lps[j])
-                if len(out[i]) < budgets[i]:
+                generated[i] += 1
+                if generated[i] < budgets[i]:
                     still.append(i)
+                    last_tokens.append(tok)
+                    yield _TokenEvent(i, tok, lp, None)
+                else:
+                    yield _TokenEvent(i, tok, lp, "length")
             active = still
             if active:
                 logits = self.runner.decode(
-                    tokens=[out[i][-1] for i in active],
-                    slots=active,
-                    positions=[len(prompts[i]) + len(out[i]) - 1 for i in active],
+                    tokens=last_tokens, slots=active, positions=[lengths[i] + generated[i] - 1 for i in active]
                 )
-        return [
-            Completion(prompts[i], out[i], out_lp[i] if logprobs else None, prompt_lp[i], finish[i]) for i in range(B)
-        ]
 
     def _score(self, hidden: torch.Tensor, targets: Sequence[int]) -> list[float]:
         """Log-probabilities of `targets[j]` given hidden state row j, computed a chunk of rows at a time."""
@@ -196,7 +288,7 @@ class Llama:
         """Complete each text prompt: [{"generation": str, and with logprobs "tokens": [str], "logprobs": [float]}]."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise RequestError("prompts must be a list of strings")
-        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        prompt_tokens = [self.tokenizer.encode(p, bos=self.tokenizer.add_bos, eos=False) for p in prompts]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed=seed)
         return [self._prediction(self.tokenizer.decode(t), t, lp) for t, lp in zip(tokens, lps or [None] * len(tokens))]
 
@@ -211,14 +303,24 @@ class Llama:
         seed: int | None = None,
     ) -> list[dict]:
         """Reply to each dialog: [{"generation": {"role": "assistant", "content": str}, ...}]."""
-        if isinstance(dialogs, (str, dict)):
-            raise RequestError("dialogs must be a list of dialogs, each a list of messages")
-        prompt_tokens = [self.formatter.encode_dialog_prompt(d) for d in dialogs]
+        prompt_tokens = [self.encode_dialog(d) for d in self._check_dialogs(dialogs)]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, seed=seed)
         return [
             self._prediction({"role": "assistant", "content": self.tokenizer.decode(t)}, t, lp)
             for t, lp in zip(tokens, lps or [None] * len(tokens))
         ]
+
+    def encode_dialog(self, dialog: Dialog) -> list[int]:
+        """Prompt token ids for a dialog, through the model's chat template (or Llama 3's format)."""
+        if self.formatter is None:
+            raise RequestError("this model has no chat template, and its vocabulary lacks Llama 3's chat tokens")
+        return self.formatter.encode_dialog_prompt(dialog)
+
+    @staticmethod
+    def _check_dialogs(dialogs) -> Sequence[Dialog]:
+        if isinstance(dialogs, (str, dict)) or not isinstance(dialogs, Sequence):
+            raise RequestError("dialogs must be a list of dialogs, each a list of messages")
+        return dialogs
 
     def _prediction(self, generation, tokens: list[int], lps: list[float] | None) -> dict:
         if lps is None:
@@ -227,6 +329,15 @@ class Llama:
 
     # ----------------------------------------------------------------------------------------------------------
     # Input checks: all before any work
+
+    def _request(self, prompt_tokens, max_gen_len, temperature, top_p, seed) -> _Request:
+        prompts = self._check_prompts(prompt_tokens)
+        budgets = self._check_budgets(prompts, max_gen_len)
+        temperature, top_p = _check_sampling(temperature, top_p)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise RequestError(f"seed must be an int or None, got {seed!r}")
+        generator = self.generator if seed is None else torch.Generator(self.config.device).manual_seed(seed)
+        return _Request(prompts, budgets, temperature, top_p, generator)
 
     def _check_prompts(self, prompt_tokens) -> list[list[int]]:
         if isinstance(prompt_tokens, (str, bytes)) or not isinstance(prompt_tokens, Sequence):

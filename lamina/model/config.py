@@ -46,6 +46,7 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     head_dim: int = 0  # 0 means dim // n_heads
     tie_embeddings: bool = False  # output projection shares tok_embeddings' weight
+    context_length: int = 0  # positions the model was trained for; 0 when the checkpoint does not say
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim"):
@@ -104,6 +105,93 @@ class ModelConfig:
                 factor = match.rope_scaling.factor if match is not None and match.rope_scaling else 8.0
             fields["rope_scaling"] = RopeScaling(factor=float(factor))
         return cls(**fields)
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any]) -> "ModelConfig":
+        """Read a Hugging Face `config.json` of a Llama-architecture model (`LlamaForCausalLM`)."""
+        arch = config.get("architectures") or []
+        if config.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
+            found = config.get("model_type") or ", ".join(arch) or "unknown"
+            raise ConfigError(f"config.json describes a {found!r} model; lamina runs Llama-architecture models only")
+        if config.get("attention_bias") or config.get("mlp_bias"):
+            raise ConfigError("config.json asks for attention or MLP biases, which Llama models do not have")
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                               "intermediate_size") if k not in config]
+        if missing:
+            raise ConfigError(f"config.json lacks required field(s) {', '.join(missing)}")
+        # transformers 5 keeps rope settings in rope_parameters; earlier versions in rope_theta + rope_scaling.
+        rope = dict(config.get("rope_scaling") or {})
+        rope.update(config.get("rope_parameters") or {})
+        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if kind == "llama3":
+            try:
+                scaling = RopeScaling(
+                    factor=float(rope["factor"]),
+                    low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                    high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                    original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+                )
+            except KeyError:
+                raise ConfigError("config.json rope scaling of type llama3 lacks its 'factor'") from None
+        elif kind != "default":
+            raise ConfigError(f"RoPE scaling of type {kind!r} is not supported (supported: default, llama3)")
+        try:
+            return cls(
+                dim=int(config["hidden_size"]),
+                n_layers=int(config["num_hidden_layers"]),
+                n_heads=int(config["num_attention_heads"]),
+                n_kv_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+                vocab_size=int(config["vocab_size"]),
+                hidden_dim=int(config["intermediate_size"]),
+                norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(theta),
+                rope_scaling=scaling,
+                head_dim=int(config.get("head_dim") or 0),
+                tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                context_length=int(config.get("max_position_embeddings") or 0),
+            )
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"config.json holds a value of the wrong type: {e}") from None
+
+    @classmethod
+    def from_gguf(cls, fields: Mapping[str, Any], *, has_output: bool, rope_scaling: RopeScaling | None = None):
+        """Read GGUF metadata of architecture `llama` (llama.cpp's key names). `has_output`: whether the file holds
+        an `output.weight` tensor (without one the output projection is tied to the embeddings). Llama 3.1 GGUFs
+        carry RoPE scaling as a tensor of per-frequency factors, which the weight loader turns into `rope_scaling`."""
+        arch = fields.get("general.architecture")
+        if arch != "llama":
+            raise ConfigError(f"GGUF architecture {arch!r} is not supported; lamina runs 'llama' models")
+
+        def get(key: str, default: Any = None) -> Any:
+            value = fields.get(f"llama.{key}", default)
+            if value is None:
+                raise ConfigError(f"GGUF metadata lacks llama.{key}")
+            return value
+
+        n_heads = int(get("attention.head_count"))
+        dim = int(get("embedding_length"))
+        vocab = fields.get("llama.vocab_size") or len(fields.get("tokenizer.ggml.tokens") or ())
+        kind = fields.get("llama.rope.scaling.type", "none")
+        if kind not in ("none", None) and rope_scaling is None:
+            raise ConfigError(f"GGUF RoPE scaling of type {kind!r} is not supported")
+        return cls(
+            dim=dim,
+            n_layers=int(get("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+            vocab_size=int(vocab),
+            hidden_dim=int(get("feed_forward_length")),
+            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=rope_scaling,
+            head_dim=int(fields.get("llama.attention.key_length") or fields.get("llama.rope.dimension_count") or 0),
+            tie_embeddings=not has_output,
+            context_length=int(fields.get("llama.context_length") or 0),
+        )
 
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":

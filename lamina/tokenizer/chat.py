@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Literal, Sequence, TypedDict
 
-from lamina.errors import RequestError
-from lamina.tokenizer.llama3 import Llama3Tokenizer
+from lamina.errors import RequestError, TokenizerError
+from lamina.tokenizer.base import Tokenizer
 
 Role = Literal["system", "user", "assistant", "ipython"]
 ROLES = ("system", "user", "assistant", "ipython")
@@ -22,15 +22,26 @@ Dialog = Sequence[Message]
 class ChatFormat:
     """Encodes dialogs for Llama 3 instruct models. `tool` is accepted as another name for the `ipython` role."""
 
-    def __init__(self, tokenizer: Llama3Tokenizer):
+    _TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+    def __init__(self, tokenizer: Tokenizer):
+        if not self.supports(tokenizer):
+            raise TokenizerError(f"the Llama 3 chat format needs the tokens {', '.join(self._TOKENS)}")
         self.tokenizer = tokenizer
+        sp = tokenizer.special_tokens
+        self._bos, self._start, self._end, self._eot = (sp[t] for t in self._TOKENS)
+        self.stop_tokens = [self._eot] + ([sp["<|eom_id|>"]] if "<|eom_id|>" in sp else [])
+
+    @classmethod
+    def supports(cls, tokenizer: Tokenizer) -> bool:
+        """Whether the tokenizer's vocabulary has the special tokens this format writes."""
+        return all(t in tokenizer.special_tokens for t in cls._TOKENS)
 
     def encode_header(self, role: str) -> list[int]:
-        sp = self.tokenizer.special_tokens
         return [
-            sp["<|start_header_id|>"],
+            self._start,
             *self.tokenizer.encode(role, bos=False, eos=False),
-            sp["<|end_header_id|>"],
+            self._end,
             *self.tokenizer.encode("\n\n", bos=False, eos=False),
         ]
 
@@ -40,14 +51,14 @@ class ChatFormat:
         return [
             *self.encode_header(role),
             *self.tokenizer.encode(content.strip(), bos=False, eos=False),
-            self.tokenizer.eot_id,
+            self._eot,
         ]
 
     def encode_dialog_prompt(self, dialog: Dialog) -> list[int]:
         """<|begin_of_text|>, every message, then an open assistant header for the model to complete."""
         if isinstance(dialog, (str, dict)) or not isinstance(dialog, Sequence):
             raise RequestError(f"a dialog is a list of messages, got {type(dialog).__name__}")
-        tokens = [self.tokenizer.bos_id]
+        tokens = [self._bos]
         for message in dialog:
             tokens.extend(self.encode_message(message))
         tokens.extend(self.encode_header("assistant"))

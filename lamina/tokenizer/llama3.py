@@ -82,6 +82,7 @@ class Llama3Tokenizer:
         self.python_tag_id: int = self.special_tokens["<|python_tag|>"]
         self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
         self.stop_tokens: list[int] = [self.eos_id, self.eom_id, self.eot_id]
+        self.add_bos = True
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,7 @@
+"""`python -m lamina`: the command-line tool."""
+
+import sys
+
+from lamina.cli import main
+
+sys.exit(main())

