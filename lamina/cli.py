@@ -42,7 +42,8 @@ def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
                    default=0.6, help="0 is greedy (default 0.6)")
     p.add_argument("--top-p", type=_checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), default=0.9,
                    help="nucleus sampling mass (default 0.9)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--seed", type=_checked(int, lambda v: -(2**63) <= v < 2**64, "a 64-bit integer"), default=None,
+                   help="random seed for reproducible sampling")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +174,7 @@ def _fit_history(llama, history: list[dict]) -> list[int] | None:
 
 
 def _info(args) -> int:
-    from lamina.engine.load import default_model_path, detect_format
+    from lamina.engine.loader import default_model_path, detect_format
 
     llama = _load(args, show_progress=True)
     c = llama.model.config

@@ -74,6 +74,7 @@ def test_info():
         (["generate", "hi", "--bogus"], 2, "unrecognized arguments: --bogus"),
         (["generate", "hi", "--max-tokens", "many"], 2, "invalid value 'many': expected an integer >= 0"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+        (["generate", "hi", "--seed", "99999999999999999999"], 2, "expected a 64-bit integer"),
     ],
 )
 def test_errors_are_one_line(args, code, message):

@@ -2,6 +2,6 @@
 
 from lamina.engine.config import EngineConfig
 from lamina.engine.generate import Completion, Llama, StreamDelta
-from lamina.engine.load import load
+from lamina.engine.loader import load
 
 __all__ = ["Completion", "EngineConfig", "Llama", "StreamDelta", "load"]

@@ -25,6 +25,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ConfigError(f"unknown device {device!r}; expected e.g. 'cpu', 'cuda' or 'cuda:0'") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but this PyTorch build sees no CUDA device")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
     if resolved.type not in ("cpu", "cuda"):
         raise ConfigError(f"device type {resolved.type!r} is not supported; use 'cpu' or 'cuda'")
     return resolved
@@ -53,7 +55,11 @@ class EngineConfig:
     dtype: torch.dtype
 
     def __post_init__(self):
-        for name in ("max_seq_len", "max_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        check_limits(max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size)
+
+
+def check_limits(**limits) -> None:
+    """Each given limit must be a positive int (None means "the default" and passes)."""
+    for name, value in limits.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import operator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from lamina.engine.config import EngineConfig, resolve_device, resolve_dtype
 from lamina.engine.runner import ModelRunner
 from lamina.engine.sampling import sample, token_logprobs
-from lamina.errors import CapacityError, RequestError, TokenizerError, WeightsError
+from lamina.errors import CapacityError, ConfigError, RequestError, TokenizerError, WeightsError
 from lamina.model import Transformer, build_transformer
 from lamina.tokenizer import ChatFormat, ChatTemplate, Dialog, Llama3Tokenizer, StreamDecoder, Tokenizer
 from lamina.weights import load_meta_checkpoint
@@ -57,6 +58,7 @@ class _Request:
     temperature: float
     top_p: float
     generator: torch.Generator
+    stop_tokens: frozenset[int]  # empty when the caller asked to ignore stop tokens
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class Llama:
         self.runner = ModelRunner(model, config)
         # The session's random stream: calls without their own seed draw from it, so a run is reproducible from
         # build(seed=...) without touching torch's global generator.
-        self.generator = torch.Generator(device=config.device).manual_seed(seed)
+        self.generator = new_generator(seed, config.device, ConfigError)
 
     @property
     def stop_tokens(self) -> set[int]:
@@ -109,13 +111,17 @@ class Llama:
         tokenizer_path: str | Path,
         max_seq_len: int,
         max_batch_size: int,
+        model_parallel_size: int | None = None,
+        seed: int = 1,
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        seed: int = 1,
     ) -> "Llama":
         """Load a Meta checkpoint (`params.json` + `consolidated.*.pth`, shards merged) and a Llama 3
-        `tokenizer.model`. device: CUDA when available, else CPU; dtype: bfloat16 on CUDA, float32 on CPU."""
+        `tokenizer.model`, with Meta's signature. device: CUDA when available, else CPU; dtype: bfloat16 on CUDA,
+        float32 on CPU. `model_parallel_size` is accepted for compatibility; only 1 (one process) is supported."""
+        if model_parallel_size not in (None, 1):
+            raise ConfigError(f"model_parallel_size={model_parallel_size}: lamina runs a model in one process here")
         device = resolve_device(device)
         config = EngineConfig(max_seq_len, max_batch_size, device, resolve_dtype(dtype, device))
         if not Path(ckpt_dir).is_dir():  # say so before the tokenizer is checked, and the weights read
@@ -128,7 +134,7 @@ class Llama:
     @staticmethod
     def from_pretrained(path: str | Path | None = None, **kwargs) -> "Llama":
         """Alias of `lamina.load`: any format, detected from the path (None: the default model)."""
-        from lamina.engine.load import load  # load builds a Llama: import at call time to keep the modules acyclic
+        from lamina.engine.loader import load  # load builds a Llama: import at call time to keep the modules acyclic
 
         return load(path, **kwargs)
 
@@ -167,9 +173,11 @@ class Llama:
         echo: bool = False,
         *,
         seed: int | None = None,
+        ignore_eos: bool = False,
     ) -> list[Completion]:
-        """`generate` returning a `Completion` per prompt (with its finish reason)."""
-        request = self._request(prompt_tokens, max_gen_len, temperature, top_p, seed)
+        """`generate` returning a `Completion` per prompt (with its finish reason). With `ignore_eos`, stop tokens
+        are generated like any other and every sequence runs to its length limit (for benchmarks)."""
+        request = self._request(prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos)
         B = len(request.prompts)
         out: list[list[int]] = [[] for _ in range(B)]
         out_lp: list[list[float]] = [[] for _ in range(B)]
@@ -196,13 +204,14 @@ class Llama:
         *,
         logprobs: bool = False,
         seed: int | None = None,
+        ignore_eos: bool = False,
     ) -> Iterator[StreamDelta]:
         """Generate as `generate` does, yielding a `StreamDelta` for each sequence's every new token as it is made.
 
         `delta.text` is the text that became final with that token: it is empty while a character is still split
         across tokens, so the pieces never hold broken UTF-8; their concatenation is the sequence's whole text.
         Each sequence's last delta carries its `finish_reason`. The request is checked before this returns."""
-        request = self._request(prompt_tokens, max_gen_len, temperature, top_p, seed)
+        request = self._request(prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos)
         return self._stream(request, logprobs)
 
     def _stream(self, request: _Request, logprobs: bool) -> Iterator[StreamDelta]:
@@ -214,54 +223,77 @@ class Llama:
                 text += decoder.flush()
             yield StreamDelta(event.index, text, event.token, event.logprob, event.finish_reason)
 
-    @torch.inference_mode()
     def _events(self, request: _Request, logprobs: bool, prompt_lp: list | None) -> Iterator[_TokenEvent]:
         """The generation loop. Yields one event per sampled token of each running sequence: the token (None when it
-        is a stop token, which is never returned), its logprob when asked, and the finish reason on the last one.
-        With `prompt_lp` (a list per prompt), fills in the prompts' teacher-forced logprobs first."""
-        prompts, budgets, generator = request.prompts, request.budgets, request.generator
-        B = len(prompts)
-        active = [i for i in range(B) if budgets[i] > 0]
-        if not active and prompt_lp is None:
-            return
-        device = self.config.device
-        stop_ids = torch.tensor(sorted(self.stop_tokens), device=device)
-        temps = torch.full((B,), request.temperature, device=device)
-        top_ps = torch.full((B,), request.top_p, device=device)
+        is a stop token, which is never returned), its logprob when asked, and the finish reason on the last one; a
+        sequence allowed no new tokens gets a single event with finish reason "length". With `prompt_lp` (a list per
+        prompt), fills in the prompts' teacher-forced logprobs first.
 
-        hidden = self.runner.prefill(prompts, list(range(B)))
-        ends = list(itertools.accumulate(len(p) for p in prompts))
-        if prompt_lp is not None:
-            for i, p in enumerate(prompts):
-                prompt_lp[i] = [0.0] + self._score(hidden[ends[i] - len(p) : ends[i] - 1], p[1:])
-        if not active:
+        The sequences hold KV-cache rows from the runner's pool for as long as the loop runs (until it finishes or
+        the generator is closed), so concurrent generations on one Llama never share rows."""
+        prompts, budgets = request.prompts, request.budgets
+        for i, budget in enumerate(budgets):
+            if budget == 0:
+                yield _TokenEvent(i, None, None, "length")
+        active = [i for i, budget in enumerate(budgets) if budget > 0]
+        # Prefill only prompts that generate, unless every prompt is to be scored.
+        prefilled = list(range(len(prompts))) if prompt_lp is not None else active
+        if not prefilled:
             return
-        logits = self.model.logits(hidden[[ends[i] - 1 for i in active]])
-        lengths = [len(p) for p in prompts]  # tokens of each sequence that are (or are about to be) in the cache
-        generated = [0] * B
+        with self.runner.slots(len(prefilled)) as slots:
+            slot = dict(zip(prefilled, slots))
+            with torch.inference_mode():
+                hidden = self.runner.prefill([prompts[i] for i in prefilled], slots)
+            ends = dict(zip(prefilled, itertools.accumulate(len(prompts[i]) for i in prefilled)))
+            if prompt_lp is not None:
+                for i, p in enumerate(prompts):
+                    prompt_lp[i] = [0.0] + self._score(hidden[ends[i] - len(p) : ends[i] - 1], p[1:])
+            if not active:
+                return
+            with torch.inference_mode():
+                logits = self.model.logits(hidden[[ends[i] - 1 for i in active]])
+            del hidden
+            yield from self._decode_loop(request, logprobs, active, slot, logits)
+
+    def _decode_loop(self, request: _Request, logprobs: bool, active: list[int], slot: dict, logits: torch.Tensor):
+        prompts, budgets, device = request.prompts, request.budgets, self.config.device
+        stop_ids = torch.tensor(sorted(request.stop_tokens), dtype=torch.long, device=device)
+        generated = dict.fromkeys(active, 0)
         while active:
-            rows = torch.tensor(active, device=device)
-            next_tokens = sample(logits, temps[rows], top_ps[rows], generator)
-            is_stop = torch.isin(next_tokens, stop_ids).tolist()
-            lps = token_logprobs(logits, next_tokens).tolist() if logprobs else [None] * len(active)
-            still, last_tokens = [], []
-            for i, tok, stop, lp in zip(active, next_tokens.tolist(), is_stop, lps):
+            with torch.inference_mode():
+                if request.temperature == 0:
+                    next_tokens = logits.argmax(dim=-1)
+                else:
+                    n = len(active)
+                    temps = torch.full((n,), request.temperature, dtype=torch.float32, device=device)
+                    top_ps = torch.full((n,), request.top_p, dtype=torch.float32, device=device)
+                    next_tokens = sample(logits, temps, top_ps, request.generator)
+                # One host transfer per step: the tokens, whether each is a stop token, and its logprob.
+                columns = [next_tokens.double(), torch.isin(next_tokens, stop_ids).double()]
+                if logprobs:
+                    columns.append(token_logprobs(logits, next_tokens).double())
+                rows = torch.stack(columns, dim=1).tolist()
+            still = []
+            for i, row in zip(active, rows):
+                tok, stop, lp = int(row[0]), row[1] > 0, (row[2] if logprobs else None)
                 if stop:
                     yield _TokenEvent(i, None, None, "stop")
                     continue
                 generated[i] += 1
-                if generated[i] < budgets[i]:
-                    still.append(i)
-                    last_tokens.append(tok)
-                    yield _TokenEvent(i, tok, lp, None)
-                else:
-                    yield _TokenEvent(i, tok, lp, "length")
-            active = still
+                finished = generated[i] >= budgets[i]
+                yield _TokenEvent(i, tok, lp, "length" if finished else None)
+                if not finished:
+                    still.append((i, tok))
+            active = [i for i, _ in still]
             if active:
-                logits = self.runner.decode(
-                    tokens=last_tokens, slots=active, positions=[lengths[i] + generated[i] - 1 for i in active]
-                )
+                with torch.inference_mode():
+                    logits = self.runner.decode(
+                        tokens=[tok for _, tok in still],
+                        slots=[slot[i] for i in active],
+                        positions=[len(prompts[i]) + generated[i] - 1 for i in active],
+                    )
 
+    @torch.inference_mode()
     def _score(self, hidden: torch.Tensor, targets: Sequence[int]) -> list[float]:
         """Log-probabilities of `targets[j]` given hidden state row j, computed a chunk of rows at a time."""
         scores: list[float] = []
@@ -286,7 +318,7 @@ class Llama:
         seed: int | None = None,
     ) -> list[dict]:
         """Complete each text prompt: [{"generation": str, and with logprobs "tokens": [str], "logprobs": [float]}]."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        if not isinstance(prompts, Sequence) or isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise RequestError("prompts must be a list of strings")
         prompt_tokens = [self.tokenizer.encode(p, bos=self.tokenizer.add_bos, eos=False) for p in prompts]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed=seed)
@@ -330,17 +362,17 @@ class Llama:
     # ----------------------------------------------------------------------------------------------------------
     # Input checks: all before any work
 
-    def _request(self, prompt_tokens, max_gen_len, temperature, top_p, seed) -> _Request:
+    def _request(self, prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos=False) -> _Request:
         prompts = self._check_prompts(prompt_tokens)
         budgets = self._check_budgets(prompts, max_gen_len)
         temperature, top_p = _check_sampling(temperature, top_p)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise RequestError(f"seed must be an int or None, got {seed!r}")
-        generator = self.generator if seed is None else torch.Generator(self.config.device).manual_seed(seed)
-        return _Request(prompts, budgets, temperature, top_p, generator)
+        generator = self.generator if seed is None else new_generator(seed, self.config.device, RequestError)
+        stops = frozenset() if ignore_eos else frozenset(self.stop_tokens)
+        return _Request(prompts, budgets, temperature, top_p, generator, stops)
 
     def _check_prompts(self, prompt_tokens) -> list[list[int]]:
-        if isinstance(prompt_tokens, (str, bytes)) or not isinstance(prompt_tokens, Sequence):
+        prompt_tokens = _as_list(prompt_tokens)
+        if not isinstance(prompt_tokens, list):
             raise RequestError(f"prompt_tokens must be a list of token-id lists, got {type(prompt_tokens).__name__}")
         if len(prompt_tokens) > self.config.max_batch_size:
             raise CapacityError(
@@ -349,12 +381,13 @@ class Llama:
         vocab = self.model.config.vocab_size
         prompts = []
         for i, prompt in enumerate(prompt_tokens):
-            if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+            prompt = _as_list(prompt)
+            if not isinstance(prompt, list):
                 raise RequestError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
             if len(prompt) == 0:
                 raise RequestError(f"prompt {i} is empty; a prompt needs at least one token (e.g. <|begin_of_text|>)")
             try:
-                ids = [operator.index(t) for t in prompt]
+                ids = [_integer(t) for t in prompt]
             except TypeError:
                 raise RequestError(f"prompt {i} holds a token id that is not an integer") from None
             bad = next((t for t in ids if not 0 <= t < vocab), None)
@@ -370,8 +403,13 @@ class Llama:
         limit = self.config.max_seq_len
         if max_gen_len is None:
             return [limit - len(p) for p in prompts]
-        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
+        try:
+            value = _integer(max_gen_len)
+        except TypeError:
+            value = -1
+        if value < 0:
             raise RequestError(f"max_gen_len must be a non-negative integer or None, got {max_gen_len!r}")
+        max_gen_len = value
         for i, p in enumerate(prompts):
             if len(p) + max_gen_len > limit:
                 raise CapacityError(
@@ -382,10 +420,37 @@ class Llama:
 
 
 def _check_sampling(temperature, top_p) -> tuple[float, float]:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature):
         raise RequestError(f"temperature must be a finite number, got {temperature!r}")
     if temperature < 0:
         raise RequestError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
         raise RequestError(f"top_p must be in (0, 1], got {top_p!r}")
     return float(temperature), float(top_p)
+
+
+def new_generator(seed, device: torch.device, error: type[Exception]) -> torch.Generator:
+    """A torch.Generator on `device` seeded with `seed` (any integer torch accepts), or `error` naming the seed."""
+    try:
+        seed = _integer(seed)
+    except TypeError:
+        raise error(f"seed must be an integer, got {seed!r}") from None
+    if not -(2**63) <= seed < 2**64:
+        raise error(f"seed {seed} is out of range: it must fit in 64 bits")
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _as_list(value):
+    """Lists stay lists; tuples, numpy arrays and tensors become lists; anything else is returned unchanged."""
+    if isinstance(value, (str, bytes)):
+        return value
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _integer(value) -> int:
+    """operator.index (ints, numpy and tensor integers), refusing bools."""
+    if isinstance(value, bool):
+        raise TypeError("a bool is not an integer here")
+    return operator.index(value)

@@ -29,7 +29,3 @@ class KVCache:
                 for _ in range(config.n_layers)
             ]
         )
-
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers)

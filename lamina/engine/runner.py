@@ -1,44 +1,67 @@
-"""ModelRunner: turns lists of token ids into forward passes over the model and its KV cache."""
+"""ModelRunner: turns lists of token ids into forward passes over the model and its KV cache, and hands out the
+cache's rows (slots) to the generations that use them."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 
 from lamina.engine.config import EngineConfig
 from lamina.engine.kv_cache import KVCache
+from lamina.errors import CapacityError
 from lamina.model import Decode, Prefill, Transformer
 
 
 class ModelRunner:
-    """Owns the KV cache of one model; every call writes the cache rows (slots) it is given."""
+    """Owns the KV cache of one model. A generation takes rows with `slots(n)` and runs forwards on them."""
 
     def __init__(self, model: Transformer, config: EngineConfig):
         self.model = model
         self.config = config
-        self.device = config.device
         self.cache = KVCache.allocate(
             model.config, config.max_batch_size, config.max_seq_len, device=config.device, dtype=config.dtype
         )
+        self._free = list(range(config.max_batch_size))
+
+    @contextlib.contextmanager
+    def slots(self, n: int) -> Iterator[list[int]]:
+        """Reserve n cache rows (lowest first, so a lone generation gets 0..n-1) for the duration of the block."""
+        if n > len(self._free):
+            raise CapacityError(
+                f"{n} sequence(s) need cache rows but only {len(self._free)} of {self.config.max_batch_size} are "
+                "free: other generations on this model are still running (finish or close them first)"
+            )
+        self._free.sort()
+        taken, self._free = self._free[:n], self._free[n:]
+        try:
+            yield taken
+        finally:
+            self._free.extend(taken)
 
     def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
         """Run fresh prompts packed into one pass, each into its slot from position 0.
 
         Returns the final hidden states of every prompt token, packed in order: [sum of lengths, dim]."""
-        lens = tuple(len(p) for p in prompts)
-        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)
-        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
-        slot_ids = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lens)).to(self.device)
-        return self.model(tokens, Prefill(slot_ids, positions, lens), self.cache.layers)
+        device = self.config.device
+        lens = [len(p) for p in prompts]
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
+        positions = torch.tensor([j for n in lens for j in range(n)], dtype=torch.long, device=device)
+        slot_ids = torch.tensor([s for s, n in zip(slots, lens) for _ in range(n)], dtype=torch.long, device=device)
+        return self.model(tokens, Prefill(slot_ids, positions, tuple(lens)), self.cache.layers)
 
     def decode(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """One step: token b goes to `positions[b]` of row `slots[b]`. Returns logits [B, vocab] (float32)."""
+        """One step: token b goes to `positions[b]` of row `slots[b]`. Returns logits [B, vocab] (float32).
+
+        When the rows are exactly 0..B-1 attention slices the cache; otherwise (some sequences of the batch have
+        finished) it gathers the rows it needs, a copy of the filled part of each."""
+        device = self.config.device
+        packed = torch.tensor([list(tokens), list(slots), list(positions)], dtype=torch.long, device=device)
         batch = Decode(
-            slots=torch.tensor(slots, dtype=torch.long, device=self.device),
-            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            slots=packed[1],
+            positions=packed[2],
             kv_len=max(positions) + 1,
             contiguous=list(slots) == list(range(len(slots))),
         )
-        h = self.model(torch.tensor(tokens, dtype=torch.long, device=self.device), batch, self.cache.layers)
-        return self.model.logits(h)
+        return self.model.logits(self.model(packed[0], batch, self.cache.layers))

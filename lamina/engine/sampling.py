@@ -18,7 +18,9 @@ def sample(
     sampling = temperature > 0
     if not bool(sampling.any()):
         return greedy
-    scaled = logits / torch.where(sampling, temperature, 1.0)[:, None]
+    # Shift by the row maximum first (softmax does not change), so that a tiny temperature cannot overflow to inf.
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    scaled = shifted / torch.where(sampling, temperature, 1.0)[:, None]
     probs = torch.softmax(scaled, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs

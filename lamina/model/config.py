@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -96,14 +95,16 @@ class ModelConfig:
                 norm_eps=float(params.get("norm_eps", 1e-5)),
                 rope_theta=float(params.get("rope_theta", 500000.0)),
             )
+            if params.get("use_scaled_rope", False):
+                factor = params.get("rope_scaling_factor")
+                if factor is None:
+                    match = next((p for p in PRESETS.values() if _same_shapes(p, fields)), None)
+                    factor = match.rope_scaling.factor if match is not None and match.rope_scaling else 8.0
+                fields["rope_scaling"] = RopeScaling(factor=float(factor))
         except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
             raise ConfigError(f"params.json holds a value of the wrong type: {e}") from None
-        if params.get("use_scaled_rope", False):
-            factor = params.get("rope_scaling_factor")
-            if factor is None:
-                match = next((p for p in PRESETS.values() if _same_shapes(p, fields)), None)
-                factor = match.rope_scaling.factor if match is not None and match.rope_scaling else 8.0
-            fields["rope_scaling"] = RopeScaling(factor=float(factor))
         return cls(**fields)
 
     @classmethod
@@ -200,9 +201,6 @@ class ModelConfig:
             return PRESETS[name]
         except KeyError:
             raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
-
-    def replace(self, **changes: Any) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def _same_shapes(preset: ModelConfig, fields: Mapping[str, Any]) -> bool:

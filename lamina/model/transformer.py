@@ -154,7 +154,8 @@ class Transformer(nn.Module):
 def build_transformer(
     config: ModelConfig, state_dict: dict[str, torch.Tensor], *, device: torch.device, dtype: torch.dtype
 ) -> Transformer:
-    """A Transformer holding `state_dict`'s tensors, moved to `device` and cast to `dtype` without a second copy.
+    """A Transformer holding `state_dict`'s tensors, moved to `device` and cast to `dtype` (a tensor already on
+    `device` in `dtype` is used as it is, not copied; the model is built on the meta device, never initialised).
 
     The state dict must match the model exactly (the weight loaders check it and say what differs).
     """

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Callable, Mapping
+
 import torch
 
 from lamina.errors import WeightsError
@@ -14,20 +17,39 @@ def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     return {name: t.shape for name, t in model.state_dict().items()}
 
 
-def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str) -> None:
+Progress = Callable[[int, int], None]  # progress(done, total), called while weights are read
+
+
+def target_name(name: str, global_names: Mapping[str, str], layer_re: re.Pattern, layer_names: Mapping[str, str]):
+    """A checkpoint's tensor name in lamina's scheme (`layers.N.attention.wq.weight`, ...), or None if unknown.
+    `layer_re` captures the layer number and the per-layer part that `layer_names` maps."""
+    if name in global_names:
+        return global_names[name]
+    m = layer_re.fullmatch(name)
+    if m and m.group(2) in layer_names:
+        return f"layers.{m.group(1)}.{layer_names[m.group(2)]}.weight"
+    return None
+
+
+def check_state_dict(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise WeightsError naming missing, unexpected and mis-shaped tensors when `state_dict` does not fit `config`."""
+    check_shapes(config, {name: t.shape for name, t in state_dict.items()}, source)
+
+
+def check_shapes(config: ModelConfig, shapes: Mapping[str, torch.Size], source: str) -> None:
+    """`check_state_dict` on names and shapes alone, before any tensor is read."""
     expected = expected_shapes(config)
     problems = []
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing:
         problems.append(f"missing {_some(missing)}")
     if unexpected:
         problems.append(f"unexpected {_some(unexpected)}")
     wrong = [
-        f"{name} has shape {tuple(state_dict[name].shape)}, config says {tuple(shape)}"
+        f"{name} has shape {tuple(shapes[name])}, config says {tuple(shape)}"
         for name, shape in expected.items()
-        if name in state_dict and state_dict[name].shape != shape
+        if name in shapes and tuple(shapes[name]) != tuple(shape)
     ]
     if wrong:
         problems.append(f"{len(wrong)} shape mismatch(es): {'; '.join(wrong[:3])}")

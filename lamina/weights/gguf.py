@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ import torch
 from lamina.errors import ConfigError, WeightsError
 from lamina.model import ModelConfig, RopeScaling
 from lamina.model.rope import inverse_frequencies
-from lamina.weights.common import check_state_dict
+from lamina.weights.common import Progress, check_shapes, target_name
 from lamina.weights.gguf_file import read_gguf_file
 
 _GLOBAL_NAMES = {
@@ -35,34 +35,43 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 _ROPE_FREQS = "rope_freqs.weight"
 
-Progress = Callable[[int, int], None]
 
 
-def load_gguf(path: str | Path, progress: Progress | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
-    """Read a llama GGUF: (config, float32 state dict, metadata). Every GGML type the `gguf` package can
-    dequantize is accepted (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...)."""
+def load_gguf(
+    path: str | Path, progress: Progress | None = None, *, dtype: torch.dtype = torch.float32
+) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """Read a llama GGUF: (config, state dict in `dtype`, metadata). Every GGML type the `gguf` package can
+    dequantize is accepted (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...).
+
+    The configuration is read and every tensor's name and shape checked against it before any weight is unpacked;
+    tensors are then dequantized one at a time straight to `dtype`, so a float32 copy of the model never exists
+    when a smaller dtype is asked for."""
     gf = read_gguf_file(path)
     fields = gf.metadata
     if fields.get("general.architecture") != "llama":
-        ModelConfig.from_gguf(fields, has_output=False)  # raises the unsupported-architecture error
-    state: dict[str, torch.Tensor] = {}
-    rope_factors = None
-    for i, (name, t) in enumerate(gf.tensors.items()):
-        if progress:
-            progress(i, len(gf.tensors))
+        raise ConfigError(f"GGUF architecture {fields.get('general.architecture')!r} is not supported; lamina runs 'llama' models")
+    names = {}
+    for name in gf.tensors:
         target = _target_name(name)
         if target is None and name != _ROPE_FREQS:
             raise WeightsError(f"{path} holds tensor {name!r}, which a llama model does not have")
-        tensor = dequantize(t.data, t.qtype, t.shape, name)
-        if name == _ROPE_FREQS:
-            rope_factors = tensor
-        else:
-            state[target] = tensor
+        names[name] = target
+    scaling = None
+    if _ROPE_FREQS in gf.tensors:
+        t = gf.tensors[_ROPE_FREQS]
+        scaling = _scaling_from_factors(fields, dequantize(t.data, t.qtype, t.shape, t.name))
+    config = ModelConfig.from_gguf(fields, has_output="output.weight" in gf.tensors, rope_scaling=scaling)
+    check_shapes(config, {target: torch.Size(gf.tensors[name].shape) for name, target in names.items() if target}, str(path))
+
+    state: dict[str, torch.Tensor] = {}
+    todo = [name for name, target in names.items() if target]
+    for i, name in enumerate(todo):
+        if progress:
+            progress(i, len(todo))
+        t = gf.tensors[name]
+        state[names[name]] = dequantize(t.data, t.qtype, t.shape, name).to(dtype)
     if progress:
-        progress(len(gf.tensors), len(gf.tensors))
-    scaling = None if rope_factors is None else _scaling_from_factors(fields, rope_factors)
-    config = ModelConfig.from_gguf(fields, has_output="output.weight" in state, rope_scaling=scaling)
-    check_state_dict(config, state, str(path))
+        progress(len(todo), len(todo))
     return config, state, fields
 
 
@@ -105,12 +114,7 @@ _BLOCKS = {
 
 
 def _target_name(name: str) -> str | None:
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    m = _LAYER_RE.fullmatch(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
-    return None
+    return target_name(name, _GLOBAL_NAMES, _LAYER_RE, _LAYER_NAMES)
 
 
 def _scaling_from_factors(fields: dict[str, Any], factors: torch.Tensor) -> RopeScaling:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from lamina.errors import ConfigError, WeightsError
 from lamina.model import ModelConfig
-from lamina.weights.common import check_state_dict
+from lamina.weights.common import Progress, check_state_dict, target_name
 
 _GLOBAL_NAMES = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -33,7 +32,6 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")
 
-Progress = Callable[[int, int], None]
 
 
 def read_hf_config(root: Path) -> dict:
@@ -99,12 +97,7 @@ def load_hf_checkpoint(ckpt_dir: str | Path, progress: Progress | None = None) -
 
 
 def _target_name(name: str) -> str | None:
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    m = _LAYER_RE.fullmatch(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
-    return None
+    return target_name(name, _GLOBAL_NAMES, _LAYER_RE, _LAYER_NAMES)
 
 
 def _from_hf_layout(name: str, t: torch.Tensor, config: ModelConfig) -> torch.Tensor:

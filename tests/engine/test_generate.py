@@ -79,6 +79,8 @@ def test_stop_tokens_cut_each_sequence_like_reference(llama, ref_llama, monkeypa
         assert r.finish_reason == ("stop" if stop in f else "length")
     # A finished sequence leaves the batch: once sequence 0 stopped, decode steps carry fewer rows.
     assert decode_batch_sizes[0] == 3 and decode_batch_sizes[-1] < 3
+    # ignore_eos (for benchmarks) runs every sequence to its length limit.
+    assert [r.tokens for r in llama.complete(prompts, 10, temperature=0, ignore_eos=True)] == free
 
 
 def test_stop_token_inside_echoed_prompt_is_kept(llama):
@@ -141,7 +143,10 @@ def test_text_and_chat_completion(llama, ref_llama):
 
 def test_empty_batch(llama):
     assert llama.generate([], 5) == ([], None)
+    assert llama.generate([], 5, logprobs=True, echo=True) == ([], [])
     assert llama.text_completion([]) == []
+    with pytest.raises(RequestError, match="prompts must be a list of strings"):
+        llama.text_completion(None)
 
 
 BAD_REQUESTS = [
@@ -159,7 +164,7 @@ BAD_REQUESTS = [
     (dict(prompt_tokens="hello"), RequestError, "must be a list of token-id lists"),
     (dict(prompt_tokens=["hello"]), RequestError, "prompt 0 must be a list of token ids"),
     (dict(max_gen_len=-1), RequestError, "max_gen_len must be a non-negative integer"),
-    (dict(seed="x"), RequestError, "seed must be an int"),
+    (dict(seed="x"), RequestError, "seed must be an integer"),
 ]
 
 
@@ -178,3 +183,73 @@ def test_invalid_requests_fail_before_any_work(llama, monkeypatch, kwargs, error
 def test_text_completion_rejects_a_bare_string(llama):
     with pytest.raises(RequestError, match="prompts must be a list of strings"):
         llama.text_completion("hello")
+
+
+def test_concurrent_streams_keep_their_own_cache_rows(llama):
+    prompts = _prompts([5, 9, 7])
+    alone = [llama.generate([p], 10, temperature=0)[0][0] for p in prompts[:2]]
+    first = llama.stream([prompts[0]], 10, temperature=0)
+    second = llama.stream([prompts[1]], 10, temperature=0)
+    got = [[], []]
+    for a, b in zip(first, second):  # interleaved, with a third generation in between
+        got[0].append(a.token)
+        got[1].append(b.token)
+        llama.generate([prompts[2]], 2, temperature=0)
+    assert got == alone
+    second.close()  # zip stopped on `first`; `second` is suspended after its last delta, still holding its row
+    # Rows are taken while a stream runs and given back when it ends or is closed.
+    held = [llama.stream([p], 5, temperature=0) for p in prompts[:2]]
+    for s in held:
+        next(s)
+    with pytest.raises(CapacityError, match="only 2 of 4 are free"):
+        llama.generate(prompts[:3], 2, temperature=0)
+    for s in held:
+        s.close()
+    assert len(llama.generate(prompts[:3], 2, temperature=0)[0]) == 3
+
+
+def test_stream_reports_sequences_that_get_no_tokens(llama):
+    prompt = _prompts([MAX_SEQ_LEN])[0]
+    deltas = list(llama.stream([prompt, [BOS, 5]], None, temperature=0))
+    assert deltas[0].index == 0 and deltas[0].finish_reason == "length" and deltas[0].token is None
+    assert sum(d.finish_reason is not None for d in deltas) == 2
+
+
+def test_inputs_from_numpy_and_torch(llama):
+    import numpy as np
+
+    prompts = _prompts([4, 6])
+    expected = llama.generate(prompts, 3, temperature=0)
+    assert llama.generate([np.array(p) for p in prompts], np.int64(3), temperature=np.float32(0)) == expected
+    assert llama.generate([torch.tensor(p) for p in prompts], 3, temperature=0, seed=np.int64(1)) == expected
+    with pytest.raises(RequestError, match="not an integer"):
+        llama.generate([[BOS, True]], 3)
+
+
+def test_extreme_but_valid_sampling_settings(llama):
+    prompts = _prompts([4])
+    greedy = llama.generate(prompts, 6, temperature=0)
+    assert llama.generate(prompts, 6, temperature=1e-45, seed=1) == greedy  # no overflow to inf/nan
+    assert llama.generate(prompts, 6, temperature=5.0, top_p=1e-9, seed=1) == greedy  # nucleus of one token
+
+
+@pytest.mark.parametrize("seed", [2**70, -(2**64), "a", 1.5, True])
+def test_bad_seeds(llama, tiny_ckpt, tokenizer_path, seed):
+    from lamina import ConfigError, Llama
+
+    with pytest.raises(RequestError, match="seed"):
+        llama.generate([[BOS]], 2, seed=seed)
+    with pytest.raises(ConfigError, match="seed"):
+        Llama.build(tiny_ckpt, tokenizer_path, 16, 1, device="cpu", seed=seed)
+
+
+def test_meta_build_signature(tiny_ckpt, tokenizer_path):
+    from lamina import ConfigError, Llama
+
+    # Meta's positional order: ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size, seed
+    a = Llama.build(str(tiny_ckpt), str(tokenizer_path), 32, 1, 1, 5, device="cpu")
+    b = Llama.build(tiny_ckpt, tokenizer_path, 32, 1, seed=5, device="cpu")
+    prompts = _prompts([3])
+    assert a.generate(prompts, 4, temperature=1.0) == b.generate(prompts, 4, temperature=1.0)
+    with pytest.raises(ConfigError, match="model_parallel_size=2"):
+        Llama.build(tiny_ckpt, tokenizer_path, 32, 1, 2)

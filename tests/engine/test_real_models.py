@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lamina  # noqa: E402
 from lamina import WeightsError  # noqa: E402
-from lamina.engine.load import default_model_path, detect_format  # noqa: E402
+from lamina.engine.loader import default_model_path, detect_format  # noqa: E402
 
 PASSAGE = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after the "
@@ -152,11 +152,24 @@ def test_meta_checkpoint_through_load(tiny_ckpt, tokenizer_path, llama):
     [
         ("/nonexistent/model.gguf", "model path not found"),
         ("meta-llama/Llama-3.1-8B-Instruct", "looks like a Hugging Face Hub id, but lamina never downloads"),
+        ("./models/llama", "model path not found: ./models/llama"),
+        ("", "model path must be a non-empty str or Path"),
+        (5, "model path must be a non-empty str or Path"),
     ],
 )
 def test_bad_model_paths(path, message):
     with pytest.raises(WeightsError, match=message):
         lamina.load(path)
+
+
+def test_limits_are_checked_before_loading(monkeypatch, gguf_path):
+    from lamina import ConfigError
+
+    monkeypatch.setattr("lamina.engine.loader.load_gguf", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ConfigError, match="max_seq_len must be a positive integer, got 0"):
+        lamina.load(gguf_path, max_seq_len=0)
+    with pytest.raises(ConfigError, match="seed must be an integer"):
+        lamina.load(gguf_path, seed="x")
 
 
 def test_unrecognised_directory_and_file(tmp_path):

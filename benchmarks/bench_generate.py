@@ -1,0 +1,229 @@
+"""Generation speed of lamina against llama.cpp (llama-cpp-python) and transformers on the same GGUF, same machine,
+same run. Each engine runs in its own subprocess (so peak RSS is its own); each figure is the median of --runs, with
+min-max, and every lamina figure is printed as a ratio to each peer.
+
+    python benchmarks/bench_generate.py [--model FILE.gguf] [--runs 3] [--streams 1,4,16] [--prefill 128,512]
+
+Measured: decode tokens/s for 1 and N concurrent streams (aggregate), prefill tokens/s for a prompt of L tokens, time
+to first token of a 128-token prompt, peak RSS. Engines that are not installed are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+
+DECODE_PROMPT = 16  # tokens in each decode prompt
+
+
+def worker(args) -> dict:
+    """Run one engine's measurements in this process and return them."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out: dict = {"engine": args.worker}
+    engine = {"lamina": LaminaEngine, "llama.cpp": LlamaCppEngine, "transformers": TransformersEngine}[args.worker]
+    e = engine(args)
+    ids = e.token_ids("The quick brown fox jumps over the lazy dog. " * 400)
+    for name, fn in [("decode", e.decode), ("prefill", e.prefill), ("ttft", e.ttft)]:
+        sizes = args.streams if name == "decode" else args.prefill if name == "prefill" else [128]
+        for size in sizes:
+            try:
+                fn(ids, size)  # warm-up (and compile, where an engine compiles)
+                values = [fn(ids, size) for _ in range(args.runs)]
+                out[f"{name}@{size}"] = values
+            except NotImplementedError:
+                pass
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+class LaminaEngine:
+    def __init__(self, args):
+        import lamina
+
+        batch = max(args.streams)
+        self.llama = lamina.load(args.model, dtype=args.dtype, max_batch_size=batch,
+                                 max_seq_len=max(max(args.prefill) + 8, DECODE_PROMPT + args.tokens + 8))
+        self.tokens = args.tokens
+
+    def token_ids(self, text):
+        return self.llama.tokenizer.encode(text, bos=False, eos=False)
+
+    def decode(self, ids, streams):
+        prompts = [ids[i : i + DECODE_PROMPT] for i in range(streams)]
+        first = None
+        for delta in self.llama.stream(prompts, self.tokens, temperature=0, ignore_eos=True):
+            if first is None:
+                first = time.perf_counter()
+        return streams * (self.tokens - 1) / (time.perf_counter() - first)
+
+    def prefill(self, ids, length):
+        start = time.perf_counter()
+        self.llama.complete([ids[:length]], 1, temperature=0, ignore_eos=True)
+        return length / (time.perf_counter() - start)
+
+    def ttft(self, ids, length):
+        start = time.perf_counter()
+        next(iter(self.llama.stream([ids[:length]], 1, temperature=0, ignore_eos=True)))
+        return (time.perf_counter() - start) * 1000
+
+
+class LlamaCppEngine:
+    def __init__(self, args):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise SystemExit("llama-cpp-python is not installed (pip install llama-cpp-python)")
+        self.llm = Llama(args.model, n_ctx=max(max(args.prefill) + 8, DECODE_PROMPT + args.tokens + 8),
+                         n_threads=args.threads, n_threads_batch=args.threads, n_batch=2048, verbose=False)
+        self.tokens = args.tokens
+
+    def token_ids(self, text):
+        return self.llm.tokenize(text.encode(), add_bos=False, special=False)
+
+    def decode(self, ids, streams):
+        if streams != 1:
+            raise NotImplementedError  # llama-cpp-python's API runs one sequence at a time
+        self.llm.reset()
+        self.llm.eval(ids[:DECODE_PROMPT])
+        start = time.perf_counter()
+        for _ in range(self.tokens - 1):
+            token = self.llm.sample(temp=0.0)
+            self.llm.eval([token])
+        return (self.tokens - 1) / (time.perf_counter() - start)
+
+    def prefill(self, ids, length):
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(ids[:length])
+        return length / (time.perf_counter() - start)
+
+    def ttft(self, ids, length):
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(ids[:length])
+        self.llm.sample(temp=0.0)
+        return (time.perf_counter() - start) * 1000
+
+
+class TransformersEngine:
+    def __init__(self, args):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        folder, name = os.path.split(args.model)
+        dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}.get(args.hf_dtype, torch.float32)
+        self.tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype).eval()
+        self.tokens = args.tokens
+        self.torch = torch
+
+    def token_ids(self, text):
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids, streams):
+        torch = self.torch
+        batch = torch.tensor([ids[i : i + DECODE_PROMPT] for i in range(streams)])
+        with torch.inference_mode():
+            start = time.perf_counter()
+            self.model.generate(batch, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            self.model.generate(batch, max_new_tokens=self.tokens, min_new_tokens=self.tokens, do_sample=False)
+            total = time.perf_counter() - start
+        return streams * (self.tokens - 1) / (total - first)
+
+    def prefill(self, ids, length):
+        torch = self.torch
+        with torch.inference_mode():
+            start = time.perf_counter()
+            self.model(torch.tensor([ids[:length]]), logits_to_keep=1)
+        return length / (time.perf_counter() - start)
+
+    def ttft(self, ids, length):
+        torch = self.torch
+        with torch.inference_mode():
+            start = time.perf_counter()
+            self.model.generate(torch.tensor([ids[:length]]), max_new_tokens=1, do_sample=False)
+        return (time.perf_counter() - start) * 1000
+
+
+def summarize(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a llama GGUF file (default: the embedded SmolLM2)")
+    parser.add_argument("--engines", default="lamina,llama.cpp,transformers")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per decode run")
+    parser.add_argument("--streams", default="1,4,16")
+    parser.add_argument("--prefill", default="128,512")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--dtype", default=None, help="lamina's dtype (default: lamina's choice)")
+    parser.add_argument("--hf-dtype", default="bf16", help="transformers' dtype: bf16 or fp32")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.streams = [int(s) for s in str(args.streams).split(",")]
+    args.prefill = [int(s) for s in str(args.prefill).split(",")]
+    if args.model is None:
+        from lamina.engine.loader import default_model_path
+
+        args.model = str(default_model_path())
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    results = {}
+    for engine in args.engines.split(","):
+        cmd = [sys.executable, __file__, "--worker", engine, "--model", args.model, "--runs", str(args.runs),
+               "--tokens", str(args.tokens), "--streams", ",".join(map(str, args.streams)),
+               "--prefill", ",".join(map(str, args.prefill)), "--threads", str(args.threads),
+               "--hf-dtype", args.hf_dtype] + (["--dtype", args.dtype] if args.dtype else [])
+        print(f"running {engine} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"  {engine} skipped: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}", file=sys.stderr)
+            continue
+        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, {date.today()}, "
+          f"model {os.path.basename(args.model)}, lamina dtype {args.dtype or 'default'}, "
+          f"transformers {args.hf_dtype}, median (min-max) of {args.runs} runs")
+    metrics = sorted({k for r in results.values() for k in r if "@" in k}, key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
+    units = {"decode": "tok/s", "prefill": "tok/s", "ttft": "ms"}
+    peers = [e for e in results if e != "lamina"]
+    header = ["metric"] + list(results) + [f"lamina / {p}" for p in peers]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for m in metrics:
+        kind, size = m.split("@")
+        label = {"decode": f"decode, {size} stream(s)", "prefill": f"prefill, {size} tokens", "ttft": f"time to first token, {size}-token prompt"}[kind]
+        row = [f"{label} ({units[kind]})"]
+        for e in results:
+            row.append("%.1f (%.1f-%.1f)" % summarize(results[e][m]) if m in results[e] else "-")
+        for p in peers:
+            if m in results.get("lamina", {}) and m in results[p]:
+                ours, theirs = summarize(results["lamina"][m])[0], summarize(results[p][m])[0]
+                ratio = theirs / ours if kind == "ttft" else ours / theirs  # > 1 means lamina is better
+                row.append(f"{ratio:.2f}x")
+            else:
+                row.append("-")
+        print("| " + " | ".join(row) + " |")
+    print("| peak RSS (MB) | " + " | ".join(f"{results[e]['peak_rss_mb']:.0f}" for e in results) + " |" + " |" * len(peers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
