@@ -51,7 +51,7 @@ class LaminaEngine:
         import lamina
 
         batch = max(args.streams)
-        self.llama = lamina.load(args.model, dtype=args.dtype, max_batch_size=batch,
+        self.llama = lamina.load(args.model, dtype=args.dtype, max_batch_size=batch, quantize=args.quantize,
                                  max_seq_len=max(max(args.prefill) + 8, DECODE_PROMPT + args.tokens + 8))
         self.tokens = args.tokens
 
@@ -172,6 +172,7 @@ def main() -> int:
     parser.add_argument("--prefill", default="128,512")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--dtype", default=None, help="lamina's dtype (default: lamina's choice)")
+    parser.add_argument("--quantize", default=None, help="lamina's weight quantization (int8)")
     parser.add_argument("--hf-dtype", default="bf16", help="transformers' dtype: bf16 or fp32")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -190,7 +191,8 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--worker", engine, "--model", args.model, "--runs", str(args.runs),
                "--tokens", str(args.tokens), "--streams", ",".join(map(str, args.streams)),
                "--prefill", ",".join(map(str, args.prefill)), "--threads", str(args.threads),
-               "--hf-dtype", args.hf_dtype] + (["--dtype", args.dtype] if args.dtype else [])
+               "--hf-dtype", args.hf_dtype] + (["--dtype", args.dtype] if args.dtype else []) + (
+                   ["--quantize", args.quantize] if args.quantize else [])
         print(f"running {engine} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -200,6 +202,7 @@ def main() -> int:
 
     print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, {date.today()}, "
           f"model {os.path.basename(args.model)}, lamina dtype {args.dtype or 'default'}, "
+          f"lamina weights {args.quantize or 'unquantized'}, "
           f"transformers {args.hf_dtype}, median (min-max) of {args.runs} runs")
     metrics = sorted({k for r in results.values() for k in r if "@" in k}, key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
     units = {"decode": "tok/s", "prefill": "tok/s", "ttft": "ms"}

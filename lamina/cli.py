@@ -18,6 +18,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--max-seq-len", type=_checked(int, lambda v: v > 0, "an integer > 0"), default=None,
                    help="context to allocate (default: the model's, <= 4096)")
+    p.add_argument("--threads", type=_checked(int, lambda v: v > 0, "an integer > 0"), default=None,
+                   help="CPU threads (default: the cores this process may run on)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="weight-only quantization: int8 (per output channel; about 2x faster decode on CPU)")
 
 
 def _checked(convert, ok, what: str):
@@ -83,12 +87,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load(args, show_progress: bool):
+    import torch
+
     import lamina
 
+    # The process's thread count is the command's to set, not the library's.
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     progress = _ProgressBar("loading") if show_progress and sys.stderr.isatty() else None
     try:
         return lamina.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                           max_batch_size=1, progress=progress)
+                           max_batch_size=1, quantize=args.quantize, progress=progress)
     finally:
         if progress:
             progress.close()
@@ -196,6 +204,7 @@ def _info(args) -> int:
         ("rope", rope),
         ("tied embeddings", "yes" if c.tie_embeddings else "no"),
         ("dtype", str(llama.config.dtype).removeprefix("torch.")),
+        ("quantization", args.quantize or "none"),
         ("device", str(llama.config.device)),
         ("max_seq_len", llama.config.max_seq_len),
         ("tokenizer", type(llama.tokenizer).__name__),

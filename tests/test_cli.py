@@ -55,6 +55,13 @@ def test_chat_session_from_stdin():
     assert len(out.stdout.strip().splitlines()) >= 2
 
 
+def test_quantized_generation(smol):
+    out = run("generate", "The capital of France is", "-n", "4", "-t", "0", "--quantize", "int8", "--json",
+              "--max-seq-len", "128")
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["ids"]) <= 4
+
+
 def test_info():
     out = run("info", "--max-seq-len", "256")
     assert out.returncode == 0, out.stderr
@@ -75,6 +82,7 @@ def test_info():
         (["generate", "hi", "--max-tokens", "many"], 2, "invalid value 'many': expected an integer >= 0"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
         (["generate", "hi", "--seed", "99999999999999999999"], 2, "expected a 64-bit integer"),
+        (["generate", "hi", "--quantize", "int3"], 2, "invalid choice: 'int3'"),
     ],
 )
 def test_errors_are_one_line(args, code, message):

@@ -11,6 +11,8 @@ from lamina.engine.config import EngineConfig, check_limits, resolve_device, res
 from lamina.engine.generate import Llama, new_generator
 from lamina.errors import ConfigError, TokenizerError, WeightsError
 from lamina.model import ModelConfig, build_transformer
+from lamina.quant import MODES as QUANT_MODES
+from lamina.quant import quantize_model
 from lamina.tokenizer import ChatTemplate, HFTokenizer, Llama3Tokenizer, tokenizer_from_gguf
 from lamina.weights import load_gguf, load_hf_checkpoint, load_meta_checkpoint
 from lamina.weights.common import Progress
@@ -75,12 +77,14 @@ def load(
     max_seq_len: int | None = None,
     max_batch_size: int = 4,
     seed: int = 1,
+    quantize: str | None = None,
     progress: Progress | None = None,
 ) -> Llama:
     """Load a model from a Meta directory, a Hugging Face directory or a GGUF file (None: the default model).
 
     device: CUDA when available, else CPU. dtype: bfloat16 on CUDA, float32 on CPU. max_seq_len: the model's
-    context length, at most 4096, unless given. `progress(done, total)` is called while weights are read."""
+    context length, at most 4096, unless given. quantize: None (weights in `dtype`) or "int8" (weight-only, per
+    output channel; see lamina.quant). `progress(done, total)` is called while weights are read."""
     if path is None:
         path = default_model_path()
     elif not isinstance(path, (str, Path)) or not str(path):
@@ -91,6 +95,8 @@ def load(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     new_generator(seed, device, ConfigError)
+    if quantize is not None and quantize not in QUANT_MODES:
+        raise ConfigError(f"unknown quantization {quantize!r}; expected one of {', '.join(QUANT_MODES)} or None")
     if fmt == "meta":
         tokenizer_path = path / "tokenizer.model"
         if not tokenizer_path.is_file():
@@ -114,6 +120,9 @@ def load(
         formatter = _template(fields.get("tokenizer.chat_template"), tokenizer, special)
     engine = EngineConfig(_max_seq_len(config, max_seq_len), max_batch_size, device, dtype)
     model = build_transformer(config, state, device=device, dtype=dtype)
+    del state
+    if quantize is not None:
+        quantize_model(model, quantize)
     return Llama(model, tokenizer, engine, formatter=formatter, seed=seed)
 
 

@@ -147,8 +147,9 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states [n, dim] -> float32 logits [n, vocab]. Call it only on the rows whose logits are used."""
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, weight).float()
+        if self.output is None:  # tied to the embeddings
+            return F.linear(h, self.tok_embeddings.weight).float()
+        return self.output(h).float()
 
 
 def build_transformer(
