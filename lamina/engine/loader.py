@@ -84,8 +84,9 @@ def load(
     """Load a model from a Meta directory, a Hugging Face directory or a GGUF file (None: the default model).
 
     device: CUDA when available, else CPU. dtype: bfloat16 on CUDA, float32 on CPU. max_seq_len: the model's
-    context length, at most 4096, unless given. quantize: None (weights in `dtype`) or "int8" (weight-only, per
-    output channel) or "int4" (groups of 32, a Q4_0/Q4_1 GGUF's own 4-bit weights); see lamina.quant. `progress(done, total)` is called while weights are read."""
+    context length, at most 4096, unless given. quantize: None (weights in `dtype`), "int8" (weight-only, per
+    output channel) or "int4" (groups of 32; a Q4_0/Q4_1 GGUF's own 4-bit weights), see lamina.quant.
+    `progress(done, total)` is called while weights are read."""
     if path is None:
         path = default_model_path()
     elif not isinstance(path, (str, Path)) or not str(path):
