@@ -20,6 +20,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="context to allocate (default: the model's, <= 4096)")
     p.add_argument("--threads", type=_checked(int, lambda v: v > 0, "an integer > 0"), default=None,
                    help="CPU threads (default: the cores this process may run on)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile: minutes of compiling first, faster decode after")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantization: int8 (per output channel) or int4 (groups of 32; a Q4 GGUF's "
                         "own weights); faster decode on CPU")
@@ -97,7 +99,7 @@ def _load(args, show_progress: bool):
     progress = _ProgressBar("loading") if show_progress and sys.stderr.isatty() else None
     try:
         return lamina.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                           max_batch_size=1, quantize=args.quantize, progress=progress)
+                           max_batch_size=1, quantize=args.quantize, compile=args.compile, progress=progress)
     finally:
         if progress:
             progress.close()

@@ -47,12 +47,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Limits of one engine: `max_batch_size` sequences at once, each at most `max_seq_len` tokens (prompt + output)."""
+    """Limits and options of one engine: `max_batch_size` sequences at once, each at most `max_seq_len` tokens
+    (prompt + output), on `device` in `dtype`."""
 
     max_seq_len: int
     max_batch_size: int
     device: torch.device
     dtype: torch.dtype
+    compile: bool = False  # compile the decode step with torch.compile (minutes of compiling, then faster steps)
 
     def __post_init__(self):
         check_limits(max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size)

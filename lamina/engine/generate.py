@@ -95,7 +95,7 @@ class Llama:
             formatter = ChatFormat(tokenizer)
         self.formatter = formatter
         self.config = config
-        self.runner = ModelRunner(model, config)
+        self.runner = ModelRunner(model, config, compile=config.compile)
         # The session's random stream: calls without their own seed draw from it, so a run is reproducible from
         # build(seed=...) without touching torch's global generator.
         self.generator = new_generator(seed, config.device, ConfigError)

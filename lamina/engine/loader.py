@@ -79,6 +79,7 @@ def load(
     max_batch_size: int = 4,
     seed: int = 1,
     quantize: str | None = None,
+    compile: bool = False,
     progress: Progress | None = None,
 ) -> Llama:
     """Load a model from a Meta directory, a Hugging Face directory or a GGUF file (None: the default model).
@@ -86,6 +87,7 @@ def load(
     device: CUDA when available, else CPU. dtype: bfloat16 on CUDA, float32 on CPU. max_seq_len: the model's
     context length, at most 4096, unless given. quantize: None (weights in `dtype`), "int8" (weight-only, per
     output channel) or "int4" (groups of 32; a Q4_0/Q4_1 GGUF's own 4-bit weights), see lamina.quant.
+    compile: compile the decode step with torch.compile (the first steps take minutes; later ones are faster).
     `progress(done, total)` is called while weights are read."""
     if path is None:
         path = default_model_path()
@@ -120,7 +122,7 @@ def load(
             if isinstance(fields.get(key), int) and fields[key] < len(tokens)
         }
         formatter = _template(fields.get("tokenizer.chat_template"), tokenizer, special)
-    engine = EngineConfig(_max_seq_len(config, max_seq_len), max_batch_size, device, dtype)
+    engine = EngineConfig(_max_seq_len(config, max_seq_len), max_batch_size, device, dtype, compile=bool(compile))
     model = build_transformer(config, state, device=device, dtype=dtype)
     del state
     if quantize is not None:

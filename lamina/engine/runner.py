@@ -17,9 +17,13 @@ from lamina.model import Decode, Prefill, Transformer
 class ModelRunner:
     """Owns the KV cache of one model. A generation takes rows with `slots(n)` and runs forwards on them."""
 
-    def __init__(self, model: Transformer, config: EngineConfig):
+    def __init__(self, model: Transformer, config: EngineConfig, *, compile: bool = False):
         self.model = model
         self.config = config
+        # The decode step, optionally compiled once with dynamic shapes (batch size and filled cache length vary
+        # from step to step; marking them dynamic avoids a recompile per value). Prefill stays eager: its per-prompt
+        # attention loop would specialise on every batch of prompt lengths.
+        self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
         self.cache = KVCache.allocate(
             model.config, config.max_batch_size, config.max_seq_len, device=config.device, dtype=config.dtype
         )
@@ -64,4 +68,4 @@ class ModelRunner:
             kv_len=max(positions) + 1,
             contiguous=list(slots) == list(range(len(slots))),
         )
-        return self.model.logits(self.model(packed[0], batch, self.cache.layers))
+        return self.model.logits(self._decode_forward(packed[0], batch, self.cache.layers))
