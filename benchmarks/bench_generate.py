@@ -53,9 +53,14 @@ class LaminaEngine:
         import lamina
 
         batch = max(args.streams)
-        self.llama = lamina.load(args.model, dtype=args.dtype, max_batch_size=batch, quantize=args.quantize,
-                                 compile=args.compile,
-                                 max_seq_len=max(max(args.prefill) + 8, DECODE_PROMPT + args.tokens + 8))
+        self.llama = lamina.load(
+            args.model,
+            dtype=args.dtype,
+            max_batch_size=batch,
+            quantize=args.quantize,
+            compile=args.compile,
+            max_seq_len=max(max(args.prefill) + 8, DECODE_PROMPT + args.tokens + 8),
+        )
         self.tokens = args.tokens
 
     def token_ids(self, text):
@@ -86,8 +91,14 @@ class LlamaCppEngine:
             from llama_cpp import Llama
         except ImportError:
             raise SystemExit("llama-cpp-python is not installed (pip install llama-cpp-python)")
-        self.llm = Llama(args.model, n_ctx=max(max(args.prefill) + 8, DECODE_PROMPT + args.tokens + 8),
-                         n_threads=args.threads, n_threads_batch=args.threads, n_batch=2048, verbose=False)
+        self.llm = Llama(
+            args.model,
+            n_ctx=max(max(args.prefill) + 8, DECODE_PROMPT + args.tokens + 8),
+            n_threads=args.threads,
+            n_threads_batch=args.threads,
+            n_batch=2048,
+            verbose=False,
+        )
         self.tokens = args.tokens
 
     def token_ids(self, text):
@@ -192,11 +203,31 @@ def main() -> int:
 
     results = {}
     for engine in args.engines.split(","):
-        cmd = [sys.executable, __file__, "--worker", engine, "--model", args.model, "--runs", str(args.runs),
-               "--tokens", str(args.tokens), "--streams", ",".join(map(str, args.streams)),
-               "--prefill", ",".join(map(str, args.prefill)), "--threads", str(args.threads),
-               "--hf-dtype", args.hf_dtype] + (["--dtype", args.dtype] if args.dtype else []) + (
-                   ["--quantize", args.quantize] if args.quantize else []) + (["--compile"] if args.compile else [])
+        cmd = (
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                engine,
+                "--model",
+                args.model,
+                "--runs",
+                str(args.runs),
+                "--tokens",
+                str(args.tokens),
+                "--streams",
+                ",".join(map(str, args.streams)),
+                "--prefill",
+                ",".join(map(str, args.prefill)),
+                "--threads",
+                str(args.threads),
+                "--hf-dtype",
+                args.hf_dtype,
+            ]
+            + (["--dtype", args.dtype] if args.dtype else [])
+            + (["--quantize", args.quantize] if args.quantize else [])
+            + (["--compile"] if args.compile else [])
+        )
         print(f"running {engine} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -204,11 +235,15 @@ def main() -> int:
             continue
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
 
-    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, {date.today()}, "
-          f"model {os.path.basename(args.model)}, lamina dtype {args.dtype or 'default'}, "
-          f"lamina weights {args.quantize or 'unquantized'}{', compiled decode' if args.compile else ''}, "
-          f"transformers {args.hf_dtype}, median (min-max) of {args.runs} runs")
-    metrics = sorted({k for r in results.values() for k in r if "@" in k}, key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
+    print(
+        f"# {platform.processor() or platform.machine()}, {args.threads} threads, {date.today()}, "
+        f"model {os.path.basename(args.model)}, lamina dtype {args.dtype or 'default'}, "
+        f"lamina weights {args.quantize or 'unquantized'}{', compiled decode' if args.compile else ''}, "
+        f"transformers {args.hf_dtype}, median (min-max) of {args.runs} runs"
+    )
+    metrics = sorted(
+        {k for r in results.values() for k in r if "@" in k}, key=lambda k: (k.split("@")[0], int(k.split("@")[1]))
+    )
     units = {"decode": "tok/s", "prefill": "tok/s", "ttft": "ms"}
     peers = [e for e in results if e != "lamina"]
     header = ["metric"] + list(results) + [f"lamina / {p}" for p in peers]
@@ -216,7 +251,11 @@ def main() -> int:
     print("|" + "---|" * len(header))
     for m in metrics:
         kind, size = m.split("@")
-        label = {"decode": f"decode, {size} stream(s)", "prefill": f"prefill, {size} tokens", "ttft": f"time to first token, {size}-token prompt"}[kind]
+        label = {
+            "decode": f"decode, {size} stream(s)",
+            "prefill": f"prefill, {size} tokens",
+            "ttft": f"time to first token, {size}-token prompt",
+        }[kind]
         row = [f"{label} ({units[kind]})"]
         for e in results:
             row.append("%.1f (%.1f-%.1f)" % summarize(results[e][m]) if m in results[e] else "-")
@@ -228,9 +267,18 @@ def main() -> int:
             else:
                 row.append("-")
         print("| " + " | ".join(row) + " |")
-    print("| first decode run incl. compiling (s) | " + " | ".join(f"{results[e].get('warmup_s', 0):.1f}" for e in results)
-          + " |" + " |" * len(peers))
-    print("| peak RSS (MB) | " + " | ".join(f"{results[e]['peak_rss_mb']:.0f}" for e in results) + " |" + " |" * len(peers))
+    print(
+        "| first decode run incl. compiling (s) | "
+        + " | ".join(f"{results[e].get('warmup_s', 0):.1f}" for e in results)
+        + " |"
+        + " |" * len(peers)
+    )
+    print(
+        "| peak RSS (MB) | "
+        + " | ".join(f"{results[e]['peak_rss_mb']:.0f}" for e in results)
+        + " |"
+        + " |" * len(peers)
+    )
     return 0
 
 

@@ -1,6 +1,6 @@
 """Complete text prompts (or chat dialogs) with a Meta-format Llama 3 checkpoint, like Meta's example scripts.
 
-    python examples/text_completion.py CKPT_DIR [--tokenizer PATH] [--chat] [--temperature 0.6] [--max-gen-len 64]
+python examples/text_completion.py CKPT_DIR [--tokenizer PATH] [--chat] [--temperature 0.6] [--max-gen-len 64]
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ DIALOGS = [
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt_dir", type=Path)
-    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.model (default: CKPT_DIR/tokenizer.model)")
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None, help="tokenizer.model (default: CKPT_DIR/tokenizer.model)"
+    )
     parser.add_argument("--chat", action="store_true", help="run chat dialogs instead of text prompts")
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.9)
@@ -44,8 +46,12 @@ def main() -> int:
 
     try:
         llama = Llama.build(
-            args.ckpt_dir, args.tokenizer or args.ckpt_dir / "tokenizer.model", args.max_seq_len, max_batch_size=4,
-            device=args.device, dtype=args.dtype,
+            args.ckpt_dir,
+            args.tokenizer or args.ckpt_dir / "tokenizer.model",
+            args.max_seq_len,
+            max_batch_size=4,
+            device=args.device,
+            dtype=args.dtype,
         )
         sampling = dict(temperature=args.temperature, top_p=args.top_p, max_gen_len=args.max_gen_len)
         if args.chat:

@@ -10,7 +10,22 @@ Tokenizer = Llama3Tokenizer  # the reference's name, so `from llama import Llama
 __version__ = "0.1.0"
 
 __all__ = [
-    "CapacityError", "ChatFormat", "Completion", "ConfigError", "Dialog", "EngineConfig", "LaminaError", "Llama",
-    "Llama3Tokenizer", "Message", "ModelConfig", "RequestError", "RopeScaling", "StreamDelta", "Tokenizer",
-    "TokenizerError", "WeightsError", "load",
+    "CapacityError",
+    "ChatFormat",
+    "Completion",
+    "ConfigError",
+    "Dialog",
+    "EngineConfig",
+    "LaminaError",
+    "Llama",
+    "Llama3Tokenizer",
+    "Message",
+    "ModelConfig",
+    "RequestError",
+    "RopeScaling",
+    "StreamDelta",
+    "Tokenizer",
+    "TokenizerError",
+    "WeightsError",
+    "load",
 ]

@@ -12,19 +12,38 @@ from lamina.errors import LaminaError
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None, help="a .gguf file, a Hugging Face or Meta checkpoint directory "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="a .gguf file, a Hugging Face or Meta checkpoint directory (default: the embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--max-seq-len", type=_checked(int, lambda v: v > 0, "an integer > 0"), default=None,
-                   help="context to allocate (default: the model's, <= 4096)")
-    p.add_argument("--threads", type=_checked(int, lambda v: v > 0, "an integer > 0"), default=None,
-                   help="CPU threads (default: the cores this process may run on)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step with torch.compile: minutes of compiling first, faster decode after")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="weight-only quantization: int8 (per output channel) or int4 (groups of 32; a Q4 GGUF's "
-                        "own weights); faster decode on CPU")
+    p.add_argument(
+        "--max-seq-len",
+        type=_checked(int, lambda v: v > 0, "an integer > 0"),
+        default=None,
+        help="context to allocate (default: the model's, <= 4096)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_checked(int, lambda v: v > 0, "an integer > 0"),
+        default=None,
+        help="CPU threads (default: the cores this process may run on)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step with torch.compile: minutes of compiling first, faster decode after",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="weight-only quantization: int8 (per output channel) or int4 (groups of 32; a Q4 GGUF's "
+        "own weights); faster decode on CPU",
+    )
 
 
 def _checked(convert, ok, what: str):
@@ -43,14 +62,32 @@ def _checked(convert, ok, what: str):
 
 
 def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", "-n", type=_checked(int, lambda v: v >= 0, "an integer >= 0"), default=max_tokens,
-                   help=f"new tokens at most (default {max_tokens})")
-    p.add_argument("--temperature", "-t", type=_checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0"),
-                   default=0.6, help="0 is greedy (default 0.6)")
-    p.add_argument("--top-p", type=_checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), default=0.9,
-                   help="nucleus sampling mass (default 0.9)")
-    p.add_argument("--seed", type=_checked(int, lambda v: -(2**63) <= v < 2**64, "a 64-bit integer"), default=None,
-                   help="random seed for reproducible sampling")
+    p.add_argument(
+        "--max-tokens",
+        "-n",
+        type=_checked(int, lambda v: v >= 0, "an integer >= 0"),
+        default=max_tokens,
+        help=f"new tokens at most (default {max_tokens})",
+    )
+    p.add_argument(
+        "--temperature",
+        "-t",
+        type=_checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0"),
+        default=0.6,
+        help="0 is greedy (default 0.6)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=_checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        default=0.9,
+        help="nucleus sampling mass (default 0.9)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_checked(int, lambda v: -(2**63) <= v < 2**64, "a 64-bit integer"),
+        default=None,
+        help="random seed for reproducible sampling",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +135,16 @@ def _load(args, show_progress: bool):
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     progress = _ProgressBar("loading") if show_progress and sys.stderr.isatty() else None
     try:
-        return lamina.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                           max_batch_size=1, quantize=args.quantize, compile=args.compile, progress=progress)
+        return lamina.load(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            max_seq_len=args.max_seq_len,
+            max_batch_size=1,
+            quantize=args.quantize,
+            compile=args.compile,
+            progress=progress,
+        )
     finally:
         if progress:
             progress.close()
@@ -119,13 +164,18 @@ def _generate(args) -> int:
     sampling = dict(max_gen_len=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
     if args.json:
         (result,) = llama.complete([prompt_ids], **sampling, logprobs=True, seed=args.seed)
-        print(json.dumps({
-            "prompt_ids": result.prompt,
-            "ids": result.tokens,
-            "text": llama.tokenizer.decode(result.tokens),
-            "logprobs": result.logprobs,
-            "finish_reason": result.finish_reason,
-        }, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "prompt_ids": result.prompt,
+                    "ids": result.tokens,
+                    "text": llama.tokenizer.decode(result.tokens),
+                    "logprobs": result.logprobs,
+                    "finish_reason": result.finish_reason,
+                },
+                ensure_ascii=False,
+            )
+        )
         return 0
     for delta in llama.stream([prompt_ids], **sampling, seed=args.seed):
         sys.stdout.write(delta.text)
@@ -211,7 +261,10 @@ def _info(args) -> int:
         ("device", str(llama.config.device)),
         ("max_seq_len", llama.config.max_seq_len),
         ("tokenizer", type(llama.tokenizer).__name__),
-        ("chat template", {"ChatTemplate": "yes (the model's own)", "ChatFormat": "Llama 3 built-in"}.get(template, template)),
+        (
+            "chat template",
+            {"ChatTemplate": "yes (the model's own)", "ChatFormat": "Llama 3 built-in"}.get(template, template),
+        ),
         ("stop tokens", ", ".join(f"{t} {llama.tokenizer.decode([t])!r}" for t in sorted(llama.stop_tokens))),
     ]
     for key, value in rows:

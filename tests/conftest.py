@@ -137,7 +137,9 @@ def reference_generate(ref_llama, prompts: list[list[int]], max_gen_len: int, te
     logprobs = [[] for _ in prompts]
     done = [max_gen_len == 0] * len(prompts)
     inputs = [LLMInput(tokens=list(p)) for p in prompts]
-    for step in ref_llama.generate(inputs, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=True):
+    for step in ref_llama.generate(
+        inputs, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=True
+    ):
         for r in step:
             i = r.batch_idx
             if r.source != "output" or r.ignore_token or done[i]:

@@ -14,8 +14,14 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
 def run(*args, stdin=None, timeout=120):
     # stdin is a pipe (empty unless given), never the terminal pytest runs in
-    return subprocess.run([sys.executable, "-m", "lamina", *args], input=stdin or "", capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "lamina", *args],
+        input=stdin or "",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +30,17 @@ def smol():
 
 
 def test_generate_json_equals_the_python_api(smol):
-    out = run("generate", "The capital of France is", "--max-tokens", "12", "--temperature", "0", "--json",
-              "--max-seq-len", "512")
+    out = run(
+        "generate",
+        "The capital of France is",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--json",
+        "--max-seq-len",
+        "512",
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert set(result) == {"prompt_ids", "ids", "text", "logprobs", "finish_reason"}
@@ -38,27 +53,58 @@ def test_generate_json_equals_the_python_api(smol):
 
 
 def test_generate_streams_text_from_stdin_and_chat(smol):
-    out = run("generate", "--chat", "--max-tokens", "30", "--temperature", "0", "--max-seq-len", "512",
-              stdin="What is the capital of France?")
+    out = run(
+        "generate",
+        "--chat",
+        "--max-tokens",
+        "30",
+        "--temperature",
+        "0",
+        "--max-seq-len",
+        "512",
+        stdin="What is the capital of France?",
+    )
     assert out.returncode == 0, out.stderr
-    (reply,) = smol.chat_completion([[{"role": "user", "content": "What is the capital of France?"}]],
-                                    temperature=0, max_gen_len=30)
+    (reply,) = smol.chat_completion(
+        [[{"role": "user", "content": "What is the capital of France?"}]], temperature=0, max_gen_len=30
+    )
     assert out.stdout == reply["generation"]["content"] + "\n"
     assert "Paris" in out.stdout  # the embedded model speaks English
     assert out.stderr == ""  # no progress bar when stderr is not a terminal
 
 
 def test_chat_session_from_stdin():
-    out = run("chat", "--system", "Answer briefly.", "--max-tokens", "20", "--temperature", "0", "--max-seq-len",
-              "512", stdin="Hello!\nWhat is 2 + 2?\n")
+    out = run(
+        "chat",
+        "--system",
+        "Answer briefly.",
+        "--max-tokens",
+        "20",
+        "--temperature",
+        "0",
+        "--max-seq-len",
+        "512",
+        stdin="Hello!\nWhat is 2 + 2?\n",
+    )
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.strip().splitlines()) >= 2
 
 
 def test_quantized_generation(smol):
     for mode in ("int8", "int4"):
-        out = run("generate", "The capital of France is", "-n", "4", "-t", "0", "--quantize", mode, "--json",
-                  "--max-seq-len", "128")
+        out = run(
+            "generate",
+            "The capital of France is",
+            "-n",
+            "4",
+            "-t",
+            "0",
+            "--quantize",
+            mode,
+            "--json",
+            "--max-seq-len",
+            "128",
+        )
         assert out.returncode == 0, out.stderr
         assert len(json.loads(out.stdout)["ids"]) <= 4
 
@@ -66,18 +112,37 @@ def test_quantized_generation(smol):
 def test_info():
     out = run("info", "--max-seq-len", "256")
     assert out.returncode == 0, out.stderr
-    for expected in ("format: gguf", "layers: 30", "vocabulary: 49152", "context length: 8192",
-                     "tokenizer: HFTokenizer", "chat template: yes", "tied embeddings: yes"):
+    for expected in (
+        "format: gguf",
+        "layers: 30",
+        "vocabulary: 49152",
+        "context length: 8192",
+        "tokenizer: HFTokenizer",
+        "chat template: yes",
+        "tied embeddings: yes",
+    ):
         assert expected in out.stdout
 
 
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (["generate", "hi", "--model", "/no/such/model.gguf"], 1, "lamina: error: model path not found: /no/such/model.gguf"),
-        (["generate", "hi", "--temperature", "-1"], 2, "argument --temperature/-t: -1 is out of range: expected a number >= 0"),
+        (
+            ["generate", "hi", "--model", "/no/such/model.gguf"],
+            1,
+            "lamina: error: model path not found: /no/such/model.gguf",
+        ),
+        (
+            ["generate", "hi", "--temperature", "-1"],
+            2,
+            "argument --temperature/-t: -1 is out of range: expected a number >= 0",
+        ),
         (["generate", "hi", "--top-p", "0"], 2, "expected a number in (0, 1]"),
-        (["generate", "--max-seq-len", "64"], 1, "lamina: error: no prompt: give one as an argument or pipe it on stdin"),
+        (
+            ["generate", "--max-seq-len", "64"],
+            1,
+            "lamina: error: no prompt: give one as an argument or pipe it on stdin",
+        ),
         (["generate", "hi", "--max-tokens", "100", "--max-seq-len", "64"], 1, "exceed max_seq_len 64"),
         (["generate", "hi", "--bogus"], 2, "unrecognized arguments: --bogus"),
         (["generate", "hi", "--max-tokens", "many"], 2, "invalid value 'many': expected an integer >= 0"),

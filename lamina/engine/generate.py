@@ -318,7 +318,11 @@ class Llama:
         seed: int | None = None,
     ) -> list[dict]:
         """Complete each text prompt: [{"generation": str, and with logprobs "tokens": [str], "logprobs": [float]}]."""
-        if not isinstance(prompts, Sequence) or isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        if (
+            not isinstance(prompts, Sequence)
+            or isinstance(prompts, str)
+            or not all(isinstance(p, str) for p in prompts)
+        ):
             raise RequestError("prompts must be a list of strings")
         prompt_tokens = [self.tokenizer.encode(p, bos=self.tokenizer.add_bos, eos=False) for p in prompts]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed=seed)

@@ -14,6 +14,7 @@ from lamina.model import ModelConfig, build_transformer
 from lamina.quant import MODES as QUANT_MODES
 from lamina.quant import quantize_model
 from lamina.tokenizer import ChatTemplate, HFTokenizer, Llama3Tokenizer, tokenizer_from_gguf
+from lamina.tokenizer.hf import read_tokenizer_config, special_token_strings
 from lamina.weights import load_gguf, load_hf_checkpoint, load_meta_checkpoint
 from lamina.weights.common import Progress
 from lamina.weights.gguf import gguf_int4_groups
@@ -111,14 +112,20 @@ def load(
     elif fmt == "hf":
         tokenizer = HFTokenizer.from_dir(path)
         config, state = load_hf_checkpoint(path, progress)
-        formatter = _template(_hf_chat_template(path), tokenizer, _hf_special_strings(path))
+        tokenizer_config = read_tokenizer_config(path)
+        formatter = _template(
+            _hf_chat_template(path, tokenizer_config), tokenizer, special_token_strings(tokenizer_config)
+        )
     else:
         config, state, fields = load_gguf(path, progress, dtype=dtype)
         tokenizer = tokenizer_from_gguf(fields)
         tokens = fields.get("tokenizer.ggml.tokens") or []
         special = {
             name: tokens[fields[key]]
-            for name, key in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id"))
+            for name, key in (
+                ("bos_token", "tokenizer.ggml.bos_token_id"),
+                ("eos_token", "tokenizer.ggml.eos_token_id"),
+            )
             if isinstance(fields.get(key), int) and fields[key] < len(tokens)
         }
         formatter = _template(fields.get("tokenizer.chat_template"), tokenizer, special)
@@ -142,35 +149,14 @@ def _template(source, tokenizer, special) -> ChatTemplate | None:
     return ChatTemplate(source, tokenizer, special) if isinstance(source, str) and source.strip() else None
 
 
-def _hf_tokenizer_config(path: Path) -> dict:
-    import json
-
-    file = path / "tokenizer_config.json"
-    try:
-        return json.loads(file.read_text()) if file.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise TokenizerError(f"cannot read {file}: {e}") from None
-
-
-def _hf_chat_template(path: Path) -> str | None:
+def _hf_chat_template(path: Path, config: dict) -> str | None:
     """The chat template: chat_template.jinja (transformers 5 writes it there), else tokenizer_config.json's
     `chat_template` (a string, or a list of named templates of which 'default' is used)."""
     jinja_file = path / "chat_template.jinja"
     if jinja_file.is_file():
         return jinja_file.read_text()
-    template = _hf_tokenizer_config(path).get("chat_template")
+    template = config.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     return template if isinstance(template, str) else None
-
-
-def _hf_special_strings(path: Path) -> dict[str, str]:
-    config = _hf_tokenizer_config(path)
-    special = {}
-    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = config.get(name)
-        value = value.get("content") if isinstance(value, dict) else value
-        if isinstance(value, str):
-            special[name] = value
-    return special

@@ -1,4 +1,4 @@
-"""ModelConfig: the frozen description of a Llama-family transformer, and its readers for Meta params.json and presets."""
+"""ModelConfig: the frozen description of a Llama-family transformer; its readers (Meta, HF, GGUF) and presets."""
 
 from __future__ import annotations
 
@@ -116,8 +116,11 @@ class ModelConfig:
             raise ConfigError(f"config.json describes a {found!r} model; lamina runs Llama-architecture models only")
         if config.get("attention_bias") or config.get("mlp_bias"):
             raise ConfigError("config.json asks for attention or MLP biases, which Llama models do not have")
-        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                               "intermediate_size") if k not in config]
+        missing = [
+            k
+            for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+            if k not in config
+        ]
         if missing:
             raise ConfigError(f"config.json lacks required field(s) {', '.join(missing)}")
         # transformers 5 keeps rope settings in rope_parameters; earlier versions in rope_theta + rope_scaling.

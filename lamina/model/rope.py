@@ -29,7 +29,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 
 
 def rotation(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency: [N] positions -> two [N, 1, head_dim/2] float32 tensors (broadcast over heads)."""
+    """cos and sin of position * frequency: [N] positions -> two [N, 1, head_dim/2] float32 tensors
+    (the 1 broadcasts over heads)."""
     angles = torch.outer(positions.to(torch.float32), inv_freq)
     return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
 

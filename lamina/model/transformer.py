@@ -76,8 +76,11 @@ class Attention(nn.Module):
             outs = []
             for qs, ks, vs in zip(q.split(batch.seq_lens), k.split(batch.seq_lens), v.split(batch.seq_lens)):
                 o = F.scaled_dot_product_attention(  # [1, H, T, D]
-                    qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
-                    is_causal=True, enable_gqa=True,
+                    qs.transpose(0, 1)[None],
+                    ks.transpose(0, 1)[None],
+                    vs.transpose(0, 1)[None],
+                    is_causal=True,
+                    enable_gqa=True,
                 )
                 outs.append(o[0].transpose(0, 1))  # [T, H, D]
             out = torch.cat(outs)
@@ -125,7 +128,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(TransformerBlock(config, device=device, dtype=dtype) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(
+            TransformerBlock(config, device=device, dtype=dtype) for _ in range(config.n_layers)
+        )
         self.norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
         self.output = None
         if not config.tie_embeddings:
@@ -161,7 +166,9 @@ def build_transformer(
     The state dict must match the model exactly (the weight loaders check it and say what differs).
     """
     model = Transformer(config, device=torch.device("meta"), dtype=dtype)
-    tensors = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in state_dict.items()}
+    tensors = {
+        name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in state_dict.items()
+    }
     model.load_state_dict(tensors, strict=True, assign=True)
     model.inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, device=device)
     return model.eval().requires_grad_(False)

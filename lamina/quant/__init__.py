@@ -20,8 +20,9 @@ Int4Groups = Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # na
 def quantize_model(model: nn.Module, mode: str, *, int4_groups: Int4Groups | None = None) -> nn.Module:
     """Swap every projection of the transformer blocks, and the output projection, for its quantized form (in
     place; returns the model). Embeddings and norms stay as they are; a tied output projection gets its own
-    quantized copy of the embedding matrix (int8 in int4 mode, unless the checkpoint stores it in 4 bits). `int4_groups` supplies ready 4-bit weights by state-dict name (from a
-    GGUF's Q4_0/Q4_1 blocks); other weights are quantized from their float values."""
+    quantized copy of the embedding matrix (int8 in int4 mode, unless the checkpoint stores it in 4 bits).
+    `int4_groups` supplies ready 4-bit weights by state-dict name (from a GGUF's Q4_0/Q4_1 blocks); other weights
+    are quantized from their float values."""
     if mode not in MODES:
         raise ConfigError(f"unknown quantization {mode!r}; expected one of {', '.join(MODES)} (or None)")
     groups = int4_groups or {}
@@ -48,5 +49,10 @@ def quantize_model(model: nn.Module, mode: str, *, int4_groups: Int4Groups | Non
 
 
 __all__ = [
-    "MODES", "Int4Linear", "Int8Linear", "quantize_int4_grouped", "quantize_int8_per_channel", "quantize_model",
+    "MODES",
+    "Int4Linear",
+    "Int8Linear",
+    "quantize_int4_grouped",
+    "quantize_int8_per_channel",
+    "quantize_model",
 ]

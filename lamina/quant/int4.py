@@ -16,7 +16,8 @@ INNER_K_TILES = 2  # the packing layout the CPU kernel reads; measured no slower
 
 
 def quantize_int4_grouped(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric min/max int4 per group: weight [N, K] -> (q int32 [N, K] in 0..15, scales [N, K/g], zeros [N, K/g])."""
+    """Asymmetric min/max int4 per group: weight [N, K] -> (q int32 [N, K] in 0..15, scales and zeros
+    [N, K/g])."""
     N, K = weight.shape
     if K % group_size:
         raise ConfigError(f"int4 groups of {group_size} do not divide the input size {K}")

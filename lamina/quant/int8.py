@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: weight [N, K] -> (int8 [N, K], float32 scales [N]) with
     weight ~= q * scale and |q| <= 127."""

@@ -9,6 +9,13 @@ from lamina.tokenizer.stream import StreamDecoder
 from lamina.tokenizer.template import ChatTemplate
 
 __all__ = [
-    "ChatFormat", "ChatTemplate", "Dialog", "HFTokenizer", "Llama3Tokenizer", "Message", "StreamDecoder", "Tokenizer",
+    "ChatFormat",
+    "ChatTemplate",
+    "Dialog",
+    "HFTokenizer",
+    "Llama3Tokenizer",
+    "Message",
+    "StreamDecoder",
+    "Tokenizer",
     "tokenizer_from_gguf",
 ]

@@ -46,7 +46,8 @@ class ChatFormat:
         ]
 
     def encode_message(self, message: Message) -> list[int]:
-        """Header, the content stripped of surrounding whitespace (as Meta's format and chat template do), <|eot_id|>."""
+        """Header, the content stripped of surrounding whitespace (as Meta's format and chat template do),
+        <|eot_id|>."""
         role, content = _check_message(message)
         return [
             *self.encode_header(role),
@@ -56,18 +57,32 @@ class ChatFormat:
 
     def encode_dialog_prompt(self, dialog: Dialog) -> list[int]:
         """<|begin_of_text|>, every message, then an open assistant header for the model to complete."""
-        if isinstance(dialog, (str, dict)) or not isinstance(dialog, Sequence):
-            raise RequestError(f"a dialog is a list of messages, got {type(dialog).__name__}")
         tokens = [self._bos]
-        for message in dialog:
+        for message in check_dialog(dialog):
             tokens.extend(self.encode_message(message))
         tokens.extend(self.encode_header("assistant"))
         return tokens
 
 
-def _check_message(message: object) -> tuple[str, str]:
+def check_dialog(dialog: object) -> list[dict]:
+    """A dialog's shape, as every chat format needs it: a list of messages (see `check_message`); returns copies."""
+    if isinstance(dialog, (str, dict)) or not isinstance(dialog, Sequence):
+        raise RequestError(f"a dialog is a list of messages, got {type(dialog).__name__}")
+    return [check_message(m) for m in dialog]
+
+
+def check_message(message: object) -> dict:
+    """A message is a dict with a str 'role' and a 'content'; returns a copy."""
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
         raise RequestError(f"a message is a dict with 'role' and 'content', got {message!r:.80}")
+    if not isinstance(message["role"], str):
+        raise RequestError(f"message role must be a str, got {type(message['role']).__name__}")
+    return dict(message)
+
+
+def _check_message(message: object) -> tuple[str, str]:
+    """Llama 3's own rules on top of `check_message`: a known role and text content."""
+    message = check_message(message)
     role, content = message["role"], message["content"]
     role = "ipython" if role == "tool" else role
     if role not in ROLES:

@@ -20,8 +20,19 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # SentencePiece's visible space
 # Control-token names that llama.cpp treats as ending generation whatever the file's eos/eot ids say.
 END_OF_GENERATION = frozenset(
-    ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-     "<EOT>", "<|return|>", "<|call|>", "<end_of_utterance>")
+    (
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "<|end_of_text|>",
+        "<EOT>",
+        "<|return|>",
+        "<|call|>",
+        "<end_of_utterance>",
+    )
 )
 
 # Pre-tokenizer regexes. A vocabulary's regexes run one after another, each splitting the pieces the one before left
@@ -71,7 +82,8 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
 
 
 def tokenizer_from_gguf(fields: Mapping[str, Any]) -> HFTokenizer:
-    """The tokenizer a GGUF file's metadata describes (`fields`: key -> value, e.g. `lamina.weights.gguf_file.read_gguf_file(path).metadata`).
+    """The tokenizer a GGUF file's metadata describes (`fields`: key -> value, e.g.
+    `lamina.weights.gguf_file.read_gguf_file(path).metadata`).
 
     Supports `tokenizer.ggml.model` "gpt2" (byte-level BPE, text split by the `tokenizer.ggml.pre` regexes) and
     "llama" (SentencePiece BPE with byte fallback). Control and unknown-type tokens become special tokens (parsed from

@@ -194,6 +194,17 @@ def _read_json(file: Path) -> dict[str, Any]:
     return data
 
 
+def read_tokenizer_config(folder: str | Path) -> dict[str, Any]:
+    """A Hugging Face folder's tokenizer_config.json as a dict ({} when it has none)."""
+    return _read_json(Path(folder) / "tokenizer_config.json")
+
+
+def special_token_strings(config: dict[str, Any]) -> dict[str, str]:
+    """bos_token, eos_token, unk_token and pad_token of a tokenizer_config.json, as chat templates see them."""
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
+    return {name: text for name in names if (text := _token_content(config.get(name))) is not None}
+
+
 def _token_content(value: object) -> str | None:
     """A token as tokenizer_config.json writes it: a string, or a dict with "content"."""
     if isinstance(value, dict):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any
 
 from lamina.errors import RequestError, TokenizerError
 from lamina.tokenizer.base import Tokenizer
-from lamina.tokenizer.chat import Dialog
+from lamina.tokenizer.chat import Dialog, check_dialog
 
 # Special tokens that end an assistant turn in common templates; those a template uses become stop tokens.
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
@@ -51,7 +51,7 @@ class ChatTemplate:
 
     def render(self, dialog: Dialog, *, add_generation_prompt: bool = True, **extra: Any) -> str:
         """The prompt text for `dialog` (a list of {"role", "content"} dicts)."""
-        messages = _check_dialog(dialog)
+        messages = check_dialog(dialog)
         try:
             return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **self.special, **extra
@@ -63,14 +63,3 @@ class ChatTemplate:
         """Token ids of the rendered dialog; special tokens in the template are parsed as such, and no BOS is added
         beyond what the template writes (as transformers tokenizes a rendered chat)."""
         return self.tokenizer.encode(self.render(dialog), bos=False, eos=False, allowed_special="all")
-
-
-def _check_dialog(dialog: Any) -> list[dict]:
-    if isinstance(dialog, (str, dict)) or not isinstance(dialog, Sequence):
-        raise RequestError(f"a dialog is a list of messages, got {type(dialog).__name__}")
-    for message in dialog:
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise RequestError(f"a message is a dict with 'role' and 'content', got {message!r:.80}")
-        if not isinstance(message["role"], str):
-            raise RequestError(f"message role must be a str, got {type(message['role']).__name__}")
-    return [dict(m) for m in dialog]

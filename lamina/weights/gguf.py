@@ -36,7 +36,6 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 _ROPE_FREQS = "rope_freqs.weight"
 
 
-
 def load_gguf(
     path: str | Path, progress: Progress | None = None, *, dtype: torch.dtype = torch.float32
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
@@ -49,7 +48,9 @@ def load_gguf(
     gf = read_gguf_file(path)
     fields = gf.metadata
     if fields.get("general.architecture") != "llama":
-        raise ConfigError(f"GGUF architecture {fields.get('general.architecture')!r} is not supported; lamina runs 'llama' models")
+        raise ConfigError(
+            f"GGUF architecture {fields.get('general.architecture')!r} is not supported; lamina runs 'llama' models"
+        )
     names = {}
     for name in gf.tensors:
         target = _target_name(name)
@@ -61,7 +62,9 @@ def load_gguf(
         t = gf.tensors[_ROPE_FREQS]
         scaling = _scaling_from_factors(fields, dequantize(t.data, t.qtype, t.shape, t.name))
     config = ModelConfig.from_gguf(fields, has_output="output.weight" in gf.tensors, rope_scaling=scaling)
-    check_shapes(config, {target: torch.Size(gf.tensors[name].shape) for name, target in names.items() if target}, str(path))
+    check_shapes(
+        config, {target: torch.Size(gf.tensors[name].shape) for name, target in names.items() if target}, str(path)
+    )
 
     state: dict[str, torch.Tensor] = {}
     todo = [name for name, target in names.items() if target]

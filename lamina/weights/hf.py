@@ -33,7 +33,6 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")
 
 
-
 def read_hf_config(root: Path) -> dict:
     path = root / "config.json"
     try:
@@ -66,7 +65,9 @@ def safetensors_files(root: Path) -> list[Path]:
     raise WeightsError(f"{root} has no model.safetensors (nor model.safetensors.index.json with its shards)")
 
 
-def load_hf_checkpoint(ckpt_dir: str | Path, progress: Progress | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def load_hf_checkpoint(
+    ckpt_dir: str | Path, progress: Progress | None = None
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a Hugging Face Llama checkpoint directory into (config, state dict in the checkpoint's dtype)."""
     from safetensors import SafetensorError, safe_open
 

@@ -69,7 +69,13 @@ def test_stop_tokens_cut_each_sequence_like_reference(llama, ref_llama, monkeypa
 
     decode_batch_sizes = []
     real_decode = llama.runner.decode
-    monkeypatch.setattr(llama.runner, "decode", lambda tokens, slots, positions: decode_batch_sizes.append(len(tokens)) or real_decode(tokens, slots, positions))
+    monkeypatch.setattr(
+        llama.runner,
+        "decode",
+        lambda tokens, slots, positions: (
+            decode_batch_sizes.append(len(tokens)) or real_decode(tokens, slots, positions)
+        ),
+    )
     results = llama.complete(prompts, 10, temperature=0)
     tokens = [r.tokens for r in results]
     assert tokens == reference_generate(ref_llama, prompts, 10)[0]
@@ -151,7 +157,11 @@ def test_empty_batch(llama):
 
 BAD_REQUESTS = [
     (dict(prompt_tokens=[[BOS, 5], []]), RequestError, "prompt 1 is empty"),
-    (dict(prompt_tokens=[[BOS] * (MAX_SEQ_LEN + 1)]), CapacityError, f"prompt 0 has {MAX_SEQ_LEN + 1} tokens; max_seq_len is {MAX_SEQ_LEN}"),
+    (
+        dict(prompt_tokens=[[BOS] * (MAX_SEQ_LEN + 1)]),
+        CapacityError,
+        f"prompt 0 has {MAX_SEQ_LEN + 1} tokens; max_seq_len is {MAX_SEQ_LEN}",
+    ),
     (dict(prompt_tokens=[[BOS] * 60], max_gen_len=10), CapacityError, "70 tokens exceed max_seq_len 64"),
     (dict(prompt_tokens=[[BOS]] * 5), CapacityError, "batch has 5 prompts; max_batch_size is 4"),
     (dict(temperature=-0.1), RequestError, "temperature must be >= 0"),

@@ -45,8 +45,9 @@ def hf_smol(gguf_path):
 
 def hf_greedy(model, ids, n, eos):
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
-                             pad_token_id=eos[0])[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos[0]
+        )[0, len(ids) :].tolist()
     return [t for t in out[: next((i for i, t in enumerate(out) if t in eos), len(out))]]
 
 

@@ -6,14 +6,70 @@ from lamina import ConfigError, ModelConfig
 
 # Meta's params.json for published models, and the SwiGLU size each model's weights have (w1: [hidden, dim]).
 PUBLISHED = [
-    ({"dim": 4096, "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "n_heads": 32, "n_kv_heads": 8, "n_layers": 32,
-      "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256}, 14336, 8.0),
-    ({"dim": 8192, "ffn_dim_multiplier": 1.3, "multiple_of": 4096, "n_heads": 64, "n_kv_heads": 8, "n_layers": 80,
-      "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256}, 28672, 8.0),
-    ({"dim": 2048, "ffn_dim_multiplier": 1.5, "multiple_of": 256, "n_heads": 32, "n_kv_heads": 8, "n_layers": 16,
-      "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256}, 8192, 32.0),
-    ({"dim": 3072, "ffn_dim_multiplier": 1.0, "multiple_of": 256, "n_heads": 24, "n_kv_heads": 8, "n_layers": 28,
-      "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256}, 8192, 32.0),
+    (
+        {
+            "dim": 4096,
+            "ffn_dim_multiplier": 1.3,
+            "multiple_of": 1024,
+            "n_heads": 32,
+            "n_kv_heads": 8,
+            "n_layers": 32,
+            "norm_eps": 1e-05,
+            "rope_theta": 500000.0,
+            "use_scaled_rope": True,
+            "vocab_size": 128256,
+        },
+        14336,
+        8.0,
+    ),
+    (
+        {
+            "dim": 8192,
+            "ffn_dim_multiplier": 1.3,
+            "multiple_of": 4096,
+            "n_heads": 64,
+            "n_kv_heads": 8,
+            "n_layers": 80,
+            "norm_eps": 1e-05,
+            "rope_theta": 500000.0,
+            "use_scaled_rope": True,
+            "vocab_size": 128256,
+        },
+        28672,
+        8.0,
+    ),
+    (
+        {
+            "dim": 2048,
+            "ffn_dim_multiplier": 1.5,
+            "multiple_of": 256,
+            "n_heads": 32,
+            "n_kv_heads": 8,
+            "n_layers": 16,
+            "norm_eps": 1e-05,
+            "rope_theta": 500000.0,
+            "use_scaled_rope": True,
+            "vocab_size": 128256,
+        },
+        8192,
+        32.0,
+    ),
+    (
+        {
+            "dim": 3072,
+            "ffn_dim_multiplier": 1.0,
+            "multiple_of": 256,
+            "n_heads": 24,
+            "n_kv_heads": 8,
+            "n_layers": 28,
+            "norm_eps": 1e-05,
+            "rope_theta": 500000.0,
+            "use_scaled_rope": True,
+            "vocab_size": 128256,
+        },
+        8192,
+        32.0,
+    ),
 ]
 
 

@@ -32,7 +32,9 @@ def _ref_messages(dialog):
     from llama_models.datatypes import RawMessage
 
     # llama-models names the ipython role "tool" and does not strip content.
-    return [RawMessage(role="tool" if m["role"] == "ipython" else m["role"], content=m["content"].strip()) for m in dialog]
+    return [
+        RawMessage(role="tool" if m["role"] == "ipython" else m["role"], content=m["content"].strip()) for m in dialog
+    ]
 
 
 @pytest.mark.parametrize("dialog", DIALOGS)

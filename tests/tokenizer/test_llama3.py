@@ -79,4 +79,6 @@ def test_tokenizer_package_imports_no_torch():
         tree = ast.parse(path.read_text())
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        assert not {m for m in imported if m.split(".")[0] == "torch" or m.startswith(("lamina.model", "lamina.engine"))}, path
+        assert not {
+            m for m in imported if m.split(".")[0] == "torch" or m.startswith(("lamina.model", "lamina.engine"))
+        }, path

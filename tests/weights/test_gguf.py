@@ -38,13 +38,21 @@ def test_every_metadata_type_equals_reference_reader(tmp_path):
     path = tmp_path / "m.gguf"
     writer = gguf.GGUFWriter(path, "llama")
     for add, key, value in [
-        (writer.add_uint8, "t.u8", 200), (writer.add_int8, "t.i8", -5), (writer.add_uint16, "t.u16", 60000),
-        (writer.add_int16, "t.i16", -30000), (writer.add_uint32, "t.u32", 4_000_000_000),
-        (writer.add_int32, "t.i32", -2_000_000_000), (writer.add_float32, "t.f32", 0.1),
-        (writer.add_uint64, "t.u64", 2**63 + 1), (writer.add_int64, "t.i64", -(2**62)),
-        (writer.add_float64, "t.f64", 1e300), (writer.add_bool, "t.bool", True),
-        (writer.add_string, "t.str", "héllo ▁ 中文 😀"), (writer.add_array, "t.strs", ["a", "", "ĠĠ", "<|x|>"]),
-        (writer.add_array, "t.ints", [1, -2, 3]), (writer.add_array, "t.floats", [0.5, -1.25]),
+        (writer.add_uint8, "t.u8", 200),
+        (writer.add_int8, "t.i8", -5),
+        (writer.add_uint16, "t.u16", 60000),
+        (writer.add_int16, "t.i16", -30000),
+        (writer.add_uint32, "t.u32", 4_000_000_000),
+        (writer.add_int32, "t.i32", -2_000_000_000),
+        (writer.add_float32, "t.f32", 0.1),
+        (writer.add_uint64, "t.u64", 2**63 + 1),
+        (writer.add_int64, "t.i64", -(2**62)),
+        (writer.add_float64, "t.f64", 1e300),
+        (writer.add_bool, "t.bool", True),
+        (writer.add_string, "t.str", "héllo ▁ 中文 😀"),
+        (writer.add_array, "t.strs", ["a", "", "ĠĠ", "<|x|>"]),
+        (writer.add_array, "t.ints", [1, -2, 3]),
+        (writer.add_array, "t.floats", [0.5, -1.25]),
         (writer.add_array, "t.bools", [True, False]),
     ]:
         add(key, value)
@@ -85,8 +93,17 @@ def test_k_quants_go_through_the_reference_dequantizer():
     torch.testing.assert_close(ours, torch.from_numpy(gguf.quants.dequantize(raw, kind)).float(), equal_nan=True)
 
 
-def _write_llama_gguf(path, n_layers=2, dim=64, hidden=96, vocab=300, qtypes=("Q8_0", "Q4_1"), arch="llama",
-                      with_output=True, rope_factors=None):
+def _write_llama_gguf(
+    path,
+    n_layers=2,
+    dim=64,
+    hidden=96,
+    vocab=300,
+    qtypes=("Q8_0", "Q4_1"),
+    arch="llama",
+    with_output=True,
+    rope_factors=None,
+):
     """A random llama GGUF written with the reference writer; returns the tensors as the reference dequantizes them."""
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(path, arch)
@@ -104,9 +121,17 @@ def _write_llama_gguf(path, n_layers=2, dim=64, hidden=96, vocab=300, qtypes=("Q
     if with_output:
         shapes["output.weight"] = (vocab, dim)
     for i in range(n_layers):
-        for name, shape in [("attn_norm", (dim,)), ("attn_q", (dim, dim)), ("attn_k", (dim // 2, dim)),
-                            ("attn_v", (dim // 2, dim)), ("attn_output", (dim, dim)), ("ffn_norm", (dim,)),
-                            ("ffn_gate", (hidden, dim)), ("ffn_up", (hidden, dim)), ("ffn_down", (dim, hidden))]:
+        for name, shape in [
+            ("attn_norm", (dim,)),
+            ("attn_q", (dim, dim)),
+            ("attn_k", (dim // 2, dim)),
+            ("attn_v", (dim // 2, dim)),
+            ("attn_output", (dim, dim)),
+            ("ffn_norm", (dim,)),
+            ("ffn_gate", (hidden, dim)),
+            ("ffn_up", (hidden, dim)),
+            ("ffn_down", (dim, hidden)),
+        ]:
             shapes[f"blk.{i}.{name}.weight"] = shape
     expected = {}
     for j, (name, shape) in enumerate(shapes.items()):

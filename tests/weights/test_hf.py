@@ -24,11 +24,25 @@ def make_hf_llama(path, *, tie=True, shard=False, rope_scaling=True, seed=0, voc
 
     torch.manual_seed(seed)  # transformers initialises from the global generator; this is a test helper
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tie,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
         rope_theta=10000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 32} if rope_scaling else None,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        }
+        if rope_scaling
+        else None,
     )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # larger weights than the default init, so that layers and RoPE visibly matter
@@ -76,10 +90,14 @@ def test_rope_scaling_is_applied(tmp_path):
 def test_bad_hf_directories(tmp_path):
     make_hf_llama(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="mistral", architectures=["MistralForCausalLM"])))
+    (tmp_path / "config.json").write_text(
+        json.dumps(dict(config, model_type="mistral", architectures=["MistralForCausalLM"]))
+    )
     with pytest.raises(ConfigError, match="'mistral' model; lamina runs Llama-architecture models only"):
         load_hf_checkpoint(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(dict(config, rope_scaling={"rope_type": "yarn", "factor": 2.0}, rope_parameters=None)))
+    (tmp_path / "config.json").write_text(
+        json.dumps(dict(config, rope_scaling={"rope_type": "yarn", "factor": 2.0}, rope_parameters=None))
+    )
     with pytest.raises(ConfigError, match="RoPE scaling of type 'yarn' is not supported"):
         load_hf_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(dict(config, hidden_size=128)))
