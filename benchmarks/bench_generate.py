@@ -2,7 +2,7 @@
 same run. Each engine runs in its own subprocess (so peak RSS is its own); each figure is the median of --runs, with
 min-max, and every lamina figure is printed as a ratio to each peer.
 
-    python benchmarks/bench_generate.py [--model FILE.gguf] [--runs 3] [--streams 1,4,16] [--prefill 128,512]
+    python benchmarks/bench_generate.py [--model FILE.gguf] [--runs 3] [--streams 1,4,16,64] [--prefill 128,512,2048]
 
 Measured: decode tokens/s for 1 and N concurrent streams (aggregate), prefill tokens/s for a prompt of L tokens, time
 to first token of a 128-token prompt, peak RSS. Engines that are not installed are reported as skipped.
@@ -182,11 +182,13 @@ def main() -> int:
     parser.add_argument("--engines", default="lamina,llama.cpp,transformers")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per decode run")
-    parser.add_argument("--streams", default="1,4,16")
-    parser.add_argument("--prefill", default="128,512")
+    parser.add_argument("--streams", default="1,4,16,64")
+    parser.add_argument("--prefill", default="128,512,2048")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--dtype", default=None, help="lamina's dtype (default: lamina's choice)")
-    parser.add_argument("--quantize", default=None, help="lamina's weight quantization (int8, int4)")
+    parser.add_argument(
+        "--quantize", default=None, help="lamina's weight storage (none, gguf, int8, int4; default: lamina's choice)"
+    )
     parser.add_argument("--compile", action="store_true", help="compile lamina's decode step")
     parser.add_argument("--hf-dtype", default="bf16", help="transformers' dtype: bf16 or fp32")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -238,7 +240,7 @@ def main() -> int:
     print(
         f"# {platform.processor() or platform.machine()}, {args.threads} threads, {date.today()}, "
         f"model {os.path.basename(args.model)}, lamina dtype {args.dtype or 'default'}, "
-        f"lamina weights {args.quantize or 'unquantized'}{', compiled decode' if args.compile else ''}, "
+        f"lamina weights {args.quantize or 'default'}{', compiled decode' if args.compile else ''}, "
         f"transformers {args.hf_dtype}, median (min-max) of {args.runs} runs"
     )
     metrics = sorted(

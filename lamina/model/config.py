@@ -197,6 +197,13 @@ class ModelConfig:
             context_length=int(fields.get("llama.context_length") or 0),
         )
 
+    @property
+    def n_params(self) -> int:
+        """Weights in the model (a tied output projection counted once)."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        layer = attn + 3 * self.dim * self.hidden_dim + 2 * self.dim
+        return self.vocab_size * self.dim * (1 if self.tie_embeddings else 2) + self.n_layers * layer + self.dim
+
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
         """The configuration of a published model, by exact name (see `PRESETS`)."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lamina.errors import WeightsError
 from lamina.model import rope
 from lamina.model.config import ModelConfig
 
@@ -61,12 +62,17 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, **kw)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, **kw)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, **kw)
+        self.wqkv: nn.Module | None = None  # wq, wk and wv as one projection, where a quantized model fuses them
 
     def forward(self, x, cos, sin, batch: Prefill | Decode, mask, k_cache, v_cache) -> torch.Tensor:
         N = x.shape[0]
-        q = self.wq(x).view(N, self.n_heads, self.head_dim)
-        k = self.wk(x).view(N, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(N, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2], -1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(N, self.n_heads, self.head_dim)
+        k = k.view(N, self.n_kv_heads, self.head_dim)
+        v = v.reshape(N, self.n_kv_heads, self.head_dim)
         q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
         k_cache[batch.slots, :, batch.positions] = k
         v_cache[batch.slots, :, batch.positions] = v
@@ -103,8 +109,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, **kw)
         self.w2 = nn.Linear(hidden_dim, dim, **kw)
         self.w3 = nn.Linear(dim, hidden_dim, **kw)
+        self.w13: nn.Module | None = None  # w1 and w3 as one projection, where a quantized model fuses them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -158,17 +168,31 @@ class Transformer(nn.Module):
 
 
 def build_transformer(
-    config: ModelConfig, state_dict: dict[str, torch.Tensor], *, device: torch.device, dtype: torch.dtype
+    config: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    modules: dict[str, nn.Module | None] | None = None,
 ) -> Transformer:
     """A Transformer holding `state_dict`'s tensors, moved to `device` and cast to `dtype` (a tensor already on
     `device` in `dtype` is used as it is, not copied; the model is built on the meta device, never initialised).
 
-    The state dict must match the model exactly (the weight loaders check it and say what differs).
-    """
+    `modules` replaces submodules by path ("layers.0.attention.wq", "output") with ready ones (quantized layers), or
+    removes them (None: a projection fused into another); their weights are not looked for in `state_dict`. Every
+    other weight must be there, and nothing else."""
     model = Transformer(config, device=torch.device("meta"), dtype=dtype)
+    modules = modules or {}
+    for path, module in modules.items():
+        parent, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, module)
     tensors = {
         name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in state_dict.items()
     }
-    model.load_state_dict(tensors, strict=True, assign=True)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    replaced = tuple(f"{path}." for path in modules)
+    missing = [name for name in missing if not name.startswith(replaced)]
+    if missing or unexpected:
+        raise WeightsError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, device=device)
     return model.eval().requires_grad_(False)

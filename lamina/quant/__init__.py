@@ -1,58 +1,134 @@
-"""Weight-only quantization as a module swap on a built model: int8 per output channel, int4 in groups."""
+"""Weight-only quantization in GGML's block formats (lamina.quant.ggml), chosen per weight when a model is built.
+
+Modes (`quantize=` in lamina.load, `--quantize` on the CLI):
+  none   every weight in the float dtype (the exact path, for checking)
+  gguf   a GGUF's Q8_0, Q4_0 and Q4_1 matrices kept as the file stores them (Q4_0 as the equal Q4_1); others float
+  int8   every projection Q8_0 (groups of 32, one scale each); a file's Q8_0 kept as it is
+  int4   every projection Q4_1 (groups of 32, scale and offset); a file's Q4_0/Q4_1 kept as they are; the output
+         projection (the logits, the most sensitive product) Q8_0 unless the file stores it in 4 bits
+With a tied output projection the embedding table is read from the same blocks, so no float copy of it exists.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lamina.errors import ConfigError
-from lamina.quant.int4 import Int4Linear, quantize_int4_grouped
-from lamina.quant.int8 import Int8Linear, quantize_int8_per_channel
+from lamina.model import ModelConfig, Transformer, build_transformer
+from lamina.quant import ggml
+from lamina.quant.linear import QEmbedding, QLinear
 
-MODES = ("int8", "int4")
-INT4_GROUP_SIZE = 32
-
-Int4Groups = Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # name -> (q, scales, zeros), group 32
+MODES = ("none", "gguf", "int8", "int4")
 
 
-def quantize_model(model: nn.Module, mode: str, *, int4_groups: Int4Groups | None = None) -> nn.Module:
-    """Swap every projection of the transformer blocks, and the output projection, for its quantized form (in
-    place; returns the model). Embeddings and norms stay as they are; a tied output projection gets its own
-    quantized copy of the embedding matrix (int8 in int4 mode, unless the checkpoint stores it in 4 bits).
-    `int4_groups` supplies ready 4-bit weights by state-dict name (from a GGUF's Q4_0/Q4_1 blocks); other weights
-    are quantized from their float values."""
+@dataclass(frozen=True)
+class Blocks:
+    """A weight matrix [rows, cols] as a checkpoint stores it in a GGML block format (uint8 [rows, bytes])."""
+
+    qtype: str
+    data: torch.Tensor
+    cols: int
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return ggml.dequantize(self.data, self.qtype, dtype)
+
+
+Weight = torch.Tensor | Blocks
+
+
+def is_projection(name: str) -> bool:
+    """The linear projections of the transformer blocks, by state-dict name."""
+    return name.endswith(tuple(f".{w}.weight" for w in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")))
+
+
+def _cols(w: Weight) -> int:
+    return w.cols if isinstance(w, Blocks) else w.shape[1]
+
+
+def _blocks_for(w: Weight, mode: str, output: bool) -> tuple[torch.Tensor, str] | None:
+    """The block matrix (data, qtype) a weight gets in `mode`, or None to keep it float."""
+    kept = isinstance(w, Blocks)
+    if kept and w.qtype == "Q4_0":
+        w = Blocks("Q4_1", ggml.q4_0_to_q4_1(w.data), w.cols)
+    if mode == "gguf":
+        return (w.data, w.qtype) if kept else None
+    want = "Q8_0" if mode == "int8" or output else "Q4_1"
+    if kept and (w.qtype == want or (output and w.qtype == "Q4_1")):
+        return w.data, w.qtype
+    quantize = ggml.quantize_q8_0 if want == "Q8_0" else ggml.quantize_q4_1
+    return quantize(w.dequantize(torch.float32) if kept else w), want
+
+
+def quantized_modules(
+    state: dict[str, Weight], mode: str, *, tied: bool, device: torch.device, dtype: torch.dtype
+) -> dict[str, nn.Module | None]:
+    """Pop the weights that `mode` stores as blocks out of `state` and return their layers by module path
+    ("layers.0.attention.wqkv", "output", "tok_embeddings"; None for a projection fused into another), for
+    build_transformer. What is left in `state` stays float (Blocks left there are for the caller to dequantize)."""
     if mode not in MODES:
-        raise ConfigError(f"unknown quantization {mode!r}; expected one of {', '.join(MODES)} (or None)")
-    groups = int4_groups or {}
+        raise ConfigError(f"unknown quantization {mode!r}; expected one of {', '.join(MODES)}")
+    if mode == "none":
+        return {}
+    modules: dict[str, nn.Module | None] = {}
+    outputs = ["tok_embeddings.weight"] if tied else ["output.weight"]
+    for name in [n for n in state if is_projection(n)] + [n for n in outputs if n in state]:
+        chosen = _blocks_for(state[name], mode, output=name in outputs)
+        if chosen is None:
+            continue
+        data, qtype = chosen[0].to(device), chosen[1]
+        layer = QLinear(data, qtype, _cols(state.pop(name)))
+        if tied and name == "tok_embeddings.weight":  # the same blocks serve the embedding and the logits
+            modules["output"] = layer
+            modules["tok_embeddings"] = QEmbedding(data, qtype, layer.in_features, dtype)
+        else:
+            modules[name.removesuffix(".weight")] = layer
+    _fuse(modules, "attention", ("wq", "wk", "wv"), "wqkv")
+    _fuse(modules, "feed_forward", ("w1", "w3"), "w13")
+    embed = state.get("tok_embeddings.weight")
+    if isinstance(embed, Blocks) and embed.qtype in ggml.BLOCK_BYTES:  # untied, stored in blocks: look rows up there
+        state.pop("tok_embeddings.weight")
+        data = ggml.q4_0_to_q4_1(embed.data) if embed.qtype == "Q4_0" else embed.data
+        qtype = "Q4_1" if embed.qtype == "Q4_0" else embed.qtype
+        modules["tok_embeddings"] = QEmbedding(data.to(device), qtype, embed.cols, dtype)
+    return modules
 
-    def swap(name: str, weight: torch.Tensor, *, sensitive: bool = False) -> nn.Module:
-        if mode == "int8":
-            return Int8Linear(weight)
-        if name in groups:
-            return Int4Linear(*groups[name], INT4_GROUP_SIZE)
-        # The logits are the most sensitive product: int4 of a float output projection costs ~6% perplexity on
-        # SmolLM2, int8 ~0.1%, so in int4 mode it gets int8 unless the checkpoint itself stores it in 4 bits.
-        return Int8Linear(weight) if sensitive else Int4Linear.from_float(weight, INT4_GROUP_SIZE)
 
-    for i, block in enumerate(model.layers):
-        for part, parent in (("attention", block.attention), ("feed_forward", block.feed_forward)):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, swap(f"layers.{i}.{part}.{name}.weight", child.weight.data))
-    if model.output is None:
-        model.output = swap("tok_embeddings.weight", model.tok_embeddings.weight.data, sensitive=True)
-    else:
-        model.output = swap("output.weight", model.output.weight.data, sensitive=True)
-    return model
+def build_model(
+    config: ModelConfig, state: dict[str, Weight], mode: str, *, device: torch.device, dtype: torch.dtype
+) -> Transformer:
+    """The Transformer for `state` (consumed) with its weights stored as `mode` says."""
+    modules = quantized_modules(state, mode, tied=config.tie_embeddings, device=device, dtype=dtype)
+    for name, w in state.items():
+        if isinstance(w, Blocks):
+            state[name] = w.dequantize(dtype)
+    return build_transformer(config, state, device=device, dtype=dtype, modules=modules)
 
 
-__all__ = [
-    "MODES",
-    "Int4Linear",
-    "Int8Linear",
-    "quantize_int4_grouped",
-    "quantize_int8_per_channel",
-    "quantize_model",
-]
+def _fuse(modules: dict[str, nn.Module | None], part: str, names: tuple[str, ...], fused: str) -> None:
+    """Projections of one input in the same block format become one (their rows stacked): one kernel call, not
+    three, per layer and step. The originals are replaced by None (removed from the model)."""
+    prefixes = {path.rsplit(".", 2)[0] for path in modules if path.startswith("layers.")}
+    for prefix in prefixes:
+        parts = [modules.get(f"{prefix}.{part}.{name}") for name in names]
+        if all(isinstance(p, QLinear) for p in parts) and len({(p.qtype, p.in_features) for p in parts}) == 1:
+            data = torch.cat([p.blocks for p in parts])
+            modules[f"{prefix}.{part}.{fused}"] = QLinear(data, parts[0].qtype, parts[0].in_features)
+            for name in names:
+                modules[f"{prefix}.{part}.{name}"] = None
+
+
+def describe(model: nn.Module) -> str:
+    """What a built model's weights are stored as, e.g. "Q4_1 x210, Q8_0 x1 (tied output), float: norms"."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QLinear):
+            counts[module.qtype] = counts.get(module.qtype, 0) + 1
+    if not counts:
+        return "none (every weight in the float dtype)"
+    return ", ".join(f"{qtype} x{n}" for qtype, n in sorted(counts.items())) + " projections; the rest float"
+
+
+__all__ = ["MODES", "build_model", "describe", "Blocks", "QEmbedding", "QLinear", "ggml", "quantized_modules"]

@@ -13,6 +13,7 @@ import torch
 from lamina.errors import ConfigError, WeightsError
 from lamina.model import ModelConfig, RopeScaling
 from lamina.model.rope import inverse_frequencies
+from lamina.quant import Blocks, ggml
 from lamina.weights.common import Progress, check_shapes, target_name
 from lamina.weights.gguf_file import read_gguf_file
 
@@ -37,10 +38,11 @@ _ROPE_FREQS = "rope_freqs.weight"
 
 
 def load_gguf(
-    path: str | Path, progress: Progress | None = None, *, dtype: torch.dtype = torch.float32
-) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    path: str | Path, progress: Progress | None = None, *, dtype: torch.dtype = torch.float32, keep: bool = False
+) -> tuple[ModelConfig, dict[str, torch.Tensor | Blocks], dict]:
     """Read a llama GGUF: (config, state dict in `dtype`, metadata). Every GGML type the `gguf` package can
-    dequantize is accepted (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...).
+    dequantize is accepted (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...). With `keep`, matrices
+    in Q8_0, Q4_0 or Q4_1 come back as they are stored, as `Blocks` (for lamina.quant), not dequantized.
 
     The configuration is read and every tensor's name and shape checked against it before any weight is unpacked;
     tensors are then dequantized one at a time straight to `dtype`, so a float32 copy of the model never exists
@@ -72,38 +74,20 @@ def load_gguf(
         if progress:
             progress(i, len(todo))
         t = gf.tensors[name]
-        state[names[name]] = dequantize(t.data, t.qtype, t.shape, name).to(dtype)
+        if keep and t.qtype in ggml.BLOCK_BYTES and len(t.shape) == 2:
+            data = torch.from_numpy(np.array(t.data, copy=True)).view(t.shape[0], -1)
+            state[names[name]] = Blocks(t.qtype, data, t.shape[1])
+        else:
+            state[names[name]] = dequantize(t.data, t.qtype, t.shape, name).to(dtype)
     if progress:
         progress(len(todo), len(todo))
     return config, state, fields
 
 
-def gguf_int4_groups(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The 4-bit weights of a GGUF's Q4_0/Q4_1 matrices as (q int32 [N, K] in 0..15, scales, zeros [N, K/32]) with
-    w = (q - 8) * scale + zero, keyed by lamina's tensor names: exactly the file's weights, ready for int4 kernels.
-    Q4_1 stores w = d*q + m (scale d, zero m + 8d); Q4_0 stores w = d*(q - 8) (scale d, zero 0)."""
-    gf = read_gguf_file(path)
-    groups = {}
-    for name, t in gf.tensors.items():
-        target = _target_name(name)
-        if target is None or t.qtype not in ("Q4_0", "Q4_1") or len(t.shape) != 2:
-            continue
-        N, K = t.shape
-        block_bytes, offset = (20, 4) if t.qtype == "Q4_1" else (18, 2)
-        blocks = torch.from_numpy(np.array(t.data, copy=True)).view(-1, block_bytes)
-        d = blocks[:, :2].contiguous().view(torch.float16).float().reshape(N, K // 32)
-        q = torch.cat([blocks[:, offset:] & 0xF, blocks[:, offset:] >> 4], dim=1).to(torch.int32).reshape(N, K)
-        if t.qtype == "Q4_1":
-            m = blocks[:, 2:4].contiguous().view(torch.float16).float().reshape(N, K // 32)
-            groups[target] = (q, d, m + 8 * d)
-        else:
-            groups[target] = (q, d, torch.zeros_like(d))
-    return groups
-
-
 def dequantize(data: np.ndarray, qtype: str, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:
     """A GGML tensor's raw data -> float32 tensor of `shape`. F32/F16/BF16, Q8_0, Q4_0 and Q4_1 are unpacked here
-    in torch (vectorised, fast); every other type goes through the `gguf` package's numpy dequantizer."""
+    in torch (lamina.quant.ggml, vectorised, fast); every other type goes through the `gguf` package's numpy
+    dequantizer."""
     import gguf
 
     raw = torch.from_numpy(np.array(data, copy=True)).flatten()
@@ -111,32 +95,13 @@ def dequantize(data: np.ndarray, qtype: str, shape: tuple[int, ...], name: str =
         return raw.view(torch.float32).reshape(shape)
     if qtype in ("F16", "BF16"):
         return raw.view(torch.float16 if qtype == "F16" else torch.bfloat16).float().reshape(shape)
-    if qtype in _BLOCKS:
-        block_bytes, unpack = _BLOCKS[qtype]
-        blocks = raw.view(torch.uint8).view(-1, block_bytes)
-        scale = blocks[:, :2].contiguous().view(torch.float16).float()  # [n_blocks, 1]
-        return unpack(blocks, scale).reshape(shape)
+    if qtype in ggml.BLOCK_BYTES:
+        return ggml.dequantize(raw.view(torch.uint8), qtype).reshape(shape)
     try:
         array = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
     except (NotImplementedError, KeyError):
         raise WeightsError(f"tensor {name} has GGML type {qtype}, which lamina cannot dequantize") from None
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(shape)
-
-
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """16 bytes per block -> 32 4-bit values: low nibbles are weights 0..15, high nibbles 16..31."""
-    return torch.cat([qs & 0xF, qs >> 4], dim=1).float()
-
-
-# type -> (bytes per block of 32 weights, unpack(blocks, d) -> weights); d is the block's float16 scale.
-_BLOCKS = {
-    # Q8_0: d, 32 int8; w = d * q
-    "Q8_0": (34, lambda b, d: d * b[:, 2:].contiguous().view(torch.int8).float()),
-    # Q4_0: d, 16 bytes of nibbles; w = d * (q - 8)
-    "Q4_0": (18, lambda b, d: d * (_nibbles(b[:, 2:]) - 8)),
-    # Q4_1: d, m, 16 bytes of nibbles; w = d * q + m
-    "Q4_1": (20, lambda b, d: d * _nibbles(b[:, 4:]) + b[:, 2:4].contiguous().view(torch.float16).float()),
-}
 
 
 def _target_name(name: str) -> str | None:

@@ -1,0 +1,159 @@
+"""lamina's native CPU kernels: quantized matrix products over GGML blocks (`qmatmul.c`).
+
+The C source is compiled on first use with the machine's C compiler for the machine it runs on (-march=native) and
+cached (under $LAMINA_CACHE_DIR, else $XDG_CACHE_HOME/lamina, else ~/.cache/lamina) by a hash of the source, the flags
+and the CPU, so later processes only load it. It is called through ctypes behind a PyTorch operator,
+`torch.ops.lamina.qmatmul`, which torch.compile treats as one opaque call. OpenMP in the library resolves to the
+libgomp PyTorch has already loaded, so it shares PyTorch's threads and `torch.set_num_threads`.
+
+`LAMINA_KERNEL_CFLAGS` adds compiler flags (the tests build the portable C path with "-mno-avx2" that way).
+Where no compiler works, `available()` is False and the callers (lamina.quant) fall back to dequantize-and-matmul in
+PyTorch; `LAMINA_NATIVE=0` forces that fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("qmatmul.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+QTYPES = {"Q4_1": 0, "Q8_0": 1}  # the block formats the kernel reads, by GGML name
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # bytes per block of 32 weights
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+def cache_dir() -> Path:
+    if os.environ.get("LAMINA_CACHE_DIR"):
+        return Path(os.environ["LAMINA_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lamina"
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (install gcc, or set CC)")
+    flags = (*FLAGS, *os.environ.get("LAMINA_KERNEL_CFLAGS", "").split())
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + repr((compiler, flags, _cpu_key())).encode()).hexdigest()[:16]
+    target = cache_dir() / f"qmatmul-{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build to a temporary name and rename: concurrent processes never load a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            result = subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    fn = lib.lamina_qmatmul
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    fn.argtypes += [ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first call; None (see `unavailable_reason()`) when they cannot be."""
+    global _lib, _error
+    if _lib is not None or _error is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _error is None:
+            if os.environ.get("LAMINA_NATIVE", "1") == "0":
+                _error = "disabled by LAMINA_NATIVE=0"
+            else:
+                try:
+                    _lib = _build()
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    _error = str(e)
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _error
+
+
+def _check(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features: int) -> None:
+    if qtype not in QTYPES:
+        raise ValueError(f"qmatmul reads {', '.join(QTYPES)} blocks, not {qtype}")
+    if x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
+        raise ValueError(f"qmatmul needs a 2-D float32 CPU input, got {tuple(x.shape)} {x.dtype} on {x.device}")
+    if (
+        x.shape[1] % 32
+        or blocks.dtype != torch.uint8
+        or blocks.shape != (out_features, x.shape[1] // 32 * BLOCK_BYTES[qtype])
+    ):
+        raise ValueError(
+            f"qmatmul: {qtype} blocks {tuple(blocks.shape)} {blocks.dtype} do not match {out_features} rows "
+            f"of {x.shape[1]} inputs"
+        )
+
+
+def qmatmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features: int) -> torch.Tensor:
+    """x [M, K] float32 @ W.T for W [out_features, K] stored as GGML `qtype` blocks (uint8 [N, K/32 * bytes]).
+
+    A direct call (about 10 us of Python around the kernel). Compiled code reaches the same function through the
+    operator torch.ops.lamina.qmatmul."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"lamina's native kernels are unavailable: {_error}")
+    _check(x, blocks, qtype, out_features)
+    return run(QTYPES[qtype], blocks.contiguous(), out_features, x.contiguous())
+
+
+def run(qtype_id: int, blocks: torch.Tensor, out_features: int, x: torch.Tensor) -> torch.Tensor:
+    """`qmatmul` without its checks, for callers that checked the weights once (lamina.quant.QLinear): x must be a
+    contiguous float32 [M, K] CPU tensor, blocks contiguous and matching."""
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    if _lib.lamina_qmatmul(
+        qtype_id, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0], y.data_ptr()
+    ):
+        raise MemoryError("lamina_qmatmul could not allocate its activation buffer")
+    return y
+
+
+# The operator for torch.compile: an opaque call in the graph. Defined with the low-level Library API rather than
+# torch.library.custom_op, whose Python wrapper costs ~50 us a call (more than the kernel on a small matrix).
+_LIBRARY = torch.library.Library("lamina", "DEF")
+_LIBRARY.define("qmatmul(Tensor x, Tensor blocks, str qtype, int out_features) -> Tensor")
+_LIBRARY.impl("qmatmul", qmatmul, "CPU")
+
+
+@torch.library.register_fake("lamina::qmatmul", lib=_LIBRARY)
+def _(x, blocks, qtype, out_features):
+    return x.new_empty(x.shape[0], out_features)

@@ -1,0 +1,226 @@
+/* Quantized matrix products for the CPU: y[M, N] = x[M, K] @ W[N, K]^T with W in GGML's block formats.
+ *
+ * Weights stay in the blocks a GGUF file stores (32 weights a block, row-major, K/32 blocks per row):
+ *   Q4_1: float16 d, float16 m, 16 bytes of nibbles   w[j] = d * q[j] + m  (byte j: q[j] low, q[j+16] high)
+ *   Q8_0: float16 d, 32 int8                          w[j] = d * q[j]
+ * Activations are quantized per block of 32 to int16 with one float scale (and, for Q4_1's offset, the block's sum),
+ * so the inner product is an integer dot product (on AVX2 16 multiply-adds in one madd). llama.cpp quantizes the
+ * activations to int8 instead, one instruction cheaper a block but 256 times coarser: enough to change a greedy
+ * continuation of a small model within a few tokens; with int16 the products match float32 on the same weights to
+ * about 1e-5. Each weight is read once however many rows x has.
+ *
+ * Built by lamina/kernels/__init__.py with the machine's compiler (-O3 -march=native -fopenmp); parallel over
+ * output rows with OpenMP, which resolves to the libgomp torch has already loaded.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define LAMINA_AVX2 1
+#endif
+
+#define QK 32
+#define MT 4 /* activation rows handled together per weight block */
+
+typedef struct { uint16_t d, m; uint8_t qs[QK / 2]; } block_q4_1;
+typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;
+
+static inline float fp16_to_float(uint16_t h) {
+#ifdef LAMINA_AVX2
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (mant == 0) { bits = sign; }
+        else { float f = ldexpf((float)mant, -24); return sign ? -f : f; }
+    } else if (exp == 31) { bits = sign | 0x7f800000 | (mant << 13); }
+    else { bits = sign | ((exp + 112) << 23) | (mant << 13); }
+    float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+/* x [M, K] float -> per block: int16 q, scale d (x ~= d * q) and d * sum(q). */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, float *d, float *s) {
+    const int64_t nb = K / QK;
+    for (int64_t i = 0; i < M * nb; i++) {
+        const float *xb = x + i * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float scale = amax / 32767.0f, inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            const int v = (int)lrintf(xb[j] * inv);
+            q[i * QK + j] = (int16_t)v;
+            sum += v;
+        }
+        d[i] = scale;
+        s[i] = scale * (float)sum;
+    }
+}
+
+#ifdef LAMINA_AVX2
+static inline float hsum8(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+#endif
+
+/* One weight row against activation rows 0..mt-1 (mt a compile-time constant at every call, so the accumulators
+ * live in registers); two accumulators per row alternate over blocks to hide the multiply-add latency. */
+static inline __attribute__((always_inline)) void row_q4_1(const block_q4_1 *w, int64_t nb, const int16_t *q,
+                                                           const float *d, const float *s, int64_t K, const int mt,
+                                                           float *out) {
+#ifdef LAMINA_AVX2
+    __m256 acc0[MT], acc1[MT];
+    float off0[MT], off1[MT];
+    for (int t = 0; t < mt; t++) acc0[t] = acc1[t] = _mm256_setzero_ps(), off0[t] = off1[t] = 0.0f;
+    const __m128i low = _mm_set1_epi8(0x0f);
+#define LAMINA_Q4_1_BLOCK(B, ACC, OFF)                                                                              \
+    do {                                                                                                            \
+        const float wd = _cvtsh_ss(w[B].d), wm = _cvtsh_ss(w[B].m);                                                 \
+        const __m128i raw = _mm_loadu_si128((const __m128i *)w[B].qs);                                              \
+        const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));                                          \
+        const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));                       \
+        for (int t = 0; t < mt; t++) {                                                                              \
+            const __m256i *a = (const __m256i *)(q + t * K + (B) * QK);                                             \
+            const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(a)),                        \
+                                               _mm256_madd_epi16(w1, _mm256_loadu_si256(a + 1)));                   \
+            ACC[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(wd * d[t * nb + (B)]), ACC[t]);          \
+            OFF[t] += wm * s[t * nb + (B)];                                                                         \
+        }                                                                                                           \
+    } while (0)
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        LAMINA_Q4_1_BLOCK(b, acc0, off0);
+        LAMINA_Q4_1_BLOCK(b + 1, acc1, off1);
+    }
+    if (b < nb) LAMINA_Q4_1_BLOCK(b, acc0, off0);
+#undef LAMINA_Q4_1_BLOCK
+    for (int t = 0; t < mt; t++) out[t] = hsum8(_mm256_add_ps(acc0[t], acc1[t])) + off0[t] + off1[t];
+#else
+    for (int t = 0; t < mt; t++) {
+        float total = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            const int16_t *a = q + t * K + b * QK;
+            int dot = 0;
+            for (int j = 0; j < QK / 2; j++) dot += (w[b].qs[j] & 0x0f) * a[j] + (w[b].qs[j] >> 4) * a[j + QK / 2];
+            total += fp16_to_float(w[b].d) * d[t * nb + b] * (float)dot + fp16_to_float(w[b].m) * s[t * nb + b];
+        }
+        out[t] = total;
+    }
+#endif
+}
+
+static inline __attribute__((always_inline)) void row_q8_0(const block_q8_0 *w, int64_t nb, const int16_t *q,
+                                                           const float *d, int64_t K, const int mt, float *out) {
+#ifdef LAMINA_AVX2
+    __m256 acc0[MT], acc1[MT];
+    for (int t = 0; t < mt; t++) acc0[t] = acc1[t] = _mm256_setzero_ps();
+#define LAMINA_Q8_0_BLOCK(B, ACC)                                                                                   \
+    do {                                                                                                            \
+        const float wd = _cvtsh_ss(w[B].d);                                                                         \
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[B].qs));                        \
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w[B].qs + 16)));                 \
+        for (int t = 0; t < mt; t++) {                                                                              \
+            const __m256i *a = (const __m256i *)(q + t * K + (B) * QK);                                             \
+            const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(a)),                        \
+                                               _mm256_madd_epi16(w1, _mm256_loadu_si256(a + 1)));                   \
+            ACC[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(wd * d[t * nb + (B)]), ACC[t]);          \
+        }                                                                                                           \
+    } while (0)
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        LAMINA_Q8_0_BLOCK(b, acc0);
+        LAMINA_Q8_0_BLOCK(b + 1, acc1);
+    }
+    if (b < nb) LAMINA_Q8_0_BLOCK(b, acc0);
+#undef LAMINA_Q8_0_BLOCK
+    for (int t = 0; t < mt; t++) out[t] = hsum8(_mm256_add_ps(acc0[t], acc1[t]));
+#else
+    for (int t = 0; t < mt; t++) {
+        float total = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            const int16_t *a = q + t * K + b * QK;
+            int dot = 0;
+            for (int j = 0; j < QK; j++) dot += w[b].qs[j] * a[j];
+            total += fp16_to_float(w[b].d) * d[t * nb + b] * (float)dot;
+        }
+        out[t] = total;
+    }
+#endif
+}
+
+#ifdef LAMINA_AVX2
+/* One activation row against R = 4 weight rows (decode of one sequence): each activation block is loaded once for
+ * the four, and the four accumulator chains run side by side. */
+#define R 4
+static void rows_q4_1_m1(const block_q4_1 *w, int64_t nb, const int16_t *q, const float *d, const float *s,
+                         float *out) {
+    __m256 acc[R];
+    float off[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    const __m128i low = _mm_set1_epi8(0x0f);
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(q + b * QK));
+        const __m256i a1 = _mm256_loadu_si256((const __m256i *)(q + b * QK + 16));
+        for (int r = 0; r < R; r++) {
+            const block_q4_1 *blk = w + r * nb + b;
+            const __m128i raw = _mm_loadu_si128((const __m128i *)blk->qs);
+            const __m256i p = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(raw, low)), a0),
+                _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low)), a1));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(blk->d) * d[b]), acc[r]);
+            off[r] += _cvtsh_ss(blk->m) * s[b];
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum8(acc[r]) + off[r];
+}
+
+#endif
+
+/* Weight row n against activation rows m0..m0+mt-1, written to y. */
+static void tile(int wtype, const void *weights, int64_t n, int64_t N, int64_t K, const int16_t *q, const float *d,
+                 const float *s, int64_t m0, int64_t mt, float *y) {
+    const int64_t nb = K / QK;
+    float out[MT];
+    q += m0 * K, d += m0 * nb, s += m0 * nb;
+#define LAMINA_TILE(MTC)                                                                                              \
+    (wtype == 0 ? row_q4_1((const block_q4_1 *)weights + n * nb, nb, q, d, s, K, MTC, out)                          \
+                : row_q8_0((const block_q8_0 *)weights + n * nb, nb, q, d, K, MTC, out))
+    switch (mt) {
+    case 1: LAMINA_TILE(1); break;
+    case 2: LAMINA_TILE(2); break;
+    case 3: LAMINA_TILE(3); break;
+    default: LAMINA_TILE(4); break;
+    }
+#undef LAMINA_TILE
+    for (int64_t t = 0; t < mt; t++) y[(m0 + t) * N + n] = out[t];
+}
+
+/* y [M, N] = x [M, K] @ W^T for W [N, K] in `wtype` blocks (0: Q4_1, 1: Q8_0). Returns 0, or -1 when out of memory. */
+int lamina_qmatmul(int wtype, const void *weights, int64_t N, int64_t K, const float *x, int64_t M, float *y) {
+    const int64_t nb = K / QK;
+    int16_t *q = malloc(sizeof(int16_t) * (size_t)(M * K));
+    float *d = malloc(sizeof(float) * (size_t)(M * nb)), *s = malloc(sizeof(float) * (size_t)(M * nb));
+    if (!q || !d || !s) { free(q); free(d); free(s); return -1; }
+    quantize_rows(x, M, K, q, d, s);
+#ifdef LAMINA_AVX2
+    if (M == 1 && wtype == 0 && N % R == 0) { /* (four Q8_0 rows at once measured slower: keep one) */
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; n += R) rows_q4_1_m1((const block_q4_1 *)weights + n * nb, nb, q, d, s, y + n);
+        free(q); free(d); free(s);
+        return 0;
+    }
+#endif
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m0 = 0; m0 < M; m0 += MT)
+            tile(wtype, weights, n, N, K, q, d, s, m0, M - m0 < MT ? M - m0 : MT, y);
+    }
+    free(q); free(d); free(s);
+    return 0;
+}
