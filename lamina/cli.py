@@ -19,7 +19,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         help="a .gguf file, a Hugging Face or Meta checkpoint directory (default: the embedded SmolLM2-135M-Instruct)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16, float16 (default: bf16 on CUDA and on CPUs with native bf16, else fp32)",
+    )
     p.add_argument(
         "--max-seq-len",
         type=_checked(int, lambda v: v > 0, "an integer > 0"),

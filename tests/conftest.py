@@ -116,7 +116,9 @@ def tiny_ckpt(reference, tmp_path_factory) -> Path:
 def llama(tiny_ckpt, tokenizer_path):
     from lamina import Llama
 
-    return Llama.build(tiny_ckpt, tokenizer_path, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH, device="cpu")
+    return Llama.build(
+        tiny_ckpt, tokenizer_path, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH, device="cpu", dtype="float32"
+    )
 
 
 @pytest.fixture(scope="session")

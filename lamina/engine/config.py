@@ -37,10 +37,22 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX); elsewhere bfloat16 is emulated and
+    slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None -> bfloat16 on CUDA, float32 on CPU. Accepts torch dtypes and names such as "bf16" or "float32"."""
+    """None -> bfloat16 on CUDA and on CPUs with native bfloat16 (AVX-512 BF16, AMX), else float32. Accepts torch
+    dtypes and names such as "bf16" or "float32"."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ConfigError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")

@@ -23,7 +23,9 @@ class ModelRunner:
         # The decode step, optionally compiled once with dynamic shapes (batch size and filled cache length vary
         # from step to step; marking them dynamic avoids a recompile per value). Prefill stays eager: its per-prompt
         # attention loop would specialise on every batch of prompt lengths.
-        self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+        self._decode_forward = (
+            torch.compile(model.forward, dynamic=True, options={"cpp_wrapper": True}) if compile else model.forward
+        )
         self.cache = KVCache.allocate(
             model.config, config.max_batch_size, config.max_seq_len, device=config.device, dtype=config.dtype
         )

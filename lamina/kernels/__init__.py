@@ -79,6 +79,9 @@ def _build() -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     fn.argtypes += [ctypes.c_void_p]
     fn.restype = ctypes.c_int
+    deq = lib.lamina_dequantize
+    deq.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    deq.restype = None
     return lib
 
 
@@ -145,6 +148,13 @@ def run(qtype_id: int, blocks: torch.Tensor, out_features: int, x: torch.Tensor)
     ):
         raise MemoryError("lamina_qmatmul could not allocate its activation buffer")
     return y
+
+
+def dequantize(qtype_id: int, blocks: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The float32 matrix [out_features, in_features] of checked, contiguous blocks (see `run`)."""
+    w = torch.empty(out_features, in_features, dtype=torch.float32)
+    _lib.lamina_dequantize(qtype_id, blocks.data_ptr(), out_features, in_features, w.data_ptr())
+    return w
 
 
 # The operator for torch.compile: an opaque call in the graph. Defined with the low-level Library API rather than

@@ -224,3 +224,27 @@ int lamina_qmatmul(int wtype, const void *weights, int64_t N, int64_t K, const f
     free(q); free(d); free(s);
     return 0;
 }
+
+/* W [N, K] in `wtype` blocks (0: Q4_1, 1: Q8_0) -> float32 out [N, K], in parallel over rows (prefill multiplies the
+ * dequantized matrix with a float GEMM). */
+void lamina_dequantize(int wtype, const void *weights, int64_t N, int64_t K, float *out) {
+    const int64_t nb = K / QK;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t b = 0; b < nb; b++) {
+            float *o = out + n * K + b * QK;
+            if (wtype == 0) {
+                const block_q4_1 *blk = (const block_q4_1 *)weights + n * nb + b;
+                const float d = fp16_to_float(blk->d), m = fp16_to_float(blk->m);
+                for (int j = 0; j < QK / 2; j++) {
+                    o[j] = d * (float)(blk->qs[j] & 0x0f) + m;
+                    o[j + QK / 2] = d * (float)(blk->qs[j] >> 4) + m;
+                }
+            } else {
+                const block_q8_0 *blk = (const block_q8_0 *)weights + n * nb + b;
+                const float d = fp16_to_float(blk->d);
+                for (int j = 0; j < QK; j++) o[j] = d * (float)blk->qs[j];
+            }
+        }
+    }
+}

@@ -40,6 +40,8 @@ class QLinear(nn.Module):
         return cls(quantize(weight), qtype, weight.shape[1])
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.native and not torch.compiler.is_compiling():
+            return kernels.dequantize(self._qtype_id, self.blocks, self.out_features, self.in_features).to(dtype)
         return ggml.dequantize(self.blocks, self.qtype, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

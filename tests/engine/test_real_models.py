@@ -142,7 +142,7 @@ def test_meta_checkpoint_through_load(tiny_ckpt, tokenizer_path, llama):
     import shutil
 
     shutil.copyfile(tokenizer_path, tiny_ckpt / "tokenizer.model")
-    loaded = lamina.load(tiny_ckpt, device="cpu", max_seq_len=64)
+    loaded = lamina.load(tiny_ckpt, device="cpu", dtype="float32", max_seq_len=64)
     prompts = [[128000, 5, 6, 7], [128000, 9]]
     assert loaded.generate(prompts, 8, temperature=0) == llama.generate(prompts, 8, temperature=0)
     assert type(loaded.formatter).__name__ == "ChatFormat"

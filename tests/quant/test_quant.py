@@ -185,12 +185,12 @@ def test_unknown_mode():
 
 @pytest.fixture(scope="module")
 def fp32():
-    return lamina.load(device="cpu", max_seq_len=512, quantize="none")
+    return lamina.load(device="cpu", dtype="float32", max_seq_len=512, quantize="none")
 
 
 @pytest.fixture(scope="module")
 def default():
-    return lamina.load(device="cpu", max_seq_len=512)
+    return lamina.load(device="cpu", dtype="float32", max_seq_len=512)
 
 
 def _perplexity(llama, ids):
@@ -213,7 +213,7 @@ def test_default_on_cpu_keeps_the_files_blocks(default):
 @needs_kernel
 @pytest.mark.parametrize("mode,bound", [("gguf", 0.002), ("int8", 0.01), ("int4", 0.05)])
 def test_perplexity_through_the_kernel(fp32, mode, bound, monkeypatch):
-    llama = lamina.load(device="cpu", max_seq_len=512, quantize=mode)
+    llama = lamina.load(device="cpu", dtype="float32", max_seq_len=512, quantize=mode)
     ids = fp32.tokenizer.encode(PASSAGE, bos=fp32.tokenizer.add_bos, eos=False)
     monkeypatch.setattr(qlinear, "NATIVE_MAX_ROWS", 10**9)  # score every row through the kernel, not dequantized
     assert abs(_perplexity(llama, ids) / _perplexity(fp32, ids) - 1) < bound
