@@ -204,6 +204,7 @@ static void tile(int wtype, const void *weights, int64_t n, int64_t N, int64_t K
 /* y [M, N] = x [M, K] @ W^T for W [N, K] in `wtype` blocks (0: Q4_1, 1: Q8_0). Returns 0, or -1 when out of memory. */
 int lamina_qmatmul(int wtype, const void *weights, int64_t N, int64_t K, const float *x, int64_t M, float *y) {
     const int64_t nb = K / QK;
+    if (M <= 0 || N <= 0) return 0;
     int16_t *q = malloc(sizeof(int16_t) * (size_t)(M * K));
     float *d = malloc(sizeof(float) * (size_t)(M * nb)), *s = malloc(sizeof(float) * (size_t)(M * nb));
     if (!q || !d || !s) { free(q); free(d); free(s); return -1; }

@@ -121,7 +121,7 @@ def _fuse(modules: dict[str, nn.Module | None], part: str, names: tuple[str, ...
 
 
 def describe(model: nn.Module) -> str:
-    """What a built model's weights are stored as, e.g. "Q4_1 x210, Q8_0 x1 (tied output), float: norms"."""
+    """What a built model's weights are stored as, e.g. "Q4_1 x120, Q8_0 x1 projections; the rest float"."""
     counts: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, QLinear):

@@ -115,6 +115,12 @@ def test_layer_native_and_dequantized_paths_agree(monkeypatch):
     torch.testing.assert_close(native, dequantized, rtol=1e-4, atol=1e-4 * dequantized.abs().max().item())
 
 
+@needs_kernel
+def test_kernel_with_no_rows():
+    layer = QLinear.from_float(_weights(8, 64), "Q4_1")
+    assert kernels.qmatmul(torch.empty(0, 64), layer.blocks, "Q4_1", 8).shape == (0, 8)
+
+
 def test_kernel_rejects_mismatched_blocks():
     layer = QLinear.from_float(_weights(8, 64), "Q8_0")
     with pytest.raises(ValueError, match="do not match"):
