@@ -7,11 +7,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from lamina import kernels
 from lamina.engine.config import EngineConfig, check_limits, resolve_device, resolve_dtype
 from lamina.engine.generate import Llama, new_generator
 from lamina.errors import ConfigError, TokenizerError, WeightsError
 from lamina.model import ModelConfig
-from lamina import kernels
 from lamina.quant import MODES as QUANT_MODES
 from lamina.quant import build_model
 from lamina.tokenizer import ChatTemplate, HFTokenizer, Llama3Tokenizer, tokenizer_from_gguf
@@ -85,7 +85,8 @@ def load(
 ) -> Llama:
     """Load a model from a Meta directory, a Hugging Face directory or a GGUF file (None: the default model).
 
-    device: CUDA when available, else CPU. dtype: bfloat16 on CUDA, float32 on CPU. max_seq_len: the model's
+    device: CUDA when available, else CPU. dtype: bfloat16 on CUDA and on CPUs with native bfloat16, else float32
+    (lamina.engine.config.resolve_dtype). max_seq_len: the model's
     context length, at most 4096, unless given. quantize: "none" (every weight in `dtype`), "gguf" (a GGUF's
     Q8_0/Q4_0/Q4_1 matrices as the file stores them), "int8" (Q8_0 blocks) or "int4" (Q4_1 blocks), see
     lamina.quant; None chooses: "gguf" for a GGUF file on the CPU when lamina's native kernels build, else "none".

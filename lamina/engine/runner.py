@@ -22,7 +22,8 @@ class ModelRunner:
         self.config = config
         # The decode step, optionally compiled once with dynamic shapes (batch size and filled cache length vary
         # from step to step; marking them dynamic avoids a recompile per value). Prefill stays eager: its per-prompt
-        # attention loop would specialise on every batch of prompt lengths.
+        # attention loop would specialise on every batch of prompt lengths. Inductor's C++ wrapper calls the kernels
+        # without a Python frame each: 25 -> 20.5 ms a step on SmolLM2, for a longer first compile.
         self._decode_forward = (
             torch.compile(model.forward, dynamic=True, options={"cpp_wrapper": True}) if compile else model.forward
         )

@@ -28,7 +28,7 @@ import torch
 SOURCE = Path(__file__).with_name("qmatmul.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 QTYPES = {"Q4_1": 0, "Q8_0": 1}  # the block formats the kernel reads, by GGML name
-BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # bytes per block of 32 weights
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # bytes per block of 32 weights: the C structs' sizes
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

@@ -23,6 +23,7 @@
 
 #define QK 32
 #define MT 4 /* activation rows handled together per weight block */
+#define NR 4 /* weight rows handled together for a single activation row (Q4_1) */
 
 typedef struct { uint16_t d, m; uint8_t qs[QK / 2]; } block_q4_1;
 typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;
@@ -155,19 +156,18 @@ static inline __attribute__((always_inline)) void row_q8_0(const block_q8_0 *w, 
 }
 
 #ifdef LAMINA_AVX2
-/* One activation row against R = 4 weight rows (decode of one sequence): each activation block is loaded once for
+/* One activation row against NR weight rows (decode of one sequence): each activation block is loaded once for
  * the four, and the four accumulator chains run side by side. */
-#define R 4
 static void rows_q4_1_m1(const block_q4_1 *w, int64_t nb, const int16_t *q, const float *d, const float *s,
                          float *out) {
-    __m256 acc[R];
-    float off[R];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    __m256 acc[NR];
+    float off[NR];
+    for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
     const __m128i low = _mm_set1_epi8(0x0f);
     for (int64_t b = 0; b < nb; b++) {
         const __m256i a0 = _mm256_loadu_si256((const __m256i *)(q + b * QK));
         const __m256i a1 = _mm256_loadu_si256((const __m256i *)(q + b * QK + 16));
-        for (int r = 0; r < R; r++) {
+        for (int r = 0; r < NR; r++) {
             const block_q4_1 *blk = w + r * nb + b;
             const __m128i raw = _mm_loadu_si128((const __m128i *)blk->qs);
             const __m256i p = _mm256_add_epi32(
@@ -177,7 +177,7 @@ static void rows_q4_1_m1(const block_q4_1 *w, int64_t nb, const int16_t *q, cons
             off[r] += _cvtsh_ss(blk->m) * s[b];
         }
     }
-    for (int r = 0; r < R; r++) out[r] = hsum8(acc[r]) + off[r];
+    for (int r = 0; r < NR; r++) out[r] = hsum8(acc[r]) + off[r];
 }
 
 #endif
@@ -209,18 +209,20 @@ int lamina_qmatmul(int wtype, const void *weights, int64_t N, int64_t K, const f
     float *d = malloc(sizeof(float) * (size_t)(M * nb)), *s = malloc(sizeof(float) * (size_t)(M * nb));
     if (!q || !d || !s) { free(q); free(d); free(s); return -1; }
     quantize_rows(x, M, K, q, d, s);
+    int grouped = 0; /* one Q4_1 row of x: NR weight rows at a time (for Q8_0 that measured slower) */
 #ifdef LAMINA_AVX2
-    if (M == 1 && wtype == 0 && N % R == 0) { /* (four Q8_0 rows at once measured slower: keep one) */
+    grouped = M == 1 && wtype == 0 && N % NR == 0;
+    if (grouped) {
 #pragma omp parallel for schedule(static)
-        for (int64_t n = 0; n < N; n += R) rows_q4_1_m1((const block_q4_1 *)weights + n * nb, nb, q, d, s, y + n);
-        free(q); free(d); free(s);
-        return 0;
+        for (int64_t n = 0; n < N; n += NR) rows_q4_1_m1((const block_q4_1 *)weights + n * nb, nb, q, d, s, y + n);
     }
 #endif
+    if (!grouped) {
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t m0 = 0; m0 < M; m0 += MT)
-            tile(wtype, weights, n, N, K, q, d, s, m0, M - m0 < MT ? M - m0 : MT, y);
+        for (int64_t n = 0; n < N; n++) {
+            for (int64_t m0 = 0; m0 < M; m0 += MT)
+                tile(wtype, weights, n, N, K, q, d, s, m0, M - m0 < MT ? M - m0 : MT, y);
+        }
     }
     free(q); free(d); free(s);
     return 0;

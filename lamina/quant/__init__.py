@@ -48,18 +48,22 @@ def _cols(w: Weight) -> int:
     return w.cols if isinstance(w, Blocks) else w.shape[1]
 
 
+def _as_q4_1(w: Blocks) -> Blocks:
+    """Q4_0 blocks as the equal Q4_1 ones (the kernel reads Q4_1 and Q8_0); other blocks as they are."""
+    return Blocks("Q4_1", ggml.q4_0_to_q4_1(w.data), w.cols) if w.qtype == "Q4_0" else w
+
+
 def _blocks_for(w: Weight, mode: str, output: bool) -> tuple[torch.Tensor, str] | None:
     """The block matrix (data, qtype) a weight gets in `mode`, or None to keep it float."""
     kept = isinstance(w, Blocks)
-    if kept and w.qtype == "Q4_0":
-        w = Blocks("Q4_1", ggml.q4_0_to_q4_1(w.data), w.cols)
+    if kept:
+        w = _as_q4_1(w)
     if mode == "gguf":
         return (w.data, w.qtype) if kept else None
     want = "Q8_0" if mode == "int8" or output else "Q4_1"
     if kept and (w.qtype == want or (output and w.qtype == "Q4_1")):
         return w.data, w.qtype
-    quantize = ggml.quantize_q8_0 if want == "Q8_0" else ggml.quantize_q4_1
-    return quantize(w.dequantize(torch.float32) if kept else w), want
+    return ggml.QUANTIZE[want](w.dequantize(torch.float32) if kept else w), want
 
 
 def quantized_modules(
@@ -89,10 +93,8 @@ def quantized_modules(
     _fuse(modules, "feed_forward", ("w1", "w3"), "w13")
     embed = state.get("tok_embeddings.weight")
     if isinstance(embed, Blocks) and embed.qtype in ggml.BLOCK_BYTES:  # untied, stored in blocks: look rows up there
-        state.pop("tok_embeddings.weight")
-        data = ggml.q4_0_to_q4_1(embed.data) if embed.qtype == "Q4_0" else embed.data
-        qtype = "Q4_1" if embed.qtype == "Q4_0" else embed.qtype
-        modules["tok_embeddings"] = QEmbedding(data.to(device), qtype, embed.cols, dtype)
+        embed = _as_q4_1(state.pop("tok_embeddings.weight"))
+        modules["tok_embeddings"] = QEmbedding(embed.data.to(device), embed.qtype, embed.cols, dtype)
     return modules
 
 

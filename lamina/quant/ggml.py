@@ -54,6 +54,9 @@ def quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([_f16_bytes(d), _f16_bytes(m), nibbles], dim=-1).reshape(N, -1)
 
 
+QUANTIZE = {"Q8_0": quantize_q8_0, "Q4_1": quantize_q4_1}  # float matrix -> blocks, by format
+
+
 def q4_0_to_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     """Q4_0 blocks -> the same weights as Q4_1 blocks (m = -8d, exact in float16)."""
     N = blocks.shape[0]

@@ -1,7 +1,7 @@
 """Layers over GGML-block weights: a linear projection and an embedding table (which a tied output projection shares).
 
 On the CPU a product with few rows (decode: one row per running sequence) goes to lamina's native kernel, which reads
-each block once and multiplies in int8 (lamina.kernels); a product with many rows (prefill) is compute-bound, so the
+each block once and multiplies in integers (lamina.kernels); a product with many rows (prefill) is compute-bound, so the
 weight is dequantized once for the call and multiplied by PyTorch's float GEMM. Without the native kernel (no
 compiler, or CUDA) every product dequantizes: correct, and slower.
 """
@@ -36,8 +36,7 @@ class QLinear(nn.Module):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, qtype: str) -> "QLinear":
-        quantize = {"Q8_0": ggml.quantize_q8_0, "Q4_1": ggml.quantize_q4_1}[qtype]
-        return cls(quantize(weight), qtype, weight.shape[1])
+        return cls(ggml.QUANTIZE[qtype](weight), qtype, weight.shape[1])
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.native and not torch.compiler.is_compiling():

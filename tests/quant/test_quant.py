@@ -41,15 +41,16 @@ def _reference_dequantize(blocks: torch.Tensor, qtype: str, shape) -> torch.Tens
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
 def test_blocks_are_ggml_blocks(qtype):
     w = _weights(16, 96)
-    quantize = {"Q8_0": ggml.quantize_q8_0, "Q4_1": ggml.quantize_q4_1}[qtype]
-    blocks = quantize(w)
+    blocks = ggml.QUANTIZE[qtype](w)
     assert blocks.dtype == torch.uint8 and blocks.shape == (16, 3 * ggml.BLOCK_BYTES[qtype])
     ours = ggml.dequantize(blocks, qtype)
     torch.testing.assert_close(ours, _reference_dequantize(blocks, qtype, w.shape), rtol=0, atol=0)
     # Within half a step of the block's grid (plus float16 rounding of the scales).
-    step = w.reshape(16, 3, 32).abs().amax(-1) / 127 if qtype == "Q8_0" else w.reshape(16, 3, 32).aminmax(dim=-1)[1]
-    if qtype == "Q4_1":
-        lo, hi = w.reshape(16, 3, 32).aminmax(dim=-1)
+    groups = w.reshape(16, 3, 32)
+    if qtype == "Q8_0":
+        step = groups.abs().amax(-1) / 127
+    else:
+        lo, hi = groups.aminmax(dim=-1)
         step = (hi - lo) / 15
     assert ((ours - w).abs() <= step.repeat_interleave(32, dim=1) * 0.51 + 2e-3 * w.abs()).all()
 
