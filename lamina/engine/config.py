@@ -48,10 +48,14 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None -> bfloat16 on CUDA and on CPUs with native bfloat16 (AVX-512 BF16, AMX), else float32. Accepts torch
-    dtypes and names such as "bf16" or "float32"."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, *, blocks: bool = False) -> torch.dtype:
+    """None -> bfloat16 on CUDA and on CPUs with native bfloat16 (AVX-512 BF16, AMX), else float32; float32 on any
+    CPU when the projections are GGML blocks (`blocks`): lamina's native decode step computes in float32, and only
+    the norms, the KV cache and the activations are in this dtype then. Accepts torch dtypes and names such as
+    "bf16" or "float32"."""
     if dtype is None:
+        if device.type == "cpu" and blocks:
+            return torch.float32
         return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():

@@ -85,8 +85,9 @@ def load(
 ) -> Llama:
     """Load a model from a Meta directory, a Hugging Face directory or a GGUF file (None: the default model).
 
-    device: CUDA when available, else CPU. dtype: bfloat16 on CUDA and on CPUs with native bfloat16, else float32
-    (lamina.engine.config.resolve_dtype). max_seq_len: the model's
+    device: CUDA when available, else CPU. dtype: bfloat16 on CUDA and on CPUs with native bfloat16, except float32
+    for GGML-block weights on the CPU (lamina's C decode step runs in float32; lamina.engine.config.resolve_dtype).
+    max_seq_len: the model's
     context length, at most 4096, unless given. quantize: "none" (every weight in `dtype`), "gguf" (a GGUF's
     Q8_0/Q4_0/Q4_1 matrices as the file stores them), "int8" (Q8_0 blocks) or "int4" (Q4_1 blocks), see
     lamina.quant; None chooses: "gguf" for a GGUF file on the CPU when lamina's native kernels build, else "none".
@@ -100,12 +101,12 @@ def load(
     path = Path(path).expanduser()
     check_limits(max_seq_len=max_seq_len, max_batch_size=max_batch_size)  # before any weight is read
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
-    new_generator(seed, device, ConfigError)
     if quantize is not None and quantize not in QUANT_MODES:
         raise ConfigError(f"unknown quantization {quantize!r}; expected one of {', '.join(QUANT_MODES)} or None")
     if quantize is None:
         quantize = "gguf" if fmt == "gguf" and device.type == "cpu" and kernels.available() else "none"
+    dtype = resolve_dtype(dtype, device, blocks=quantize != "none")
+    new_generator(seed, device, ConfigError)
     if fmt == "meta":
         tokenizer_path = path / "tokenizer.model"
         if not tokenizer_path.is_file():

@@ -1,6 +1,7 @@
-"""lamina's native CPU kernels: quantized matrix products over GGML blocks (`qmatmul.c`).
+"""lamina's native CPU kernels: quantized matrix products over GGML blocks (`qmatmul.c`) and the whole decode step of
+a block-quantized model (`decode.c`, driven by lamina.engine.native).
 
-The C source is compiled on first use with the machine's C compiler for the machine it runs on (-march=native) and
+The C sources are compiled on first use with the machine's C compiler for the machine it runs on (-march=native) and
 cached (under $LAMINA_CACHE_DIR, else $XDG_CACHE_HOME/lamina, else ~/.cache/lamina) by a hash of the source, the flags
 and the CPU, so later processes only load it. It is called through ctypes behind a PyTorch operator,
 `torch.ops.lamina.qmatmul`, which torch.compile treats as one opaque call. OpenMP in the library resolves to the
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("qmatmul.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.c", "decode.c"))
+HEADER = Path(__file__).with_name("kernels.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 QTYPES = {"Q4_1": 0, "Q8_0": 1}  # the block formats the kernel reads, by GGML name
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # bytes per block of 32 weights: the C structs' sizes
@@ -56,9 +58,9 @@ def _build() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError("no C compiler found (install gcc, or set CC)")
     flags = (*FLAGS, *os.environ.get("LAMINA_KERNEL_CFLAGS", "").split())
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (HEADER, *SOURCES))
     key = hashlib.sha256(source + repr((compiler, flags, _cpu_key())).encode()).hexdigest()[:16]
-    target = cache_dir() / f"qmatmul-{key}.so"
+    target = cache_dir() / f"lamina-kernels-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Build to a temporary name and rename: concurrent processes never load a half-written library.
@@ -66,10 +68,10 @@ def _build() -> ctypes.CDLL:
         os.close(fd)
         try:
             result = subprocess.run(
-                [compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
+                [compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
             )
             if result.returncode != 0:
-                raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+                raise RuntimeError(f"{compiler} failed to build lamina's kernels: {result.stderr.strip()[-2000:]}")
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -82,7 +84,35 @@ def _build() -> ctypes.CDLL:
     deq = lib.lamina_dequantize
     deq.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     deq.restype = None
+    step = lib.lamina_decode
+    step.argtypes = [ctypes.POINTER(DecodeModel), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    step.restype = ctypes.c_int
     return lib
+
+
+class DecodeLayer(ctypes.Structure):
+    """decode.c's lamina_layer: one layer's block matrices, norms and KV cache, by address."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("wqkv", "wo", "w13", "w2")),
+        *((name, ctypes.c_int32) for name in ("qkv_type", "o_type", "w13_type", "w2_type")),
+        *((name, ctypes.c_void_p) for name in ("attention_norm", "ffn_norm", "k_cache", "v_cache")),
+    ]
+
+
+class DecodeModel(ctypes.Structure):
+    """decode.c's lamina_model: the shapes and the per-layer tables of a model, by address."""
+
+    _fields_ = [
+        *(
+            (name, ctypes.c_int64)
+            for name in ("n_layers", "dim", "hidden_dim", "n_heads", "n_kv_heads", "head_dim", "slots", "max_seq_len")
+        ),
+        ("norm_eps", ctypes.c_double),
+        ("inv_freq", ctypes.c_void_p),
+        ("norm", ctypes.c_void_p),
+        ("layers", ctypes.POINTER(DecodeLayer)),
+    ]
 
 
 def library() -> ctypes.CDLL | None:
@@ -155,6 +185,14 @@ def dequantize(qtype_id: int, blocks: torch.Tensor, out_features: int, in_featur
     w = torch.empty(out_features, in_features, dtype=torch.float32)
     _lib.lamina_dequantize(qtype_id, blocks.data_ptr(), out_features, in_features, w.data_ptr())
     return w
+
+
+def decode(model: DecodeModel, h: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> None:
+    """decode.c's lamina_decode: one step for h.shape[0] sequences; h [B, dim] float32 (the new tokens' embeddings)
+    becomes their final normalised hidden states. slots and positions: int64 [B], checked by the caller against the
+    cache's shape (lamina.engine.native); every tensor behind `model` must stay alive during the call."""
+    if _lib.lamina_decode(ctypes.byref(model), h.shape[0], h.data_ptr(), slots.data_ptr(), positions.data_ptr()):
+        raise MemoryError("lamina_decode could not allocate its working buffers")
 
 
 # The operator for torch.compile: an opaque call in the graph. Defined with the low-level Library API rather than

@@ -24,3 +24,11 @@ def test_cpu_flags_are_read_from_proc_cpuinfo():
 def test_unknown_dtype():
     with pytest.raises(ConfigError, match="unknown dtype 'fp8'"):
         config.resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_blocks_on_the_cpu_default_to_float32(monkeypatch):
+    """lamina's native decode step computes in float32: a block-quantized model on the CPU gets it by default."""
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda: True)
+    assert config.resolve_dtype(None, torch.device("cpu"), blocks=True) == torch.float32
+    assert config.resolve_dtype(None, torch.device("cpu"), blocks=False) == torch.bfloat16
+    assert config.resolve_dtype("bf16", torch.device("cpu"), blocks=True) == torch.bfloat16

@@ -102,7 +102,7 @@ def test_portable_c_path_equals_float_matmul(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) < 1e-4
-    assert len(list(tmp_path.glob("qmatmul-*.so"))) == 1  # built there, for those flags
+    assert len(list(tmp_path.glob("lamina-kernels-*.so"))) == 1  # built there, for those flags
 
 
 def test_layer_native_and_dequantized_paths_agree(monkeypatch):

@@ -1,0 +1,99 @@
+"""NativeDecode: the decode step of a block-quantized model on the CPU as one call into lamina's C library.
+
+It computes what `Transformer.forward` computes for a `Decode` batch (same blocks, same int16 activation
+quantization, float32 throughout) without PyTorch's per-operation dispatch, which at one token a step costs about as
+much as reading the weights. The runner uses it where it applies (see `unsupported`) and the PyTorch forward
+everywhere else; prefill always runs in PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from lamina import kernels
+from lamina.engine.kv_cache import KVCache
+from lamina.model import Transformer
+from lamina.quant import QLinear
+
+
+def unsupported(model: Transformer, cache: KVCache) -> str | None:
+    """Why the native step cannot run this model and cache, or None when it can."""
+    if not kernels.available():
+        return f"lamina's native kernels are unavailable: {kernels.unavailable_reason()}"
+    first = model.layers[0]
+    if model.inv_freq.device.type != "cpu":
+        return "the model is not on the CPU"
+    if first.attention_norm.weight.dtype != torch.float32 or cache.layers[0][0].dtype != torch.float32:
+        return "the model or the KV cache is not float32"
+    for i, layer in enumerate(model.layers):
+        projections = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
+        if not all(isinstance(p, QLinear) and p.native for p in projections):
+            return f"layer {i}'s projections are not all fused GGML blocks (quantize='gguf', 'int8' or 'int4')"
+    return None
+
+
+class NativeDecode:
+    """Holds the addresses of a model's weights and of a KV cache (and the tensors, so they stay alive) in the C
+    step's tables. The model and the cache must not be replaced or moved while it is in use."""
+
+    def __init__(self, model: Transformer, cache: KVCache):
+        reason = unsupported(model, cache)
+        if reason is not None:
+            raise ValueError(f"the native decode step cannot run this model: {reason}")
+        c = model.config
+        self.model = model
+        self.slots, _, self.max_seq_len, _ = cache.layers[0][0].shape
+        self._tensors = [model.inv_freq, model.norm.weight]  # every tensor whose address the tables hold
+        layers = (kernels.DecodeLayer * c.n_layers)()
+        for table, layer, (k_cache, v_cache) in zip(layers, model.layers, cache.layers, strict=True):
+            attention, ffn = layer.attention, layer.feed_forward
+            for name, qtype, p in (
+                ("wqkv", "qkv_type", attention.wqkv),
+                ("wo", "o_type", attention.wo),
+                ("w13", "w13_type", ffn.w13),
+                ("w2", "w2_type", ffn.w2),
+            ):
+                setattr(table, name, p.blocks.data_ptr())
+                setattr(table, qtype, kernels.QTYPES[p.qtype])
+                self._tensors.append(p.blocks)
+            for name, t in (
+                ("attention_norm", layer.attention_norm.weight),
+                ("ffn_norm", layer.ffn_norm.weight),
+                ("k_cache", k_cache),
+                ("v_cache", v_cache),
+            ):
+                assert t.is_contiguous() and t.dtype == torch.float32
+                setattr(table, name, t.data_ptr())
+                self._tensors.append(t)
+        self._layers = layers
+        self._table = kernels.DecodeModel(
+            n_layers=c.n_layers,
+            dim=c.dim,
+            hidden_dim=c.hidden_dim,
+            n_heads=c.n_heads,
+            n_kv_heads=c.n_kv_heads,
+            head_dim=c.head_dim,
+            slots=self.slots,
+            max_seq_len=self.max_seq_len,
+            norm_eps=c.norm_eps,
+            inv_freq=model.inv_freq.data_ptr(),
+            norm=model.norm.weight.data_ptr(),
+            layers=layers,
+        )
+
+    def __call__(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """Token b goes to `positions[b]` of cache row `slots[b]`; returns the final normalised hidden states
+        [B, dim] (float32), as `Transformer.forward` would."""
+        if not (len(tokens) == len(slots) == len(positions)):
+            raise ValueError(f"{len(tokens)} tokens, {len(slots)} slots and {len(positions)} positions")
+        if any(not 0 <= s < self.slots for s in slots) or any(not 0 <= p < self.max_seq_len for p in positions):
+            raise ValueError(
+                f"slots {list(slots)} / positions {list(positions)} outside the KV cache's {self.slots} rows of "
+                f"{self.max_seq_len} positions"
+            )
+        packed = torch.tensor([list(tokens), list(slots), list(positions)], dtype=torch.long)
+        h = self.model.tok_embeddings(packed[0]).float().contiguous()
+        kernels.decode(self._table, h, packed[1].contiguous(), packed[2].contiguous())
+        return h

@@ -1,0 +1,26 @@
+/* What lamina's C files share: the block size, the threading helpers and the matrix-product pieces of qmatmul.c
+ * that the decode step (decode.c) calls from inside its own parallel region. */
+#pragma once
+#include <stdint.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_max_threads(void) { return 1; }
+#endif
+
+#define QK 32 /* weights (and activations) per block */
+#define NR 4  /* weight rows handled together for a single activation row; row ranges are split in multiples of it */
+
+/* x [M, K] float -> per block of 32: int16 q, scale d (x ~= d * q) and d * sum(q). */
+void lamina_quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, float *d, float *s);
+
+/* Rows n0..n1-1 of y [M, N] = x @ W^T, W [N, K] in `wtype` blocks (0: Q4_1, 1: Q8_0), x quantized by
+ * lamina_quantize_rows; written to y, or added to it when `accumulate`. Runs on the calling thread only. */
+void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, const int16_t *q, const float *d,
+                        const float *s, int64_t M, float *y, int64_t n0, int64_t n1, int accumulate);
+
+/* Part `part` of `parts` of the range 0..n-1, cut at multiples of `align`: [*lo, *hi). */
+void lamina_split(int64_t n, int64_t align, int part, int parts, int64_t *lo, int64_t *hi);

@@ -1,0 +1,86 @@
+"""The native decode step (C, lamina/kernels/decode.c) against the PyTorch forward over the same GGML blocks: the same
+hidden states and KV-cache writes for ragged positions and scattered cache rows, the same greedy tokens through
+`generate`, and a clear refusal of models it cannot run."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from lamina import Llama, kernels
+from lamina.engine.native import NativeDecode, unsupported
+from lamina.engine.runner import ModelRunner
+from lamina.model import Decode
+from lamina.quant import build_model
+
+from .test_generate import _prompts
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"no native kernel: {kernels.unavailable_reason()}")
+
+
+def _quantized(llama, mode: str, dtype=torch.float32):
+    state = {name: t.to(dtype) for name, t in llama.model.state_dict().items()}
+    model = build_model(llama.model.config, state, mode, device=torch.device("cpu"), dtype=dtype)
+    return Llama(model, llama.tokenizer, dataclasses.replace(llama.config, dtype=dtype))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_step_equals_pytorch_forward(llama, mode):
+    quantized = _quantized(llama, mode)
+    native = quantized.runner
+    assert native.native is not None
+    reference = ModelRunner(quantized.model, quantized.config, native=False)
+    prompts = _prompts([5, 11, 2])
+    slots = [3, 0, 2]  # scattered rows, not 0..B-1
+    with torch.inference_mode():
+        for runner in (native, reference):
+            runner.prefill(prompts, slots)
+        tokens, positions = [7, 8, 9], [len(p) for p in prompts]
+        for _ in range(4):
+            h = native.native(tokens, slots, positions)
+            batch = Decode(torch.tensor(slots), torch.tensor(positions), max(positions) + 1, contiguous=False)
+            expected = quantized.model(torch.tensor(tokens), batch, reference.cache.layers)
+            # Same blocks, same int16 activation steps; float sums in another order: ~1e-5 relative.
+            torch.testing.assert_close(h, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+            for (k, v), (rk, rv) in zip(native.cache.layers, reference.cache.layers):
+                for s, p in zip(slots, positions):
+                    torch.testing.assert_close(k[s, :, p], rk[s, :, p], rtol=1e-4, atol=1e-4)
+                    torch.testing.assert_close(v[s, :, p], rv[s, :, p], rtol=1e-4, atol=1e-4)
+            tokens = quantized.model.logits(expected).argmax(-1).tolist()
+            positions = [p + 1 for p in positions]
+
+
+def test_generate_gives_the_pytorch_paths_tokens(llama, monkeypatch):
+    quantized = _quantized(llama, "int4")
+    prompts = _prompts([3, 9, 5, 1])
+    # Make sequence 1 stop early, so that later steps run on scattered cache rows.
+    free, _ = quantized.generate(prompts, 12, temperature=0)
+    monkeypatch.setattr(quantized.tokenizer, "stop_tokens", quantized.tokenizer.stop_tokens + [free[1][2]])
+    tokens, lps = quantized.generate(prompts, 12, temperature=0, logprobs=True)
+    assert len(tokens[1]) < 12
+    quantized.runner = ModelRunner(quantized.model, quantized.config, native=False)
+    expected_tokens, expected_lps = quantized.generate(prompts, 12, temperature=0, logprobs=True)
+    assert tokens == expected_tokens
+    for ours, theirs in zip(lps, expected_lps):
+        assert ours == pytest.approx(theirs, abs=1e-3)
+
+
+def test_models_it_cannot_run_take_the_pytorch_path(llama):
+    assert llama.runner.native is None  # float weights
+    assert "GGML blocks" in unsupported(llama.model, llama.runner.cache)
+    bf16 = _quantized(llama, "int8", dtype=torch.bfloat16)
+    assert bf16.runner.native is None and "float32" in unsupported(bf16.model, bf16.runner.cache)
+    with pytest.raises(ValueError, match="cannot run this model: .*float32"):
+        NativeDecode(bf16.model, bf16.runner.cache)
+    compiled = Llama(bf16.model, bf16.tokenizer, dataclasses.replace(bf16.config, compile=True))
+    assert compiled.runner.native is None
+
+
+def test_rejects_rows_and_positions_outside_the_cache(llama):
+    step = _quantized(llama, "int8").runner.native
+    with pytest.raises(ValueError, match="outside the KV cache's 4 rows of 64 positions"):
+        step([1], [4], [0])
+    with pytest.raises(ValueError, match="outside the KV cache"):
+        step([1], [0], [64])
+    with pytest.raises(ValueError, match="1 tokens, 2 slots"):
+        step([1], [0, 1], [0, 0])
