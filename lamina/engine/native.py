@@ -68,6 +68,11 @@ class NativeDecode:
                 setattr(table, name, t.data_ptr())
                 self._tensors.append(t)
         self._layers = layers
+        # The logits too, where the output projection is blocks the kernel reads (else model.logits after the step).
+        output = model.output if isinstance(model.output, QLinear) and model.output.native else None
+        if output is not None:
+            self._tensors.append(output.blocks)
+        self.vocab_size = c.vocab_size
         self._table = kernels.DecodeModel(
             n_layers=c.n_layers,
             dim=c.dim,
@@ -81,11 +86,15 @@ class NativeDecode:
             inv_freq=model.inv_freq.data_ptr(),
             norm=model.norm.weight.data_ptr(),
             layers=layers,
+            output=output.blocks.data_ptr() if output is not None else None,
+            vocab_size=c.vocab_size,
+            output_type=kernels.QTYPES[output.qtype] if output is not None else 0,
         )
+        self._logits_in_c = output is not None
 
     def __call__(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """Token b goes to `positions[b]` of cache row `slots[b]`; returns the final normalised hidden states
-        [B, dim] (float32), as `Transformer.forward` would."""
+        """Token b goes to `positions[b]` of cache row `slots[b]`; returns the logits [B, vocab] (float32), as
+        `Transformer.logits(Transformer.forward(...))` would."""
         if not (len(tokens) == len(slots) == len(positions)):
             raise ValueError(f"{len(tokens)} tokens, {len(slots)} slots and {len(positions)} positions")
         if any(not 0 <= s < self.slots for s in slots) or any(not 0 <= p < self.max_seq_len for p in positions):
@@ -95,5 +104,9 @@ class NativeDecode:
             )
         packed = torch.tensor([list(tokens), list(slots), list(positions)], dtype=torch.long)
         h = self.model.tok_embeddings(packed[0]).float().contiguous()
-        kernels.decode(self._table, h, packed[1].contiguous(), packed[2].contiguous())
-        return h
+        if not self._logits_in_c:
+            kernels.decode(self._table, h, packed[1].contiguous(), packed[2].contiguous(), None)
+            return self.model.logits(h)
+        logits = torch.empty(len(tokens), self.vocab_size, dtype=torch.float32)
+        kernels.decode(self._table, h, packed[1].contiguous(), packed[2].contiguous(), logits)
+        return logits

@@ -70,7 +70,7 @@ class ModelRunner:
         When the rows are exactly 0..B-1 attention slices the cache; otherwise (some sequences of the batch have
         finished) it gathers the rows it needs, a copy of the filled part of each."""
         if self.native is not None:
-            return self.model.logits(self.native(tokens, slots, positions))
+            return self.native(tokens, slots, positions)
         device = self.config.device
         packed = torch.tensor([list(tokens), list(slots), list(positions)], dtype=torch.long, device=device)
         batch = Decode(

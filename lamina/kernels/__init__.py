@@ -85,7 +85,7 @@ def _build() -> ctypes.CDLL:
     deq.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     deq.restype = None
     step = lib.lamina_decode
-    step.argtypes = [ctypes.POINTER(DecodeModel), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    step.argtypes = [ctypes.POINTER(DecodeModel), ctypes.c_int64, *[ctypes.c_void_p] * 4]
     step.restype = ctypes.c_int
     return lib
 
@@ -112,6 +112,9 @@ class DecodeModel(ctypes.Structure):
         ("inv_freq", ctypes.c_void_p),
         ("norm", ctypes.c_void_p),
         ("layers", ctypes.POINTER(DecodeLayer)),
+        ("output", ctypes.c_void_p),
+        ("vocab_size", ctypes.c_int64),
+        ("output_type", ctypes.c_int32),
     ]
 
 
@@ -187,11 +190,15 @@ def dequantize(qtype_id: int, blocks: torch.Tensor, out_features: int, in_featur
     return w
 
 
-def decode(model: DecodeModel, h: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> None:
+def decode(
+    model: DecodeModel, h: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor | None
+) -> None:
     """decode.c's lamina_decode: one step for h.shape[0] sequences; h [B, dim] float32 (the new tokens' embeddings)
-    becomes their final normalised hidden states. slots and positions: int64 [B], checked by the caller against the
-    cache's shape (lamina.engine.native); every tensor behind `model` must stay alive during the call."""
-    if _lib.lamina_decode(ctypes.byref(model), h.shape[0], h.data_ptr(), slots.data_ptr(), positions.data_ptr()):
+    becomes their final normalised hidden states, and `logits` [B, vocab] (when given, and `model` has an output
+    projection) their logits. slots and positions: int64 [B], checked by the caller against the cache's shape
+    (lamina.engine.native); every tensor behind `model` must stay alive during the call."""
+    out = None if logits is None else logits.data_ptr()
+    if _lib.lamina_decode(ctypes.byref(model), h.shape[0], h.data_ptr(), slots.data_ptr(), positions.data_ptr(), out):
         raise MemoryError("lamina_decode could not allocate its working buffers")
 
 

@@ -26,15 +26,47 @@ typedef struct {
     const float *inv_freq; /* [D / 2] rotation frequencies */
     const float *norm;     /* [dim] final norm */
     const lamina_layer *layers;
+    const void *output;    /* blocks [vocab_size, dim] of the output projection, or NULL (hidden states only) */
+    int64_t vocab_size;
+    int32_t output_type;
 } lamina_model;
 
-/* out = x / rms(x) * w over one row of n (out may be x). */
-static void rms_norm(const float *x, const float *w, int64_t n, double eps, float *out) {
+static float inverse_rms(const float *x, int64_t n, double eps) {
     float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
-    const float r = 1.0f / sqrtf(ss / (float)n + (float)eps);
-    for (int64_t i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
+    return 1.0f / sqrtf(ss / (float)n + (float)eps);
+}
+
+/* Blocks lo..hi-1 of the B x K/32 blocks of rows x [B, K] (row-major), quantized for the next product (q, d, s as
+ * lamina_quantize_rows lays them out); with `norm`, each row first becomes x / rms(x) * norm, as RMSNorm does.
+ * Split by blocks, not rows, so that one sequence's work is shared by every thread. */
+static void quantize_stage(const float *x, int64_t K, const float *norm, double eps, int64_t lo, int64_t hi,
+                           int16_t *q, float *d, float *s) {
+    const int64_t nb = K / QK;
+    int64_t row = -1;
+    float r = 1.0f, tmp[QK];
+    for (int64_t u = lo; u < hi; u++) {
+        const int64_t b = u / nb, j = u % nb;
+        const float *xb = x + b * K + j * QK;
+        if (norm) {
+            if (b != row) row = b, r = inverse_rms(x + b * K, K, eps);
+            for (int i = 0; i < QK; i++) tmp[i] = (xb[i] * r) * norm[j * QK + i];
+            xb = tmp;
+        }
+        lamina_quantize_block(xb, q + u * QK, d + u, s + u);
+    }
+}
+
+/* As quantize_stage, of silu(gate) * up for gu [B, 2F] (gate and up side by side in each row). */
+static void swiglu_stage(const float *gu, int64_t F, int64_t lo, int64_t hi, int16_t *q, float *d, float *s) {
+    const int64_t nb = F / QK;
+    float tmp[QK];
+    for (int64_t u = lo; u < hi; u++) {
+        const float *gate = gu + u / nb * 2 * F + u % nb * QK, *up = gate + F;
+        for (int i = 0; i < QK; i++) tmp[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        lamina_quantize_block(tmp, q + u * QK, d + u, s + u);
+    }
 }
 
 /* Rotate the adjacent pairs of one head of D by the angles whose cos/sin are given. */
@@ -69,21 +101,13 @@ static void attend(const float *q, const float *keys, const float *values, int64
     }
 }
 
-/* Norm rows [lo, hi) of h and quantize them for the next product. */
-static void norm_and_quantize(const float *h, const float *w, int64_t dim, double eps, int64_t lo, int64_t hi,
-                              float *xn, int16_t *q, float *d, float *s) {
-    const int64_t nb = dim / QK;
-    for (int64_t b = lo; b < hi; b++) {
-        rms_norm(h + b * dim, w, dim, eps, xn + b * dim);
-        lamina_quantize_rows(xn + b * dim, 1, dim, q + b * dim, d + b * nb, s + b * nb);
-    }
-}
-
 /* One decode step for B sequences: h [B, dim] holds the new tokens' embeddings on entry and their final normalised
  * hidden states on return; token b is at `positions[b]` of cache row `slots[b]` (each < max_seq_len, < slots; the
- * caller checks). Every layer's keys and values for the new tokens are written to the caches.
+ * caller checks). Every layer's keys and values for the new tokens are written to the caches. With an output
+ * projection in `m` and `logits` not NULL, logits [B, vocab_size] are computed too.
  * Returns 0, or -1 when out of memory (nothing is written then). */
-int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *slots, const int64_t *positions) {
+int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *slots, const int64_t *positions,
+                  float *logits) {
     const int64_t dim = m->dim, F = m->hidden_dim, H = m->n_heads, KVH = m->n_kv_heads, D = m->head_dim;
     const int64_t S = m->max_seq_len, QKV = (H + 2 * KVH) * D, group = H / KVH;
     const int64_t widest = F > dim ? (F > H * D ? F : H * D) : (dim > H * D ? dim : H * D);
@@ -92,7 +116,6 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *slo
     for (int64_t b = 0; b < B; b++) longest = positions[b] + 1 > longest ? positions[b] + 1 : longest;
 
     const int threads = omp_get_max_threads();
-    float *xn = malloc(sizeof(float) * (size_t)(B * widest));
     float *qkv = malloc(sizeof(float) * (size_t)(B * QKV));
     float *att = malloc(sizeof(float) * (size_t)(B * H * D));
     float *gu = malloc(sizeof(float) * (size_t)(B * 2 * F));
@@ -100,8 +123,8 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *slo
     float *scores = malloc(sizeof(float) * (size_t)(threads * longest));
     int16_t *q = malloc(sizeof(int16_t) * (size_t)(B * widest));
     float *qd = malloc(sizeof(float) * (size_t)(B * widest / QK)), *qs = malloc(sizeof(float) * (size_t)(B * widest / QK));
-    if (!xn || !qkv || !att || !gu || !rot || !scores || !q || !qd || !qs) {
-        free(xn); free(qkv); free(att); free(gu); free(rot); free(scores); free(q); free(qd); free(qs);
+    if (!qkv || !att || !gu || !rot || !scores || !q || !qd || !qs) {
+        free(qkv); free(att); free(gu); free(rot); free(scores); free(q); free(qd); free(qs);
         return -1;
     }
     for (int64_t b = 0; b < B; b++) /* angles as lamina.model.rope: float32 position times float32 frequency */
@@ -115,17 +138,17 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *slo
     {
         const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
         float *my_scores = scores + tid * longest;
-        int64_t lo, hi, rlo, rhi;
-        lamina_split(B, 1, tid, nth, &rlo, &rhi); /* this thread's sequences, for per-row work */
+        int64_t lo, hi;
+#define SPLIT(n, align) lamina_split((n), (align), tid, nth, &lo, &hi)
         for (int64_t l = 0; l < m->n_layers; l++) {
             const lamina_layer *L = &m->layers[l];
-            norm_and_quantize(h, L->attention_norm, dim, m->norm_eps, rlo, rhi, xn, q, qd, qs);
+            SPLIT(B * dim / QK, 1);
+            quantize_stage(h, dim, L->attention_norm, m->norm_eps, lo, hi, q, qd, qs);
 #pragma omp barrier
-            lamina_split(QKV, NR, tid, nth, &lo, &hi);
+            SPLIT(QKV, NR);
             lamina_matmul_rows(L->qkv_type, L->wqkv, QKV, dim, q, qd, qs, B, qkv, lo, hi, 0);
 #pragma omp barrier
-            /* rotate q and k heads; store k and v in the cache */
-            lamina_split(B * (H + KVH), 1, tid, nth, &lo, &hi);
+            SPLIT(B * (H + KVH), 1); /* rotate q and k heads; store k and v in the cache */
             for (int64_t u = lo; u < hi; u++) {
                 const int64_t b = u / (H + KVH), head = u % (H + KVH);
                 float *x = qkv + b * QKV + head * D;
@@ -137,38 +160,47 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *slo
                 }
             }
 #pragma omp barrier
-            lamina_split(B * H, 1, tid, nth, &lo, &hi);
+            SPLIT(B * H, 1);
             for (int64_t u = lo; u < hi; u++) {
-                const int64_t b = u / H, head = u % H, kvh = head / group;
-                const int64_t row = (slots[b] * KVH + kvh) * S * D;
+                const int64_t b = u / H, head = u % H, row = (slots[b] * KVH + head / group) * S * D;
                 attend(qkv + b * QKV + head * D, L->k_cache + row, L->v_cache + row, positions[b] + 1, D, my_scores,
-                       att + (b * H + head) * D);
+                       att + u * D);
             }
 #pragma omp barrier
-            for (int64_t b = rlo; b < rhi; b++)
-                lamina_quantize_rows(att + b * H * D, 1, H * D, q + b * H * D, qd + b * H * D / QK, qs + b * H * D / QK);
+            SPLIT(B * H * D / QK, 1);
+            quantize_stage(att, H * D, NULL, 0.0, lo, hi, q, qd, qs);
 #pragma omp barrier
-            lamina_split(dim, NR, tid, nth, &lo, &hi);
+            SPLIT(dim, NR);
             lamina_matmul_rows(L->o_type, L->wo, dim, H * D, q, qd, qs, B, h, lo, hi, 1); /* h += attention */
 #pragma omp barrier
-            norm_and_quantize(h, L->ffn_norm, dim, m->norm_eps, rlo, rhi, xn, q, qd, qs);
+            SPLIT(B * dim / QK, 1);
+            quantize_stage(h, dim, L->ffn_norm, m->norm_eps, lo, hi, q, qd, qs);
 #pragma omp barrier
-            lamina_split(2 * F, NR, tid, nth, &lo, &hi);
+            SPLIT(2 * F, NR);
             lamina_matmul_rows(L->w13_type, L->w13, 2 * F, dim, q, qd, qs, B, gu, lo, hi, 0);
 #pragma omp barrier
-            for (int64_t b = rlo; b < rhi; b++) { /* silu(gate) * up, then quantized for w2 */
-                const float *gate = gu + b * 2 * F, *up = gate + F;
-                float *a = xn + b * F;
-                for (int64_t i = 0; i < F; i++) a[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-                lamina_quantize_rows(a, 1, F, q + b * F, qd + b * F / QK, qs + b * F / QK);
-            }
+            SPLIT(B * F / QK, 1);
+            swiglu_stage(gu, F, lo, hi, q, qd, qs);
 #pragma omp barrier
-            lamina_split(dim, NR, tid, nth, &lo, &hi);
+            SPLIT(dim, NR);
             lamina_matmul_rows(L->w2_type, L->w2, dim, F, q, qd, qs, B, h, lo, hi, 1); /* h += feed-forward */
 #pragma omp barrier
         }
-        for (int64_t b = rlo; b < rhi; b++) rms_norm(h + b * dim, m->norm, dim, m->norm_eps, h + b * dim);
+        SPLIT(B, 1);
+        for (int64_t b = lo; b < hi; b++) {
+            const float r = inverse_rms(h + b * dim, dim, m->norm_eps);
+            for (int64_t i = 0; i < dim; i++) h[b * dim + i] = (h[b * dim + i] * r) * m->norm[i];
+        }
+        if (m->output && logits) {
+#pragma omp barrier
+            SPLIT(B * dim / QK, 1);
+            quantize_stage(h, dim, NULL, 0.0, lo, hi, q, qd, qs);
+#pragma omp barrier
+            SPLIT(m->vocab_size, NR);
+            lamina_matmul_rows(m->output_type, m->output, m->vocab_size, dim, q, qd, qs, B, logits, lo, hi, 0);
+        }
+#undef SPLIT
     }
-    free(xn); free(qkv); free(att); free(gu); free(rot); free(scores); free(q); free(qd); free(qs);
+    free(qkv); free(att); free(gu); free(rot); free(scores); free(q); free(qd); free(qs);
     return 0;
 }

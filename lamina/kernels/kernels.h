@@ -14,6 +14,9 @@ static inline int omp_get_max_threads(void) { return 1; }
 #define QK 32 /* weights (and activations) per block */
 #define NR 4  /* weight rows handled together for a single activation row; row ranges are split in multiples of it */
 
+/* One block of 32 floats -> int16 q, scale d (x ~= d * q) and d * sum(q). */
+void lamina_quantize_block(const float *x, int16_t *q, float *d, float *s);
+
 /* x [M, K] float -> per block of 32: int16 q, scale d (x ~= d * q) and d * sum(q). */
 void lamina_quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, float *d, float *s);
 

@@ -44,22 +44,42 @@ static inline float fp16_to_float(uint16_t h) {
 #endif
 }
 
-void lamina_quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, float *d, float *s) {
-    const int64_t nb = K / QK;
-    for (int64_t i = 0; i < M * nb; i++) {
-        const float *xb = x + i * QK;
-        float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        const float scale = amax / 32767.0f, inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < QK; j++) {
-            const int v = (int)lrintf(xb[j] * inv);
-            q[i * QK + j] = (int16_t)v;
-            sum += v;
-        }
-        d[i] = scale;
-        s[i] = scale * (float)sum;
+/* One block of 32: q = round(x / d) with d = max|x| / 32767 (to nearest, ties to even, as lrintf). */
+void lamina_quantize_block(const float *x, int16_t *q, float *d, float *s) {
+#ifdef LAMINA_AVX2
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_ps(x + 8 * j), m = _mm256_max_ps(_mm256_andnot_ps(sign, v[j]), m);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+    __m256i r[4], total = _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) r[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv)), total = _mm256_add_epi32(total, r[j]);
+    /* packs works within 128-bit lanes: [0-3 8-11 4-7 12-15] -> reorder the 64-bit quarters */
+    _mm256_storeu_si256((__m256i *)q, _mm256_permute4x64_epi64(_mm256_packs_epi32(r[0], r[1]), 0xd8));
+    _mm256_storeu_si256((__m256i *)(q + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(r[2], r[3]), 0xd8));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+    const int sum = _mm_cvtsi128_si32(t);
+#else
+    float amax = 0.0f;
+    for (int j = 0; j < QK; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
+    const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < QK; j++) {
+        q[j] = (int16_t)lrintf(x[j] * inv);
+        sum += q[j];
     }
+#endif
+    *d = amax / 32767.0f;
+    *s = *d * (float)sum;
+}
+
+void lamina_quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, float *d, float *s) {
+    for (int64_t i = 0; i < M * (K / QK); i++) lamina_quantize_block(x + i * QK, q + i * QK, d + i, s + i);
 }
 
 #ifdef LAMINA_AVX2
@@ -157,14 +177,14 @@ static inline __attribute__((always_inline)) void row_q8_0(const block_q8_0 *w, 
 }
 
 #ifdef LAMINA_AVX2
-/* One activation row against NR weight rows (decode of one sequence): each activation block is loaded once for
- * the four, and the four accumulator chains run side by side. */
+/* One activation row against NR = 4 weight rows (decode of one sequence): each activation block is loaded once for
+ * the four, the four accumulator chains run side by side, and the four rows' float16 scales and offsets of a block
+ * are converted and multiplied together, as one vector [d0 m0 d1 m1 d2 m2 d3 m3]. */
 static void rows_q4_1_m1(const block_q4_1 *w, int64_t nb, const int16_t *q, const float *d, const float *s,
                          float *out) {
-    __m256 acc[NR];
-    float off[NR];
-    for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
-    const __m128i low = _mm_set1_epi8(0x0f);
+    __m256 acc[NR], offsets = _mm256_setzero_ps(); /* odd lanes: each row's sum of m * s */
+    for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi16(0x0f);
     /* The next-but-one group of rows is fetched while this one is computed, a block (80 bytes) at a time: without
      * it each core waits on memory (the hardware prefetcher loses the four short interleaved streams), and the
      * whole decode step takes twice as long. */
@@ -174,17 +194,23 @@ static void rows_q4_1_m1(const block_q4_1 *w, int64_t nb, const int16_t *q, cons
         _mm_prefetch(ahead + b * NR * sizeof(block_q4_1) + 64, _MM_HINT_T0);
         const __m256i a0 = _mm256_loadu_si256((const __m256i *)(q + b * QK));
         const __m256i a1 = _mm256_loadu_si256((const __m256i *)(q + b * QK + 16));
+        int32_t dm[NR]; /* each row's (d, m) pair of float16, as stored */
+        for (int r = 0; r < NR; r++) memcpy(&dm[r], &w[r * nb + b], sizeof(int32_t));
+        const __m256 x = _mm256_blend_ps(_mm256_set1_ps(d[b]), _mm256_set1_ps(s[b]), 0xaa);
+        const __m256 scales = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dm)), x);
+        offsets = _mm256_add_ps(offsets, scales);
         for (int r = 0; r < NR; r++) {
-            const block_q4_1 *blk = w + r * nb + b;
-            const __m128i raw = _mm_loadu_si128((const __m128i *)blk->qs);
-            const __m256i p = _mm256_add_epi32(
-                _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(raw, low)), a0),
-                _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low)), a1));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(blk->d) * d[b]), acc[r]);
-            off[r] += _cvtsh_ss(blk->m) * s[b];
+            /* bytes to 16-bit lanes once; the low nibble is q[j], the rest q[j + 16] */
+            const __m256i raw = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)w[r * nb + b].qs));
+            const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(raw, low), a0),
+                                               _mm256_madd_epi16(_mm256_srli_epi16(raw, 4), a1));
+            const __m256 scale = _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(2 * r));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r]);
         }
     }
-    for (int r = 0; r < NR; r++) out[r] = hsum8(acc[r]) + off[r];
+    float off[8];
+    _mm256_storeu_ps(off, offsets);
+    for (int r = 0; r < NR; r++) out[r] = hsum8(acc[r]) + off[2 * r + 1];
 }
 
 #endif

@@ -37,17 +37,36 @@ def test_step_equals_pytorch_forward(llama, mode):
             runner.prefill(prompts, slots)
         tokens, positions = [7, 8, 9], [len(p) for p in prompts]
         for _ in range(4):
-            h = native.native(tokens, slots, positions)
+            logits = native.native(tokens, slots, positions)
             batch = Decode(torch.tensor(slots), torch.tensor(positions), max(positions) + 1, contiguous=False)
-            expected = quantized.model(torch.tensor(tokens), batch, reference.cache.layers)
+            expected = quantized.model.logits(quantized.model(torch.tensor(tokens), batch, reference.cache.layers))
             # Same blocks, same int16 activation steps; float sums in another order: ~1e-5 relative.
-            torch.testing.assert_close(h, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
             for (k, v), (rk, rv) in zip(native.cache.layers, reference.cache.layers):
                 for s, p in zip(slots, positions):
                     torch.testing.assert_close(k[s, :, p], rk[s, :, p], rtol=1e-4, atol=1e-4)
                     torch.testing.assert_close(v[s, :, p], rv[s, :, p], rtol=1e-4, atol=1e-4)
-            tokens = quantized.model.logits(expected).argmax(-1).tolist()
+            tokens = expected.argmax(-1).tolist()
             positions = [p + 1 for p in positions]
+
+
+def test_float_output_projection_after_the_step(llama):
+    """An output projection the kernel does not read: the step returns hidden states and PyTorch makes the logits."""
+    quantized = _quantized(llama, "int8")
+    model = quantized.model
+    weight = quantized.model.output.dequantized()  # the same weights, as a float nn.Linear
+    model.output = torch.nn.Linear(model.config.dim, model.config.vocab_size, bias=False).requires_grad_(False)
+    model.output.weight.copy_(weight)
+    runner = ModelRunner(model, quantized.config)
+    reference = ModelRunner(model, quantized.config, native=False)
+    assert runner.native is not None and not runner.native._logits_in_c
+    prompts = _prompts([4, 6])
+    with torch.inference_mode():
+        for r in (runner, reference):
+            r.prefill(prompts, [0, 1])
+        logits = runner.decode([5, 6], [0, 1], [4, 6])
+        expected = reference.decode([5, 6], [0, 1], [4, 6])
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 def test_generate_gives_the_pytorch_paths_tokens(llama, monkeypatch):
