@@ -71,7 +71,8 @@ def random_state(config, device, dtype, seed=0) -> dict[str, torch.Tensor]:
 
 
 def step_bytes(config, dtype) -> int:
-    """Weight bytes one decode step reads: every matrix but the embedding table (a step looks up a row of it)."""
+    """Weight bytes one decode step reads: every matrix but the embedding table (a step looks up a row of it; a tied
+    output projection reads the table once, as an untied one reads its own)."""
     per_layer = config.dim * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads)
     per_layer += 3 * config.dim * config.hidden_dim
     n = config.n_layers * per_layer + config.vocab_size * config.dim
@@ -138,10 +139,10 @@ def bench_transformers(config, args, device, dtype, prompts) -> dict[int, list[f
         rope_theta=config.rope_theta,
         rms_norm_eps=config.norm_eps,
         max_position_embeddings=args.prompt + args.tokens + 8,
-        tie_word_embeddings=False,
+        tie_word_embeddings=config.tie_embeddings,
     )
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(hf_config, torch_dtype=dtype).eval()
+        model = LlamaForCausalLM._from_config(hf_config, dtype=dtype).eval()
     out = {}
     for streams in args.streams:
         batch = torch.tensor(prompts[:streams], device=device)
