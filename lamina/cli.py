@@ -238,6 +238,12 @@ def _fit_history(llama, history: list[dict]) -> list[int] | None:
         del history[first : first + 2]
 
 
+def _decode_path(llama) -> str:
+    if llama.runner.native is not None:
+        return "native C (one call a step: lamina/kernels/decode.c)"
+    return "PyTorch, compiled" if llama.config.compile else "PyTorch, eager"
+
+
 def _info(args) -> int:
     from lamina.engine.loader import default_model_path, detect_format
     from lamina.quant import describe
@@ -263,6 +269,7 @@ def _info(args) -> int:
         ("tied embeddings", "yes" if c.tie_embeddings else "no"),
         ("dtype", str(llama.config.dtype).removeprefix("torch.")),
         ("weights", describe(llama.model)),
+        ("decode step", _decode_path(llama)),
         ("device", str(llama.config.device)),
         ("max_seq_len", llama.config.max_seq_len),
         ("tokenizer", type(llama.tokenizer).__name__),

@@ -122,6 +122,10 @@ def test_info():
         "tied embeddings: yes",
     ):
         assert expected in out.stdout
+    from lamina import kernels
+
+    path = "native C" if kernels.available() else "PyTorch, eager"
+    assert f"decode step: {path}" in out.stdout
 
 
 @pytest.mark.parametrize(
