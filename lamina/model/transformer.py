@@ -138,7 +138,14 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, *, device=None, dtype=None):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, device=device, dtype=dtype)
+        # Every load builds the model on the meta device and assigns the weights; random init and arithmetic on meta
+        # tensors would import torch's compiler stack (sympy and all: ~35 MB of RSS and a second of loading).
+        meta = device is not None and torch.device(device).type == "meta"
+        if meta:
+            table = torch.empty(config.vocab_size, config.dim, device=device, dtype=dtype)
+            self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, _weight=table)
+        else:
+            self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, device=device, dtype=dtype)
         self.layers = nn.ModuleList(
             TransformerBlock(config, device=device, dtype=dtype) for _ in range(config.n_layers)
         )
@@ -146,7 +153,10 @@ class Transformer(nn.Module):
         self.output = None
         if not config.tie_embeddings:
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False, device=device, dtype=dtype)
-        inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, device=device)
+        if meta:
+            inv_freq = torch.empty(config.head_dim // 2, device=device)
+        else:
+            inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, device=device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, tokens: torch.Tensor, batch: Prefill | Decode, kv_cache: KVCacheLayers) -> torch.Tensor:
