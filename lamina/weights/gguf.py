@@ -70,18 +70,28 @@ def load_gguf(
 
     state: dict[str, torch.Tensor] = {}
     todo = [name for name, target in names.items() if target]
-    for i, name in enumerate(todo):
-        if progress:
-            progress(i, len(todo))
-        t = gf.tensors[name]
-        if keep and t.qtype in ggml.BLOCK_BYTES and len(t.shape) == 2:
-            data = torch.from_numpy(np.array(t.data, copy=True)).view(t.shape[0], -1)
-            state[names[name]] = Blocks(t.qtype, data, t.shape[1])
-        else:
-            state[names[name]] = dequantize(t.data, t.qtype, t.shape, name).to(dtype)
+    with open(path, "rb") as f:
+        for i, name in enumerate(todo):
+            if progress:
+                progress(i, len(todo))
+            t = gf.tensors[name]
+            if keep and t.qtype in ggml.BLOCK_BYTES and len(t.shape) == 2:
+                state[names[name]] = Blocks(t.qtype, _read(f, t).view(t.shape[0], -1), t.shape[1])
+            else:
+                state[names[name]] = dequantize(t.data, t.qtype, t.shape, name).to(dtype)
     if progress:
         progress(len(todo), len(todo))
     return config, state, fields
+
+
+def _read(f, t) -> torch.Tensor:
+    """A tensor's bytes read from the file into a new buffer, not copied out of the mapping: copying would make the
+    mapped file pages resident in this process too, doubling its memory while the model loads."""
+    data = torch.empty(t.data.nbytes, dtype=torch.uint8)
+    f.seek(t.offset)
+    if f.readinto(data.numpy()) != t.data.nbytes:
+        raise WeightsError(f"{f.name}: tensor {t.name} is cut short")
+    return data
 
 
 def dequantize(data: np.ndarray, qtype: str, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:

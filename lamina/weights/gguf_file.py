@@ -28,6 +28,7 @@ class GGUFTensor:
     shape: tuple[int, ...]  # row-major (outermost first), as torch wants it; GGUF stores the reverse
     qtype: str  # GGML type name: F32, F16, Q4_1, Q4_K, ...
     data: np.ndarray  # raw bytes, uint8, a view into the mapped file
+    offset: int  # where those bytes start in the file
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def _parse(buf) -> GGUFFile:
         size = n // block * block_bytes
         if n % block or start + size > len(buf):
             raise WeightsError(f"tensor {name} runs past the end of the file or is not whole blocks")
-        tensors[name] = GGUFTensor(name, shape, kind.name, whole[start : start + size])
+        tensors[name] = GGUFTensor(name, shape, kind.name, whole[start : start + size], start)
     return GGUFFile(metadata, tensors)
 
 
