@@ -1,8 +1,16 @@
-"""Token sampling as pure functions on batched float32 logits; per-row settings are tensors."""
+"""Token sampling as pure functions on batched float32 logits; per-row settings are tensors: Meta's temperature +
+top-p (`sample`, for `Llama.generate`), and per-request settings for serving (`SamplingParams`, `SamplingBatch`)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping, Sequence
+
 import torch
+
+from lamina.errors import RequestError
 
 
 def sample(
@@ -33,3 +41,198 @@ def sample(
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[token] per row: logits [n, V] float32, tokens [n] -> [n]."""
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-request sampling (the serving engine): every request brings its own settings; a batch applies them all at once,
+# as [B] tensors, never in a Python loop over the vocabulary.
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling settings, with the meanings of OpenAI's API and vLLM. Checked when made: a bad value
+    raises RequestError naming the field and its range.
+
+    temperature 0 is greedy. top_k 0 (or -1) and top_p 1 and min_p 0 are off. presence/frequency penalties (OpenAI)
+    lower the logits of tokens already generated: by `presence` once, by `frequency` per occurrence. The repetition
+    penalty (CTRL, as transformers and vLLM apply it) divides positive and multiplies negative logits of tokens seen in
+    the prompt or the output. logit_bias adds to given token ids' logits. A seed makes the request's draws
+    reproducible whatever else shares the batch."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict, hash=False)
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
+
+    def __post_init__(self):
+        _number("temperature", self.temperature, 0.0, None)
+        _number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _integer("top_k", self.top_k, -1, None)
+        _number("min_p", self.min_p, 0.0, 1.0)
+        _number("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _number("repetition_penalty", self.repetition_penalty, 0.0, None, low_open=True)
+        if not isinstance(self.logit_bias, Mapping):
+            raise RequestError(f"logit_bias must map token ids to numbers, got {type(self.logit_bias).__name__}")
+        for token, bias in self.logit_bias.items():
+            _integer("logit_bias token id", token, 0, None)
+            _number(f"logit_bias[{token}]", bias, -100.0, 100.0)
+        object.__setattr__(self, "logit_bias", MappingProxyType({int(k): float(v) for k, v in self.logit_bias.items()}))
+        if self.seed is not None:
+            _integer("seed", self.seed, -(2**63), 2**64 - 1)
+        if self.max_tokens is not None:
+            _integer("max_tokens", self.max_tokens, 1, None)
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise RequestError(f"stop must be non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        for token in self.stop_token_ids:
+            _integer("stop_token_ids entry", token, 0, None)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if not isinstance(self.logprobs, bool):
+            raise RequestError(f"logprobs must be true or false, got {self.logprobs!r}")
+        _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        _integer("n", self.n, 1, None)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+
+
+def _number(name: str, value, low: float, high: float | None, *, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        bounds = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
+        raise RequestError(f"{name} must be in {bounds}, got {value!r}")
+
+
+def _integer(name: str, value, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise RequestError(f"{name} must be between {low} and {'any' if high is None else high}, got {value}")
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """The settings of B requests as tensors on the logits' device, row b for request b; built once for a batch
+    composition (`from_params`) and reused step after step."""
+
+    temperature: torch.Tensor  # [B] float32; 0: greedy
+    top_k: torch.Tensor  # [B] int64; vocab size where off
+    top_p: torch.Tensor  # [B] float32
+    min_p: torch.Tensor  # [B] float32
+    presence: torch.Tensor  # [B] float32
+    frequency: torch.Tensor  # [B] float32
+    repetition: torch.Tensor  # [B] float32
+    bias_rows: torch.Tensor  # [n] int64: logit_bias entries as (row, token, value)
+    bias_tokens: torch.Tensor  # [n] int64
+    bias_values: torch.Tensor  # [n] float32
+    # Which stages any row needs: the others are skipped.
+    penalties: bool
+    truncation: bool
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams], vocab_size: int, device) -> "SamplingBatch":
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        for p in params:
+            for token in p.logit_bias:
+                if token >= vocab_size:
+                    raise RequestError(f"logit_bias token id {token} is not in the vocabulary (size {vocab_size})")
+        bias = [(row, token, value) for row, p in enumerate(params) for token, value in p.logit_bias.items()]
+        rows, tokens, values = zip(*bias) if bias else ((), (), ())
+        return cls(
+            temperature=column([p.temperature for p in params]),
+            top_k=column([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params], torch.long),
+            top_p=column([p.top_p for p in params]),
+            min_p=column([p.min_p for p in params]),
+            presence=column([p.presence_penalty for p in params]),
+            frequency=column([p.frequency_penalty for p in params]),
+            repetition=column([p.repetition_penalty for p in params]),
+            bias_rows=column(rows, torch.long),
+            bias_tokens=column(tokens, torch.long),
+            bias_values=column(values),
+            penalties=any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params),
+            truncation=any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params),
+        )
+
+
+def apply_logit_bias(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """logits [B, V] plus each request's logit_bias (a new tensor)."""
+    if batch.bias_rows.numel() == 0:
+        return logits
+    return logits.index_put((batch.bias_rows, batch.bias_tokens), batch.bias_values, accumulate=True)
+
+
+def apply_penalties(
+    logits: torch.Tensor, output_counts: torch.Tensor, seen: torch.Tensor, batch: SamplingBatch
+) -> torch.Tensor:
+    """Repetition penalty over the tokens `seen` [B, V] bool (prompt or output), then presence and frequency
+    penalties over the output tokens, counted in `output_counts` [B, V]. Returns a new tensor."""
+    if not batch.penalties:
+        return logits
+    r = batch.repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    counts = output_counts.to(logits.dtype)
+    return logits - batch.frequency[:, None] * counts - batch.presence[:, None] * (counts > 0).to(logits.dtype)
+
+
+def truncate(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """logits / temperature, then top-k, top-p (Meta's rule: the most probable tokens up to and including the first
+    whose cumulative probability reaches top_p) and min-p, in transformers' order; removed tokens get -inf. Greedy
+    rows come back unchanged."""
+    sampling = batch.temperature > 0
+    scaled = logits / torch.where(sampling, batch.temperature, 1.0)[:, None]
+    if not batch.truncation:
+        return torch.where(sampling[:, None], scaled, logits)
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    # top-k: keep the k largest (and ties with the k-th)
+    kth = sorted_logits.gather(-1, (batch.top_k - 1).clamp(min=0)[:, None])
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(mass_before > batch.top_p[:, None], -math.inf)
+    probs = torch.softmax(sorted_logits, dim=-1)  # min-p on what is left, as transformers applies it after top-p
+    sorted_logits = sorted_logits.masked_fill(probs < batch.min_p[:, None] * probs[:, :1], -math.inf)
+    truncated = torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
+    return torch.where(sampling[:, None], truncated, logits)
+
+
+def draw(logits: torch.Tensor, batch: SamplingBatch, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of processed logits [B, V]: argmax for greedy rows, else a draw from softmax(logits),
+    each row with its own generator (None: torch's default), so a seeded request draws the same tokens whatever else
+    is in the batch. Draws by the exponential race (argmax of p / E with E ~ Exp(1)): one vector op per row for the
+    noise, no sorting."""
+    greedy = logits.argmax(dim=-1)
+    sampling = batch.temperature > 0
+    if not bool(sampling.any()):
+        return greedy
+    probs = torch.softmax(logits, dim=-1)
+    noise = torch.empty_like(probs)
+    for row, generator in enumerate(generators):
+        noise[row].exponential_(generator=generator)
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(sampling, sampled, greedy)
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most probable tokens of each row of raw logits [B, V]: (log-probabilities [B, k], ids [B, k])."""
+    return torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
