@@ -1,0 +1,159 @@
+"""The scheduler against a fake model whose next token is a function of the whole sequence so far: continuous
+batching, chunked prefill, preemption and recomputation, the bounded queue and aborts, and the block pool back to
+empty afterwards. A sequence's tokens must come out the same however it was batched, chunked or preempted."""
+
+import pytest
+
+from lamina.engine.blocks import BlockPool
+from lamina.engine.scheduler import Scheduler, SchedulerConfig, Status
+from lamina.errors import CapacityError, RequestError
+
+
+def next_token(tokens: list[int]) -> int:
+    return (sum(t * (i + 7) for i, t in enumerate(tokens)) * 31 + len(tokens)) % 1000
+
+
+def expected_output(prompt: list[int], n: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(next_token(tokens))
+    return tokens[len(prompt) :]
+
+
+class FakeEngine:
+    """Runs the scheduler's steps: keeps per request the tokens it has 'cached', checks every chunk continues them,
+    and samples next_token of the cached sequence."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.cache: dict = {}
+        self.steps = []
+        self.finished: dict = {}
+
+    def run(self, arrivals: dict[int, list] | None = None, max_steps: int = 10_000):
+        arrivals = arrivals or {}
+        for step_no in range(max_steps):
+            for request_id, prompt, max_tokens in arrivals.get(step_no, []):
+                self.scheduler.add(request_id, prompt, max_tokens)
+            if self.scheduler.idle and step_no > max(arrivals, default=0):
+                return
+            step = self.scheduler.schedule()
+            self.steps.append(step)
+            for request_id in step.preempted:
+                self.cache.pop(request_id, None)
+            for seq in step.finished:
+                self.finished[seq.request_id] = seq
+            sampled = {}
+            for chunk in step.chunks:
+                cached = self.cache.setdefault(chunk.seq.request_id, [])
+                assert chunk.start == len(cached), "a chunk must continue what is cached"
+                cached.extend(chunk.tokens)
+                if chunk.samples:
+                    sampled[chunk.seq.request_id] = next_token(cached)
+            for seq in self.scheduler.advance(step, sampled):
+                self.finished[seq.request_id] = seq
+                self.cache.pop(seq.request_id)
+        raise AssertionError("the scheduler did not drain")
+
+
+def make(num_blocks=64, block_size=4, max_running=8, max_waiting=16, max_step_tokens=32, max_seq_len=128):
+    pool = BlockPool(num_blocks, block_size)
+    config = SchedulerConfig(max_running, max_waiting, max_step_tokens, max_seq_len)
+    return Scheduler(config, pool), pool
+
+
+def prompts(n, seed=0):
+    return [[(seed * 97 + i * 13 + j * 7) % 500 + 1 for j in range(3 + (i * 5) % 17)] for i in range(n)]
+
+
+def test_requests_join_and_leave_the_running_batch():
+    scheduler, pool = make()
+    engine = FakeEngine(scheduler)
+    ps = prompts(10)
+    arrivals = {0: [(i, ps[i], 5 + i) for i in range(4)], 3: [(i, ps[i], 6) for i in range(4, 7)]}
+    arrivals[9] = [(i, ps[i], 3) for i in range(7, 10)]
+    engine.run(arrivals)
+    assert sorted(engine.finished) == list(range(10))
+    for i, seq in engine.finished.items():
+        assert seq.output == expected_output(ps[i], seq.max_tokens) and seq.finish_reason == "length"
+    assert pool.num_used == 0 and pool.num_free == 64
+    # Late arrivals joined while earlier requests were still decoding: steps mixed old and new requests.
+    assert any(len({c.seq.request_id < 4 for c in s.chunks}) == 2 for s in engine.steps)
+
+
+def test_long_prompts_are_chunked_and_running_streams_keep_decoding():
+    scheduler, _ = make(max_step_tokens=16, max_seq_len=256, num_blocks=128)
+    engine = FakeEngine(scheduler)
+    short, long = prompts(1)[0], [(j * 11) % 400 + 1 for j in range(100)]
+    engine.run({0: [("short", short, 40)], 2: [("long", long, 4)]})
+    assert engine.finished["long"].output == expected_output(long, 4)
+    assert engine.finished["short"].output == expected_output(short, 40)
+    long_chunks = [c for s in engine.steps for c in s.chunks if c.seq.request_id == "long"]
+    assert all(s.num_tokens <= 16 for s in engine.steps)
+    assert len(long_chunks) >= 100 // 16  # the prompt went in pieces
+    # While the long prompt was being prefilled, the short stream got a token every step.
+    prefill_steps = [s for s in engine.steps if any(c.seq.request_id == "long" and not c.samples for c in s.chunks)]
+    assert prefill_steps and all(any(c.seq.request_id == "short" for c in s.chunks) for s in prefill_steps)
+
+
+def test_preemption_recomputes_and_gives_the_same_tokens():
+    scheduler, pool = make(num_blocks=12, block_size=4, max_running=6)  # 48 positions for 6 growing sequences
+    engine = FakeEngine(scheduler)
+    ps = prompts(6, seed=3)
+    engine.run({0: [(i, ps[i], 12) for i in range(6)]})
+    assert any(s.preempted for s in engine.steps)
+    for i in range(6):
+        assert engine.finished[i].output == expected_output(ps[i], 12)
+    assert sum(engine.finished[i].preemptions for i in range(6)) > 0
+    assert pool.num_used == 0
+
+
+def test_a_sequence_longer_than_the_whole_cache_finishes():
+    scheduler, pool = make(num_blocks=3, block_size=4)
+    engine = FakeEngine(scheduler)
+    engine.run({0: [("big", [1, 2, 3, 4, 5], 50)]})
+    seq = engine.finished["big"]
+    # 12 cached positions, and the token sampled from the last of them (never needs caching)
+    assert seq.finish_reason == "length" and len(seq.prompt) + len(seq.output) == 13
+    assert seq.output == expected_output([1, 2, 3, 4, 5], 8)
+    assert pool.num_used == 0
+
+
+def test_the_queue_is_bounded_and_bad_requests_are_refused():
+    scheduler, _ = make(max_waiting=2, max_seq_len=16, num_blocks=3)
+    scheduler.add("a", [1], 4)
+    scheduler.add("b", [1], 4)
+    with pytest.raises(CapacityError, match=r"the queue is full \(2 requests waiting\)"):
+        scheduler.add("c", [1], 4)
+    with pytest.raises(RequestError, match="already in use"):
+        scheduler.add("a", [1], 4)
+    with pytest.raises(RequestError, match="prompt has 16 tokens; max_seq_len is 16"):
+        scheduler.add("d", [1] * 16, 1)
+    with pytest.raises(RequestError, match="the KV cache holds 12"):
+        scheduler.add("e", [1] * 12, 1)
+    with pytest.raises(RequestError, match="prompt is empty"):
+        scheduler.add("f", [], 1)
+
+
+def test_abort_frees_blocks_at_once():
+    scheduler, pool = make()
+    scheduler.add("a", list(range(1, 20)), 10)
+    scheduler.add("b", [5, 6], 10)
+    step = scheduler.schedule()
+    scheduler.advance(step, {c.seq.request_id: 1 for c in step.chunks if c.samples})
+    assert pool.num_used > 0 and scheduler.requests["a"].status is Status.RUNNING
+    scheduler.abort("a")
+    assert pool.table("a") == [] and [s.request_id for s in scheduler.running] == ["b"]
+    scheduler.add("c", [7], 2)
+    scheduler.abort("c")  # still waiting
+    scheduler.abort("never")  # unknown: ignored
+    scheduler.abort("b")
+    assert scheduler.idle and pool.num_used == 0
+
+
+def test_block_pool_all_or_nothing():
+    pool = BlockPool(4, 8)
+    assert pool.reserve("a", 17) and pool.table("a") == [0, 1, 2]
+    assert not pool.reserve("b", 9) and pool.table("b") == [] and pool.num_free == 1
+    assert pool.reserve("a", 24) and pool.num_free == 1  # already held
+    assert pool.release("a") == 3 and pool.num_free == 4
