@@ -53,16 +53,23 @@ class ModelRunner:
         finally:
             self._free.extend(taken)
 
-    def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
-        """Run fresh prompts packed into one pass, each into its slot from position 0.
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], slots: Sequence[int], starts: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Run prompts (or chunks of them) packed into one pass, each into its slot from position `starts[j]` (0 when
+        not given; a later chunk attends to the positions its slot already holds).
 
-        Returns the final hidden states of every prompt token, packed in order: [sum of lengths, dim]."""
+        Returns the final hidden states of every token run, packed in order: [sum of lengths, dim]."""
         device = self.config.device
         lens = [len(p) for p in prompts]
+        starts = list(starts) if starts is not None else [0] * len(prompts)
         tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
-        positions = torch.tensor([j for n in lens for j in range(n)], dtype=torch.long, device=device)
+        positions = torch.tensor(
+            [s + j for s, n in zip(starts, lens) for j in range(n)], dtype=torch.long, device=device
+        )
         slot_ids = torch.tensor([s for s, n in zip(slots, lens) for _ in range(n)], dtype=torch.long, device=device)
-        return self.model(tokens, Prefill(slot_ids, positions, tuple(lens)), self.cache.layers)
+        batch = Prefill(slot_ids, positions, tuple(lens), tuple(starts) if any(starts) else None)
+        return self.model(tokens, batch, self.cache.layers)
 
     def decode(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """One step: token b goes to `positions[b]` of row `slots[b]`. Returns logits [B, vocab] (float32).

@@ -29,7 +29,7 @@ class Status(Enum):
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_running: int  # sequences in one forward pass at most
-    max_waiting: int  # queued requests at most; add() refuses beyond
+    max_waiting: int  # requests queued beyond the running batch at most; add() refuses more
     max_step_tokens: int  # tokens in one forward pass at most: decode tokens plus prefill chunks
     max_seq_len: int  # prompt plus output, per request
 
@@ -116,8 +116,13 @@ class Scheduler:
             )
         if max_tokens <= 0:
             raise RequestError(f"max_tokens must be positive, got {max_tokens}")
-        if len(self.waiting) >= self.config.max_waiting:
-            raise CapacityError(f"the queue is full ({self.config.max_waiting} requests waiting); try again later")
+        # The bound is on requests beyond the running batch: those that will start at the next step do not count.
+        free = max(0, self.config.max_running - len(self.running))
+        if len(self.waiting) >= self.config.max_waiting + free:
+            raise CapacityError(
+                f"the queue is full ({len(self.waiting)} requests waiting, at most {self.config.max_waiting} beyond "
+                "the running batch); try again later"
+            )
         seq = Sequence(request_id, list(prompt), max_tokens)
         self.waiting.append(seq)
         self.requests[request_id] = seq

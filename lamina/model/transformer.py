@@ -24,11 +24,14 @@ KVCacheLayers = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass(frozen=True)
 class Prefill:
-    """Fresh sequences packed end to end: token i belongs to cache row `slots[i]` at position `positions[i]`."""
+    """Sequences packed end to end: token i belongs to cache row `slots[i]` at position `positions[i]`. Sequence j
+    brings positions starts[j]..starts[j] + seq_lens[j] - 1; those before starts[j] (an earlier chunk of the same
+    prompt) are already in its cache row, and its tokens attend to them too."""
 
     slots: torch.Tensor  # [N] int64
-    positions: torch.Tensor  # [N] int64, 0..len-1 within each sequence
+    positions: torch.Tensor  # [N] int64, starts[j]..starts[j]+len-1 within each sequence
     seq_lens: tuple[int, ...]  # lengths of the packed sequences, in order; they sum to N
+    starts: tuple[int, ...] | None = None  # None: every sequence starts at 0 (fresh)
 
 
 @dataclass(frozen=True)
@@ -81,15 +84,28 @@ class Attention(nn.Module):
         if isinstance(batch, Prefill):
             # Each fresh sequence attends causally to its own keys; nothing is spent on cross-sequence pairs.
             outs = []
-            for qs, ks, vs in zip(q.split(batch.seq_lens), k.split(batch.seq_lens), v.split(batch.seq_lens)):
+            starts = batch.starts or (0,) * len(batch.seq_lens)
+            first = 0
+            for qs, ks, vs, start in zip(
+                q.split(batch.seq_lens), k.split(batch.seq_lens), v.split(batch.seq_lens), starts, strict=True
+            ):
+                T = qs.shape[0]
+                if start == 0:  # fresh: causal over its own keys
+                    keys, values, mask = ks.transpose(0, 1), vs.transpose(0, 1), None
+                else:  # a later chunk: the cached positions before it, then its own, causally
+                    slot = batch.slots[first]
+                    keys, values = k_cache[slot, :, : start + T], v_cache[slot, :, : start + T]
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
                 o = F.scaled_dot_product_attention(  # [1, H, T, D]
                     qs.transpose(0, 1)[None],
-                    ks.transpose(0, 1)[None],
-                    vs.transpose(0, 1)[None],
-                    is_causal=True,
+                    keys[None],
+                    values[None],
+                    attn_mask=mask,
+                    is_causal=mask is None,
                     enable_gqa=True,
                 )
                 outs.append(o[0].transpose(0, 1))  # [T, H, D]
+                first += T
             out = torch.cat(outs)
         else:
             # Attend over the filled part of each sequence's cache row only, masked to its own length.

@@ -120,11 +120,14 @@ def test_a_sequence_longer_than_the_whole_cache_finishes():
 
 
 def test_the_queue_is_bounded_and_bad_requests_are_refused():
-    scheduler, _ = make(max_waiting=2, max_seq_len=16, num_blocks=3)
-    scheduler.add("a", [1], 4)
-    scheduler.add("b", [1], 4)
-    with pytest.raises(CapacityError, match=r"the queue is full \(2 requests waiting\)"):
-        scheduler.add("c", [1], 4)
+    scheduler, _ = make(max_waiting=2, max_running=1, max_seq_len=16, num_blocks=3)
+    for request_id in "abc":  # one for the batch's free place, two beyond it
+        scheduler.add(request_id, [1], 4)
+    with pytest.raises(CapacityError, match=r"the queue is full \(3 requests waiting, at most 2 beyond"):
+        scheduler.add("x", [1], 4)
+    scheduler.schedule()  # "a" runs: two wait, the bound is reached
+    with pytest.raises(CapacityError, match=r"\(2 requests waiting"):
+        scheduler.add("x", [1], 4)
     with pytest.raises(RequestError, match="already in use"):
         scheduler.add("a", [1], 4)
     with pytest.raises(RequestError, match="prompt has 16 tokens; max_seq_len is 16"):

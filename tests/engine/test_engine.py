@@ -1,0 +1,131 @@
+"""The serving engine: requests that join the running batch at any step (prompts chunked under a token budget) give
+the tokens offline `generate` gives; seeded requests draw the same tokens whatever shares the batch; stop strings,
+stop tokens, logprobs, aborts and the bounded queue."""
+
+import pytest
+import torch
+
+from lamina.engine.engine import Engine
+from lamina.engine.sampling import SamplingParams
+from lamina.errors import CapacityError, RequestError
+
+from .test_generate import _prompts
+
+
+def run(engine: Engine, arrivals: dict[int, list], max_steps: int = 500) -> dict:
+    """Add requests at the given steps (step -> [(id, prompt, params)]) and step until done: id -> outputs."""
+    outputs: dict = {}
+    for step in range(max_steps):
+        for request_id, prompt, params in arrivals.get(step, []):
+            engine.add(prompt, params, request_id=request_id)
+        if not engine.has_work and step > max(arrivals):
+            return outputs
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    raise AssertionError("the engine did not finish")
+
+
+def tokens_of(outs) -> list[int]:
+    return [o.token for o in outs if o.token is not None]
+
+
+def test_requests_joining_at_any_step_get_offline_greedy_tokens(llama):
+    prompts = _prompts([3, 9, 5, 12, 1, 7])
+    expected = [llama.generate([p], 8, temperature=0)[0][0] for p in prompts]
+    engine = Engine(llama, max_step_tokens=8)  # long prompts go in chunks, sharing steps with decodes
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    arrivals = {0: [(i, prompts[i], greedy) for i in range(3)], 2: [(3, prompts[3], greedy)]}
+    arrivals[4] = [(i, prompts[i], greedy) for i in (4, 5)]  # more than the 4 cache rows: these wait their turn
+    outputs = run(engine, arrivals)
+    assert [tokens_of(outputs[i]) for i in range(6)] == expected
+    for i in range(6):
+        assert outputs[i][-1].finish_reason in ("stop", "length")
+        assert all(o.finish_reason is None for o in outputs[i][:-1])
+    assert engine.pool.num_used == 0 and not engine.has_work
+
+
+def test_a_seeded_request_draws_the_same_tokens_in_any_company(llama):
+    prompt = _prompts([6])[0]
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=11, max_tokens=10)
+    alone = run(Engine(llama, seed=1), {0: [("s", prompt, seeded)]})["s"]
+    others = [(f"o{i}", p, SamplingParams(temperature=1.2, max_tokens=6)) for i, p in enumerate(_prompts([4, 8]))]
+    crowded = run(Engine(llama, seed=2), {0: others[:1], 1: [("s", prompt, seeded)], 2: others[1:]})["s"]
+    assert tokens_of(alone) == tokens_of(crowded)
+
+
+def test_stop_strings_end_the_text_before_them(llama):
+    prompt = _prompts([5], seed=3)[0]
+    free = run(Engine(llama), {0: [("a", prompt, SamplingParams(temperature=0, max_tokens=12))]})["a"]
+    text = "".join(o.text for o in free)
+    assert text == llama.tokenizer.decode(tokens_of(free))
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # somewhere in the middle, likely across a token boundary
+    assert stop.strip(), text
+    params = SamplingParams(temperature=0, max_tokens=12, stop=[stop])
+    cut = run(Engine(llama), {0: [("a", prompt, params)]})["a"]
+    assert "".join(o.text for o in cut) == text[: text.find(stop)]
+    assert cut[-1].finish_reason == "stop"
+
+
+def test_logprobs_and_alternatives(llama):
+    params = SamplingParams(temperature=0, max_tokens=5, logprobs=True, top_logprobs=3)
+    outs = run(Engine(llama), {0: [("a", _prompts([4])[0], params)]})["a"]
+    for o in outs:
+        if o.token is None:
+            continue
+        assert len(o.top_logprobs) == 3 and o.top_logprobs[0][0] == o.token  # greedy: the most probable
+        assert o.logprob == pytest.approx(o.top_logprobs[0][1])
+        assert [lp for _, lp in o.top_logprobs] == sorted((lp for _, lp in o.top_logprobs), reverse=True)
+
+
+def test_penalties_change_a_greedy_continuation(llama):
+    prompt = _prompts([4], seed=5)[0]
+    plain = run(Engine(llama), {0: [("a", prompt, SamplingParams(temperature=0, max_tokens=16))]})["a"]
+    params = SamplingParams(temperature=0, max_tokens=16, frequency_penalty=2.0, presence_penalty=2.0)
+    penalised = run(Engine(llama), {0: [("a", prompt, params)]})["a"]
+    tokens = tokens_of(penalised)
+    assert tokens != tokens_of(plain) or len(set(tokens)) == len(tokens)
+    biased = SamplingParams(temperature=0, max_tokens=3, logit_bias={42: 100.0})
+    assert tokens_of(run(Engine(llama), {0: [("b", prompt, biased)]})["b"]) == [42, 42, 42]
+
+
+def test_aborts_free_rows_and_the_queue_is_bounded(llama):
+    engine = Engine(llama, max_waiting=2)
+    params = SamplingParams(temperature=0, max_tokens=20)
+    prompts = _prompts([3, 4, 5, 6, 7, 8])
+    for i in range(6):  # four for the four cache rows, two beyond
+        engine.add(prompts[i], params, request_id=i)
+    engine.step()
+    assert engine.pool.num_used == 4 and len(engine.scheduler.waiting) == 2
+    with pytest.raises(CapacityError, match="queue is full"):
+        engine.add([1, 2], params)
+    engine.abort(0)
+    engine.abort(5)  # waiting
+    assert engine.pool.num_used == 3
+    while engine.has_work:
+        engine.step()
+    assert engine.pool.num_used == 0
+
+
+def test_bad_requests(llama):
+    engine = Engine(llama)
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        engine.add([1, 10**9], SamplingParams())
+    with pytest.raises(RequestError, match="not in the vocabulary"):
+        engine.add([1, 2], SamplingParams(logit_bias={10**7: 1.0}))
+    with pytest.raises(RequestError, match="max_seq_len is 64"):
+        engine.add(list(range(1, 70)), SamplingParams())
+    assert not engine.has_work and torch.equal(torch.tensor(engine.pool.num_used), torch.tensor(0))
+
+
+def test_default_model_through_the_native_step():
+    """The default model (GGUF blocks: the C decode step for decode chunks, PyTorch for prompt chunks)."""
+    import lamina
+
+    model = lamina.load(max_batch_size=2, max_seq_len=256)
+    prompts = [model.tokenizer.encode(t, bos=False, eos=False) for t in ("The capital of France is", "1, 2, 3, 4,")]
+    prompts.append(model.tokenizer.encode("Once upon a time, in a land far away, there lived a", bos=False, eos=False))
+    expected = [model.generate([p], 10, temperature=0)[0][0] for p in prompts]
+    engine = Engine(model, max_step_tokens=6)
+    greedy = SamplingParams(temperature=0, max_tokens=10)
+    outputs = run(engine, {0: [(0, prompts[0], greedy), (1, prompts[1], greedy)], 3: [(2, prompts[2], greedy)]})
+    assert [tokens_of(outputs[i]) for i in range(3)] == expected
