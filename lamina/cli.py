@@ -1,4 +1,4 @@
-"""The `lamina` command: generate, chat, info. The only module that reads argv and the environment."""
+"""The `lamina` command: generate, chat, serve, info. The only module that reads argv and the environment."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from lamina.errors import LaminaError
@@ -96,7 +97,7 @@ def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lamina", description="Llama-family text generation.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,info}")
 
     gen = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
     gen.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read from stdin)")
@@ -110,6 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(chat, max_tokens=512)
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
 
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    _model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=_checked(int, lambda v: 0 <= v < 65536, "a port number"), default=8000)
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ routes")
+    serve.add_argument(
+        "--max-batch-size",
+        type=_checked(int, lambda v: v > 0, "an integer > 0"),
+        default=16,
+        help="requests decoding at once (default 16)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=_checked(int, lambda v: v >= 0, "an integer >= 0"),
+        default=256,
+        help="requests waiting beyond the batch before new ones get 429 (default 256)",
+    )
+    serve.add_argument("--served-model-name", default=None, help="the model id clients name (default: the file's)")
     info = sub.add_parser("info", help="describe a model")
     _model_options(info)
     return parser
@@ -118,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": _generate, "chat": _chat, "info": _info}[args.command](args)
+        return {"generate": _generate, "chat": _chat, "serve": _serve, "info": _info}[args.command](args)
     except LaminaError as e:
         print(f"lamina: error: {e}", file=sys.stderr)
         return 1
@@ -144,7 +163,7 @@ def _load(args, show_progress: bool):
             device=args.device,
             dtype=args.dtype,
             max_seq_len=args.max_seq_len,
-            max_batch_size=1,
+            max_batch_size=getattr(args, "max_batch_size", 1),
             quantize=args.quantize,
             compile=args.compile,
             progress=progress,
@@ -236,6 +255,20 @@ def _fit_history(llama, history: list[dict]) -> list[int] | None:
         if len(history) - first <= 1:
             return None
         del history[first : first + 2]
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from lamina.engine.loader import default_model_path
+    from lamina.serve.app import create_app
+
+    llama = _load(args, show_progress=True)
+    name = args.served_model_name or Path(args.model or default_model_path()).name
+    app = create_app(llama, model_name=name, api_key=args.api_key, max_queue=args.max_queue)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def _decode_path(llama) -> str:

@@ -34,9 +34,11 @@ class SchedulerConfig:
     max_seq_len: int  # prompt plus output, per request
 
     def __post_init__(self):
-        for name in ("max_running", "max_waiting", "max_step_tokens", "max_seq_len"):
+        for name in ("max_running", "max_step_tokens", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
 
 
 @dataclass(eq=False)

@@ -1,0 +1,566 @@
+"""The OpenAI-compatible HTTP app: FastAPI routes around an Engine that runs on a thread of its own.
+
+The engine thread owns the Engine: it takes commands (add a request, abort one) between steps and hands every step's
+outputs to the asyncio queues of the requests' handlers, so the event loop never waits for a forward pass. A client
+that goes away mid-stream cancels its handler, which aborts its requests: their KV-cache rows are free the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from typing import AsyncIterator, Callable
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+
+from lamina.engine.engine import Engine, RequestOutput
+from lamina.engine.generate import Llama
+from lamina.engine.sampling import SamplingParams
+from lamina.errors import CapacityError, LaminaError, RequestError
+from lamina.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _Histogram:
+    def __init__(self, name: str, help: str):
+        self.name, self.help = name, help
+        self.counts = [0] * len(_BUCKETS)
+        self.total, self.n = 0.0, 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(_BUCKETS):
+            if value <= bound:
+                self.counts[i] += 1
+        self.total += value
+        self.n += 1
+
+    def text(self) -> str:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        lines += [f'{self.name}_bucket{{le="{b}"}} {c}' for b, c in zip(_BUCKETS, self.counts)]
+        lines += [
+            f'{self.name}_bucket{{le="+Inf"}} {self.n}',
+            f"{self.name}_sum {self.total}",
+            f"{self.name}_count {self.n}",
+        ]
+        return "\n".join(lines)
+
+
+class EngineLoop:
+    """Runs an Engine on its own thread. Coroutines `submit` requests and read their outputs from a queue."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict = {}  # request id -> (event loop, asyncio.Queue, submitted at, last token at)
+        self._wake = threading.Event()
+        self._stopping = False
+        self._threads = torch.get_num_threads()
+        self._thread = threading.Thread(target=self._run, name="lamina-engine", daemon=True)
+        # metrics
+        self.requests_total = 0
+        self.finished: dict[str, int] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps, for tokens/s
+        self.ttft = _Histogram(
+            "lamina_time_to_first_token_seconds", "Time from a request's arrival to its first token."
+        )
+        self.itl = _Histogram("lamina_inter_token_latency_seconds", "Time between two tokens of one request.")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Abort what is in flight (its streams end with finish_reason "abort") and stop the thread."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    async def submit(self, prompt: list[int], params: SamplingParams, ignore_eos: bool):
+        """Queue a request; returns (request id, asyncio.Queue of its RequestOutputs). Raises the engine's
+        RequestError / CapacityError."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+
+        def add():
+            request_id = self.engine.add(prompt, params, ignore_eos=ignore_eos)
+            self._streams[request_id] = (loop, outputs, time.perf_counter(), None)
+            self.requests_total += 1
+            self.prompt_tokens_total += len(prompt)
+            return request_id
+
+        request_id = await asyncio.wrap_future(self._call(add))
+        return request_id, outputs
+
+    def abort(self, request_id) -> None:
+        def drop():
+            self._streams.pop(request_id, None)
+            self.engine.abort(request_id)
+
+        self._call(drop)
+
+    def call(self, fn: Callable):
+        """Run fn on the engine thread, between steps (for work that uses the model, such as scoring a prompt)."""
+        return asyncio.wrap_future(self._call(fn))
+
+    def _call(self, fn: Callable) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stopping:
+            future.set_exception(CapacityError("the server is shutting down"))
+            return future
+        self._commands.put((fn, future))
+        self._wake.set()
+        return future
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads)  # OpenMP's thread count is per thread: the server's, not the default
+        while not self._stopping:
+            while not self._commands.empty():
+                fn, future = self._commands.get()
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # noqa: BLE001 (handed to the awaiting coroutine)
+                    future.set_exception(e)
+            if not self.engine.has_work:
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 (a bug must not take the server down: fail what was running)
+                self._fail_all(e)
+                continue
+            self._deliver(outputs)
+        self._fail_all(None)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now = time.perf_counter()
+        tokens = 0
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if out.token is not None:
+                tokens += 1
+            if stream is None:
+                continue
+            loop, q, submitted, last = stream
+            if out.token is not None:
+                (self.ttft if last is None else self.itl).observe(now - (submitted if last is None else last))
+                self._streams[out.request_id] = (loop, q, submitted, now)
+            if out.finish_reason is not None:
+                self.finished[out.finish_reason] = self.finished.get(out.finish_reason, 0) + 1
+                del self._streams[out.request_id]
+            loop.call_soon_threadsafe(q.put_nowait, out)
+        self.generation_tokens_total += tokens
+        self._recent.append((now, tokens))
+        while self._recent and now - self._recent[0][0] > 10:
+            self._recent.popleft()
+
+    def _fail_all(self, error: Exception | None) -> None:
+        """End every stream: with the error (a failed step), or as aborted (shutdown)."""
+        for request_id, (loop, q, _, _) in list(self._streams.items()):
+            self.engine.abort(request_id)
+            item = error if error is not None else RequestOutput(request_id, None, "", None, None, "abort", 0, 0)
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        self._streams.clear()
+
+    def metrics(self) -> str:
+        s, pool = self.engine.scheduler, self.engine.pool
+        window = sum(t for _, t in self._recent)
+        span = (self._recent[-1][0] - self._recent[0][0]) if len(self._recent) > 1 else 0.0
+        gauges = [
+            ("lamina_requests_running", "Requests in the running batch.", len(s.running)),
+            ("lamina_requests_waiting", "Requests waiting in the queue.", len(s.waiting)),
+            ("lamina_kv_blocks_used", "KV-cache blocks in use.", pool.num_used),
+            ("lamina_kv_blocks_total", "KV-cache blocks in all.", pool.num_blocks),
+            (
+                "lamina_generation_tokens_per_second",
+                "Tokens generated per second, last 10 s.",
+                window / span if span else 0,
+            ),
+        ]
+        lines = []
+        for name, help, value in gauges:
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {value}"]
+        for name, help, value in [
+            ("lamina_requests_total", "Requests accepted.", self.requests_total),
+            ("lamina_prompt_tokens_total", "Prompt tokens of accepted requests.", self.prompt_tokens_total),
+            ("lamina_generation_tokens_total", "Tokens generated.", self.generation_tokens_total),
+        ]:
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value}"]
+        lines += [
+            "# HELP lamina_requests_finished_total Requests finished, by reason.",
+            "# TYPE lamina_requests_finished_total counter",
+        ]
+        lines += [f'lamina_requests_finished_total{{reason="{r}"}} {n}' for r, n in sorted(self.finished.items())]
+        return "\n".join(lines + [self.ttft.text(), self.itl.text()]) + "\n"
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+def create_app(
+    llama: Llama,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    max_queue: int = 256,
+    max_step_tokens: int = 512,
+    seed: int = 0,
+) -> FastAPI:
+    """The app serving `llama` as `model_name`. The engine thread starts and stops with the app (its lifespan)."""
+    engine = Engine(llama, max_waiting=max_queue, max_step_tokens=max_step_tokens, seed=seed)
+    loop = EngineLoop(engine)
+    created = int(time.time())
+
+    async def lifespan(app):
+        loop.start()
+        yield
+        loop.stop()
+
+    app = FastAPI(title="lamina", lifespan=lifespan)
+    app.state.engine_loop = loop
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(loop.metrics(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "lamina"}
+        return {"object": "list", "data": [card]}
+
+    def check_model(name: str | None) -> JSONResponse | None:
+        if name is not None and name != model_name:
+            return _error(
+                404, f"The model `{name}` does not exist; this server serves `{model_name}`", "not_found_error", "model"
+            )
+        return None
+
+    async def start(prompts: list[list[int]], params: list[SamplingParams], ignore_eos: bool):
+        """Submit every choice's request; on any refusal, abort those already queued and raise."""
+        started = []
+        try:
+            for prompt, p in zip(prompts, params):
+                started.append(await loop.submit(prompt, p, ignore_eos))
+        except BaseException:
+            for request_id, _ in started:
+                loop.abort(request_id)
+            raise
+        return started
+
+    async def merged(started) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every choice's outputs as they come: (choice index, output); aborts the unfinished ones if cancelled."""
+        pending = {i: q for i, (_, q) in enumerate(started)}
+        getters = {asyncio.ensure_future(q.get()): i for i, q in pending.items()}
+        try:
+            while getters:
+                done, _ = await asyncio.wait(getters, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    i = getters.pop(task)
+                    out = task.result()
+                    if isinstance(out, Exception):
+                        raise out
+                    yield i, out
+                    if out.finish_reason is None:
+                        getters[asyncio.ensure_future(pending[i].get())] = i
+                    else:
+                        pending.pop(i)
+        finally:
+            for task in getters:
+                task.cancel()
+            for i in pending:
+                loop.abort(started[i][0])
+
+    def failure(e: BaseException) -> JSONResponse:
+        if isinstance(e, CapacityError):  # the queue is full, or the server is shutting down: try again later
+            return _error(429, str(e), "rate_limit_error")
+        if isinstance(e, (RequestError, ValueError)):
+            return _error(400, str(e))
+        if isinstance(e, LaminaError):
+            return _error(500, str(e), "server_error")
+        raise e
+
+    def sse(payload) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def token_text(token: int) -> str:
+        return llama.tokenizer.decode([token])
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        if (bad := check_model(body.model)) is not None:
+            return bad
+        try:
+            prompts = _prompt_ids(body.prompt, llama)
+            params = [
+                _with_seed(
+                    body.sampling_params(max_tokens=body.max_tokens, top_logprobs=body.logprobs or 0, seed=body.seed),
+                    body.seed,
+                    j,
+                )
+                for _ in prompts
+                for j in range(body.n)
+            ]
+            choice_prompts = [p for p in prompts for _ in range(body.n)]
+            echo_lps = None
+            if body.echo and body.logprobs is not None:
+                echo_lps = await loop.call(
+                    lambda: [llama.generate([p], 0, logprobs=True, echo=True)[1][0] for p in prompts]
+                )
+            started = await start(choice_prompts, params, body.ignore_eos)
+        except (LaminaError, ValueError, ValidationError) as e:
+            return failure(e)
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def echo_text(i: int) -> str:
+            return llama.tokenizer.decode(choice_prompts[i]) if body.echo else ""
+
+        def echo_logprobs(i: int) -> dict:
+            ids = choice_prompts[i]
+            lps = echo_lps[i // body.n]
+            return {
+                "tokens": [token_text(t) for t in ids],
+                "token_logprobs": [None, *lps[1:]],
+                "top_logprobs": [None] * len(ids),
+            }
+
+        def logprobs_of(outs: list[RequestOutput]) -> dict:
+            outs = [o for o in outs if o.token is not None]
+            return {
+                "tokens": [token_text(o.token) for o in outs],
+                "token_logprobs": [o.logprob for o in outs],
+                "top_logprobs": [{token_text(t): lp for t, lp in (o.top_logprobs or ())} for o in outs],
+            }
+
+        if body.stream:
+
+            async def events():
+                if body.echo:
+                    for i in range(len(started)):
+                        yield sse(
+                            {
+                                "id": rid,
+                                "object": "text_completion",
+                                "created": now,
+                                "model": model_name,
+                                "choices": [
+                                    {"index": i, "text": echo_text(i), "logprobs": None, "finish_reason": None}
+                                ],
+                            }
+                        )
+                async for i, out in merged(started):
+                    lp = logprobs_of([out]) if body.logprobs is not None and out.token is not None else None
+                    yield sse(
+                        {
+                            "id": rid,
+                            "object": "text_completion",
+                            "created": now,
+                            "model": model_name,
+                            "choices": [
+                                {"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+                            ],
+                        }
+                    )
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        per_choice: dict[int, list[RequestOutput]] = {i: [] for i in range(len(started))}
+        try:
+            async for i, out in merged(started):
+                per_choice[i].append(out)
+        except Exception as e:  # noqa: BLE001
+            return failure(e)
+        choices = []
+        for i, outs in per_choice.items():
+            lp = None
+            if body.logprobs is not None:
+                lp = logprobs_of(outs)
+                if echo_lps is not None:
+                    head = echo_logprobs(i)
+                    lp = {k: head[k] + lp[k] for k in lp}
+            choices.append(
+                {
+                    "index": i,
+                    "text": echo_text(i) + "".join(o.text for o in outs),
+                    "logprobs": lp,
+                    "finish_reason": outs[-1].finish_reason,
+                }
+            )
+        completion = sum(outs[-1].completion_tokens for outs in per_choice.values())
+        prompt_tokens = sum(len(p) for p in prompts)
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": now,
+            "model": model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion,
+            },
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        if (bad := check_model(body.model)) is not None:
+            return bad
+        try:
+            prompt = llama.encode_dialog([m.model_dump() for m in body.messages])
+            top = (body.top_logprobs or 0) if body.logprobs else 0
+            max_tokens = body.max_completion_tokens or body.max_tokens
+            base = body.sampling_params(max_tokens=max_tokens, top_logprobs=top, seed=body.seed)
+            if body.logprobs and not top:
+                base = _replace(base, logprobs=True)
+            params = [_with_seed(base, body.seed, j) for j in range(body.n)]
+            started = await start([prompt] * body.n, params, body.ignore_eos)
+        except (LaminaError, ValueError, ValidationError) as e:
+            return failure(e)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def content_logprobs(outs: list[RequestOutput]) -> dict | None:
+            if not body.logprobs:
+                return None
+            entries = []
+            for o in outs:
+                if o.token is None:
+                    continue
+                text = token_text(o.token)
+                alts = [
+                    {"token": token_text(t), "logprob": lp, "bytes": list(token_text(t).encode())}
+                    for t, lp in (o.top_logprobs or ())
+                ]
+                entries.append(
+                    {"token": text, "logprob": o.logprob, "bytes": list(text.encode()), "top_logprobs": alts}
+                )
+            return {"content": entries}
+
+        if body.stream:
+
+            async def events():
+                for i in range(len(started)):
+                    yield sse(
+                        {
+                            "id": rid,
+                            "object": "chat.completion.chunk",
+                            "created": now,
+                            "model": model_name,
+                            "choices": [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    )
+                async for i, out in merged(started):
+                    delta = {"content": out.text} if out.text or out.finish_reason is None else {}
+                    yield sse(
+                        {
+                            "id": rid,
+                            "object": "chat.completion.chunk",
+                            "created": now,
+                            "model": model_name,
+                            "choices": [
+                                {
+                                    "index": i,
+                                    "delta": delta,
+                                    "logprobs": content_logprobs([out]),
+                                    "finish_reason": out.finish_reason,
+                                }
+                            ],
+                        }
+                    )
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        per_choice: dict[int, list[RequestOutput]] = {i: [] for i in range(len(started))}
+        try:
+            async for i, out in merged(started):
+                per_choice[i].append(out)
+        except Exception as e:  # noqa: BLE001
+            return failure(e)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
+                "logprobs": content_logprobs(outs),
+                "finish_reason": outs[-1].finish_reason,
+            }
+            for i, outs in per_choice.items()
+        ]
+        completion = sum(outs[-1].completion_tokens for outs in per_choice.values())
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": now,
+            "model": model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": completion,
+                "total_tokens": len(prompt) + completion,
+            },
+        }
+
+    return app
+
+
+def _replace(params: SamplingParams, **changes) -> SamplingParams:
+    return dataclasses.replace(params, **changes)
+
+
+def _with_seed(params: SamplingParams, seed: int | None, choice: int) -> SamplingParams:
+    """Choice j of a seeded request draws with seed + j: n choices differ, and each is reproducible."""
+    return params if seed is None or choice == 0 else _replace(params, seed=seed + choice)
+
+
+def _prompt_ids(prompt, llama: Llama) -> list[list[int]]:
+    """A completions prompt (text, ids, or a list of either) as token-id lists."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        prompt = [prompt]
+    if not prompt:
+        raise RequestError("prompt is empty")
+    out = []
+    for p in prompt:
+        ids = llama.tokenizer.encode(p, bos=llama.tokenizer.add_bos, eos=False) if isinstance(p, str) else list(p)
+        if not ids:
+            raise RequestError("a prompt has no tokens")
+        out.append(ids)
+    return out

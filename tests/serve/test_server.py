@@ -1,0 +1,257 @@
+"""The HTTP server, started for real on loopback and spoken to with the official `openai` client (and raw HTTP for
+malformed input): its answers against the offline API on the same model, streaming, logprobs, stop strings, seeds,
+errors, auth, the bounded queue, and a client that disconnects mid-stream."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import lamina
+from lamina.serve.app import create_app
+
+MODEL = "smollm2"
+
+
+def _serve(app):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return lamina.load(max_batch_size=4, max_seq_len=512)
+
+
+@pytest.fixture(scope="module")
+def server(llama):
+    server, thread, url = _serve(create_app(llama, model_name=MODEL))
+    yield url
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+def test_completion_equals_offline_greedy(client, llama):
+    prompt = "The capital of France is"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    ids = llama.tokenizer.encode(prompt, bos=llama.tokenizer.add_bos, eos=False)
+    (expected,), _ = llama.generate([ids], 12, temperature=0)
+    assert out.choices[0].text == llama.tokenizer.decode(expected)
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(expected)
+    assert out.choices[0].finish_reason in ("length", "stop")
+
+
+def test_chat_equals_offline_greedy_and_streams_the_same(client, llama):
+    expected = llama.chat_completion([QUESTION], temperature=0, max_gen_len=24)[0]["generation"]["content"]
+    out = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)
+    assert out.choices[0].message.content == expected and out.choices[0].message.role == "assistant"
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
+
+
+def test_chat_logprobs(client):
+    out = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    entries = out.choices[0].logprobs.content
+    assert len(entries) == out.usage.completion_tokens
+    for e in entries:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token  # greedy: the most probable
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob) and e.logprob <= 0
+
+
+def test_completion_list_of_prompts_n_and_echo(client, llama):
+    out = client.completions.create(
+        model=MODEL, prompt=["Hello", "Paris is"], max_tokens=3, temperature=0, n=2, echo=True, logprobs=1
+    )
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.choices[0].text.startswith("Hello") and out.choices[0].text == out.choices[1].text
+    assert out.choices[2].text.startswith("Paris is")
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == len(lp.token_logprobs)
+    ids = client.completions.create(model=MODEL, prompt=[[504, 3575], [282]], max_tokens=2, temperature=0)
+    assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 3
+
+
+def test_stop_strings_and_seeds(client):
+    free = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
+    text = free.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    kwargs = dict(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=1.0, seed=123)
+    a, b = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    assert a.choices[0].text == b.choices[0].text
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"model": "gpt-4"}, openai.NotFoundError),
+        ({"temperature": -1}, openai.BadRequestError),
+        ({"top_p": 0}, openai.BadRequestError),
+        ({"max_tokens": 0}, openai.BadRequestError),
+        ({"logit_bias": {"999999": 1}}, openai.BadRequestError),
+        ({"prompt": "word " * 600}, openai.BadRequestError),
+    ],
+)
+def test_bad_requests_get_openai_errors(client, kwargs, error):
+    request = {"model": MODEL, "prompt": "Hi", "max_tokens": 4} | kwargs
+    with pytest.raises(error) as info:
+        client.completions.create(**request)
+    assert info.value.body["message"]  # an OpenAI-style error body with a message
+
+
+def test_malformed_bodies(server):
+    r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/v1/completions", json={"model": MODEL})
+    assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
+
+
+def _metric(server, name) -> float:
+    for line in httpx.get(f"{server}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(name)
+
+
+def test_a_client_that_disconnects_frees_its_cache_rows(server):
+    with httpx.stream(
+        "POST",
+        f"{server}/v1/completions",
+        json={"model": MODEL, "prompt": "Tell me a long story", "max_tokens": 400, "stream": True, "ignore_eos": True},
+    ) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        assert _metric(server, "lamina_kv_blocks_used") >= 1
+    for _ in range(100):  # closed: the request is aborted at once
+        if _metric(server, "lamina_kv_blocks_used") == 0 and _metric(server, "lamina_requests_running") == 0:
+            break
+        time.sleep(0.05)
+    assert _metric(server, "lamina_kv_blocks_used") == 0
+    text = httpx.get(f"{server}/metrics").text
+    assert "lamina_time_to_first_token_seconds_bucket" in text and "lamina_inter_token_latency_seconds_count" in text
+
+
+def test_api_key_and_a_full_queue(llama):
+    app = create_app(llama, model_name=MODEL, api_key="secret", max_queue=0)
+    server, thread, url = _serve(app)
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="secret", max_retries=0)
+        streams = [
+            client.completions.create(model=MODEL, prompt="Count:", max_tokens=300, stream=True) for _ in range(4)
+        ]  # the four cache rows
+        for s in streams:
+            next(iter(s))
+        with pytest.raises(openai.RateLimitError):  # nothing may wait beyond the batch
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+        for s in streams:
+            s.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_load_64_concurrent_streams_a_third_disconnecting(llama):
+    """64 streaming requests at once (mixed prompts, sampling and lengths; 16 cache rows, so most of them queue),
+    every third client hanging up after two chunks: all the others complete, greedy ones with offline generate's
+    text, and afterwards no cache row is held."""
+    import asyncio
+
+    texts = [
+        "The capital of France is",
+        "1, 2, 3,",
+        "Once upon a time there was a",
+        "def fibonacci(n):",
+        "The best way to learn a language is",
+        "Water boils at",
+    ]
+    big = lamina.load(max_batch_size=16, max_seq_len=256)
+    server, thread, url = _serve(create_app(big, model_name=MODEL, max_queue=64))
+    requests = []
+    for i in range(64):
+        prompt = texts[i % len(texts)] + " " * (i % 3)
+        greedy = i % 2 == 0
+        body = {
+            "model": MODEL,
+            "prompt": prompt,
+            "max_tokens": 6 + i % 11,
+            "stream": True,
+            "temperature": 0 if greedy else 0.8,
+            "top_p": 0.9,
+            "seed": i,
+        }
+        requests.append((body, greedy, i % 3 == 1))
+
+    async def one(client, body, hang_up):
+        text, chunks, finish = "", 0, None
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                text, chunks, finish = text + choice["text"], chunks + 1, choice["finish_reason"] or finish
+                if hang_up and chunks == 2:
+                    return None
+        return text, finish
+
+    async def everyone():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, b, h) for b, _, h in requests))
+
+    try:
+        results = asyncio.run(everyone())
+        for (body, greedy, hang_up), result in zip(requests, results):
+            if hang_up:
+                continue
+            text, finish = result
+            assert finish in ("stop", "length")
+            if greedy:
+                ids = big.tokenizer.encode(body["prompt"], bos=big.tokenizer.add_bos, eos=False)
+                (expected,), _ = big.generate([ids], body["max_tokens"], temperature=0)
+                assert text == big.tokenizer.decode(expected), body
+        for _ in range(100):
+            if _metric(url, "lamina_kv_blocks_used") == 0:
+                break
+            time.sleep(0.05)
+        assert _metric(url, "lamina_kv_blocks_used") == 0 and _metric(url, "lamina_requests_waiting") == 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
