@@ -1,6 +1,6 @@
 """lamina: a Llama-family text-generation engine with Meta's Llama 3 `generate` API."""
 
-from lamina.engine import Completion, EngineConfig, Llama, StreamDelta, load
+from lamina.engine import Completion, Engine, EngineConfig, Llama, RequestOutput, SamplingParams, StreamDelta, load
 from lamina.errors import CapacityError, ConfigError, LaminaError, RequestError, TokenizerError, WeightsError
 from lamina.model import ModelConfig, RopeScaling
 from lamina.tokenizer import ChatFormat, Dialog, Llama3Tokenizer, Message
@@ -15,6 +15,7 @@ __all__ = [
     "Completion",
     "ConfigError",
     "Dialog",
+    "Engine",
     "EngineConfig",
     "LaminaError",
     "Llama",
@@ -22,7 +23,9 @@ __all__ = [
     "Message",
     "ModelConfig",
     "RequestError",
+    "RequestOutput",
     "RopeScaling",
+    "SamplingParams",
     "StreamDelta",
     "Tokenizer",
     "TokenizerError",
