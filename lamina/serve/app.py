@@ -301,6 +301,13 @@ def create_app(
             for i in pending:
                 loop.abort(started[i][0])
 
+    async def collect(started) -> dict[int, list[RequestOutput]]:
+        """Every choice's outputs, to the end (a non-streaming response)."""
+        per_choice: dict[int, list[RequestOutput]] = {i: [] for i in range(len(started))}
+        async for i, out in merged(started):
+            per_choice[i].append(out)
+        return per_choice
+
     def failure(e: BaseException) -> JSONResponse:
         if isinstance(e, CapacityError):  # the queue is full, or the server is shutting down: try again later
             return _error(429, str(e), "rate_limit_error")
@@ -310,7 +317,9 @@ def create_app(
             return _error(500, str(e), "server_error")
         raise e
 
-    def sse(payload) -> str:
+    def chunk(rid: str, kind: str, now: int, choice: dict) -> str:
+        """One server-sent event of a stream: a chunk holding one choice's update."""
+        payload = {"id": rid, "object": kind, "created": now, "model": model_name, "choices": [choice]}
         return f"data: {json.dumps(payload)}\n\n"
 
     def token_text(token: int) -> str:
@@ -367,38 +376,26 @@ def create_app(
             async def events():
                 if body.echo:
                     for i in range(len(started)):
-                        yield sse(
-                            {
-                                "id": rid,
-                                "object": "text_completion",
-                                "created": now,
-                                "model": model_name,
-                                "choices": [
-                                    {"index": i, "text": echo_text(i), "logprobs": None, "finish_reason": None}
-                                ],
-                            }
+                        yield chunk(
+                            rid,
+                            "text_completion",
+                            now,
+                            {"index": i, "text": echo_text(i), "logprobs": None, "finish_reason": None},
                         )
                 async for i, out in merged(started):
                     lp = logprobs_of([out]) if body.logprobs is not None and out.token is not None else None
-                    yield sse(
-                        {
-                            "id": rid,
-                            "object": "text_completion",
-                            "created": now,
-                            "model": model_name,
-                            "choices": [
-                                {"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
-                            ],
-                        }
+                    yield chunk(
+                        rid,
+                        "text_completion",
+                        now,
+                        {"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason},
                     )
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        per_choice: dict[int, list[RequestOutput]] = {i: [] for i in range(len(started))}
         try:
-            async for i, out in merged(started):
-                per_choice[i].append(out)
+            per_choice = await collect(started)
         except Exception as e:  # noqa: BLE001
             return failure(e)
         choices = []
@@ -470,48 +467,36 @@ def create_app(
 
             async def events():
                 for i in range(len(started)):
-                    yield sse(
+                    yield chunk(
+                        rid,
+                        "chat.completion.chunk",
+                        now,
                         {
-                            "id": rid,
-                            "object": "chat.completion.chunk",
-                            "created": now,
-                            "model": model_name,
-                            "choices": [
-                                {
-                                    "index": i,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ],
-                        }
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        },
                     )
                 async for i, out in merged(started):
                     delta = {"content": out.text} if out.text or out.finish_reason is None else {}
-                    yield sse(
+                    yield chunk(
+                        rid,
+                        "chat.completion.chunk",
+                        now,
                         {
-                            "id": rid,
-                            "object": "chat.completion.chunk",
-                            "created": now,
-                            "model": model_name,
-                            "choices": [
-                                {
-                                    "index": i,
-                                    "delta": delta,
-                                    "logprobs": content_logprobs([out]),
-                                    "finish_reason": out.finish_reason,
-                                }
-                            ],
-                        }
+                            "index": i,
+                            "delta": delta,
+                            "logprobs": content_logprobs([out]),
+                            "finish_reason": out.finish_reason,
+                        },
                     )
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        per_choice: dict[int, list[RequestOutput]] = {i: [] for i in range(len(started))}
         try:
-            async for i, out in merged(started):
-                per_choice[i].append(out)
+            per_choice = await collect(started)
         except Exception as e:  # noqa: BLE001
             return failure(e)
         choices = [
