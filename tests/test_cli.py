@@ -153,6 +153,9 @@ def test_info():
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
         (["generate", "hi", "--seed", "99999999999999999999"], 2, "expected a 64-bit integer"),
         (["generate", "hi", "--quantize", "int3"], 2, "invalid choice: 'int3'"),
+        (["serve", "--port", "70000"], 2, "70000 is out of range: expected a port number"),
+        (["serve", "--max-batch-size", "0"], 2, "0 is out of range: expected an integer > 0"),
+        (["serve", "--model", "/no/such.gguf"], 1, "lamina: error: model path not found: /no/such.gguf"),
     ],
 )
 def test_errors_are_one_line(args, code, message):
