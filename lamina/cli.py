@@ -51,6 +51,14 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _size(text: str) -> int:
+    """Bytes from "123", "512K", "512M", "2G" (powers of 1024; a trailing B or iB is allowed)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    return int(float(t[: len(t) - len(unit)]) * units[unit])
+
+
 def _checked(convert, ok, what: str):
     """An argparse type that converts and checks a value, so bad flags fail before the model is loaded."""
 
@@ -127,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_checked(int, lambda v: v >= 0, "an integer >= 0"),
         default=256,
         help="requests waiting beyond the batch before new ones get 429 (default 256)",
+    )
+    serve.add_argument(
+        "--kv-cache-memory",
+        type=_checked(_size, lambda v: v > 0, "a size such as 512M or 2G"),
+        default=None,
+        help="memory for the paged KV cache (default: room for --max-batch-size sequences of --max-seq-len)",
+    )
+    serve.add_argument(
+        "--block-size",
+        type=_checked(int, lambda v: v > 0, "an integer > 0"),
+        default=16,
+        help="positions per KV-cache block (default 16)",
     )
     serve.add_argument("--served-model-name", default=None, help="the model id clients name (default: the file's)")
     info = sub.add_parser("info", help="describe a model")
@@ -265,7 +285,14 @@ def _serve(args) -> int:
 
     llama = _load(args, show_progress=True)
     name = args.served_model_name or Path(args.model or default_model_path()).name
-    app = create_app(llama, model_name=name, api_key=args.api_key, max_queue=args.max_queue)
+    app = create_app(
+        llama,
+        model_name=name,
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        kv_cache_memory=args.kv_cache_memory,
+        block_size=args.block_size,
+    )
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -155,6 +155,7 @@ def test_info():
         (["generate", "hi", "--quantize", "int3"], 2, "invalid choice: 'int3'"),
         (["serve", "--port", "70000"], 2, "70000 is out of range: expected a port number"),
         (["serve", "--max-batch-size", "0"], 2, "0 is out of range: expected an integer > 0"),
+        (["serve", "--kv-cache-memory", "lots"], 2, "invalid value 'lots': expected a size such as 512M or 2G"),
         (["serve", "--model", "/no/such.gguf"], 1, "lamina: error: model path not found: /no/such.gguf"),
     ],
 )

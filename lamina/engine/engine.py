@@ -3,8 +3,9 @@ any step and leaves it the step it finishes; the Scheduler decides each step's w
 requests, chunks of new prompts), the ModelRunner runs it, and the per-request sampling settings are applied to the
 batch as tensors (lamina.engine.sampling).
 
-This first version gives each request a whole KV-cache row (blocks of max_seq_len positions: the BlockPool hands
-out rows), so at most `max_batch_size` requests run at once and the others wait in the bounded queue.
+The KV cache is paged: blocks of `block_size` positions from one pool (sized by `kv_cache_memory`, or by default
+as much as max_batch_size full-length rows), a block table per request grown as it runs, blocks freed when it
+finishes or is aborted, and the newest request preempted (and recomputed later) when the pool runs dry.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from lamina.engine.blocks import BlockPool
 from lamina.engine.generate import Llama
+from lamina.engine.kv_cache import KVCache
 from lamina.engine.runner import ModelRunner
 from lamina.engine.sampling import (
     SamplingBatch,
@@ -68,11 +70,33 @@ class _Live:
 class Engine:
     """Continuous batching over one model. Not thread-safe: one thread calls add/abort/step (the server's loop)."""
 
-    def __init__(self, llama: Llama, *, max_waiting: int = 256, max_step_tokens: int = 512, seed: int = 0):
+    def __init__(
+        self,
+        llama: Llama,
+        *,
+        max_waiting: int = 256,
+        max_step_tokens: int = 512,
+        seed: int = 0,
+        block_size: int = 16,
+        kv_cache_memory: int | None = None,
+    ):
+        """`kv_cache_memory`: bytes for the KV cache pool (default: room for max_batch_size sequences of
+        max_seq_len); `block_size`: positions per block."""
         self.llama = llama
         config = llama.config
-        self.runner = ModelRunner(llama.model, config, compile=config.compile)  # its own KV cache
-        self.pool = BlockPool(config.max_batch_size, config.max_seq_len)  # a block is a cache row, for now
+        if block_size <= 0:
+            raise RequestError(f"block_size must be positive, got {block_size}")
+        per_block = block_size * KVCache.bytes_per_token(llama.model.config, config.dtype)
+        if kv_cache_memory is None:
+            num_blocks = config.max_batch_size * -(-config.max_seq_len // block_size)
+        else:
+            num_blocks = kv_cache_memory // per_block
+            if num_blocks < 1:
+                raise RequestError(f"kv_cache_memory {kv_cache_memory} bytes holds no block (one is {per_block} bytes)")
+        self.runner = ModelRunner(
+            llama.model, config, compile=config.compile, num_blocks=num_blocks, block_size=block_size
+        )  # its own KV cache
+        self.pool = BlockPool(num_blocks, block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_batch_size, max_waiting, max_step_tokens, config.max_seq_len), self.pool
         )
@@ -139,8 +163,8 @@ class Engine:
     def _keys(chunks: Sequence[Chunk]) -> list[Hashable]:
         return [c.seq.request_id for c in chunks]
 
-    def _row(self, chunk: Chunk) -> int:
-        return self.pool.table(chunk.seq.request_id)[0]
+    def _table(self, chunk: Chunk) -> list[int]:
+        return self.pool.table(chunk.seq.request_id)
 
     def _forward(self, chunks: Sequence[Chunk], sampling: Sequence[Chunk]) -> torch.Tensor:
         """Logits [len(sampling), V] of the sampling chunks' last tokens, in order: decode chunks (one new token of a
@@ -150,7 +174,7 @@ class Engine:
         rows: dict[Hashable, torch.Tensor] = {}
         if prefill:
             hidden = self.runner.prefill(
-                [c.tokens for c in prefill], [self._row(c) for c in prefill], [c.start for c in prefill]
+                [c.tokens for c in prefill], [self._table(c) for c in prefill], [c.start for c in prefill]
             )
             ends = list(itertools.accumulate(c.length for c in prefill))
             wanted = [(c, end - 1) for c, end in zip(prefill, ends) if c.samples]
@@ -159,7 +183,7 @@ class Engine:
                 rows.update(zip(self._keys([c for c, _ in wanted]), logits))
         if decode:
             logits = self.runner.decode(
-                [c.tokens[0] for c in decode], [self._row(c) for c in decode], [c.start for c in decode]
+                [c.tokens[0] for c in decode], [self._table(c) for c in decode], [c.start for c in decode]
             )
             rows.update(zip(self._keys(decode), logits))
         return torch.stack([rows[c.seq.request_id] for c in sampling]) if sampling else torch.empty(0)

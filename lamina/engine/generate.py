@@ -243,7 +243,7 @@ class Llama:
         with self.runner.slots(len(prefilled)) as slots:
             slot = dict(zip(prefilled, slots))
             with torch.inference_mode():
-                hidden = self.runner.prefill([prompts[i] for i in prefilled], slots)
+                hidden = self.runner.prefill([prompts[i] for i in prefilled], [[s] for s in slots])
             ends = dict(zip(prefilled, itertools.accumulate(len(prompts[i]) for i in prefilled)))
             if prompt_lp is not None:
                 for i, p in enumerate(prompts):
@@ -289,7 +289,7 @@ class Llama:
                 with torch.inference_mode():
                     logits = self.runner.decode(
                         tokens=[tok for _, tok in still],
-                        slots=[slot[i] for i in active],
+                        tables=[[slot[i]] for i in active],
                         positions=[len(prompts[i]) + generated[i] - 1 for i in active],
                     )
 

@@ -16,25 +16,39 @@ from lamina.model import ModelConfig
 
 @dataclass
 class KVCache:
-    """`layers[i]` is layer i's (keys, values), each `[max_batch_size, n_kv_heads, max_seq_len, head_dim]`.
+    """`layers[i]` is layer i's (keys, values), each `[num_blocks, n_kv_heads, block_size, head_dim]`.
 
-    Allocated once; a sequence owns one slot for its lifetime and writes position p of its row at step p, so
-    nothing is reallocated while generating. On the CPU the memory is mapped lazily: a page becomes resident when a
-    position in it is first written, so memory in use follows the tokens cached, not max_batch_size * max_seq_len."""
+    Allocated once. A sequence's positions live in the blocks of its block table, in order (position p in block
+    table[p // block_size] at p % block_size); one block of max_seq_len positions per sequence is a plain cache row.
+    Nothing is reallocated while generating. On the CPU the memory is mapped lazily: a page becomes resident when a
+    position in it is first written, so memory in use follows the tokens cached, not the blocks allocated."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
 
+    @property
+    def num_blocks(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.layers[0][0].shape[2]
+
     @classmethod
     def allocate(
-        cls, config: ModelConfig, max_batch_size: int, max_seq_len: int, *, device: torch.device, dtype: torch.dtype
+        cls, config: ModelConfig, num_blocks: int, block_size: int, *, device: torch.device, dtype: torch.dtype
     ) -> "KVCache":
-        shape = (max_batch_size, config.n_kv_heads, max_seq_len, config.head_dim)
+        shape = (num_blocks, config.n_kv_heads, block_size, config.head_dim)
         return cls(
             [
                 (_zeros(shape, device=device, dtype=dtype), _zeros(shape, device=device, dtype=dtype))
                 for _ in range(config.n_layers)
             ]
         )
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+        """Keys and values of one position, all layers."""
+        return 2 * config.n_layers * config.n_kv_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def _zeros(shape: tuple[int, ...], *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -44,7 +44,7 @@ class NativeDecode:
             raise ValueError(f"the native decode step cannot run this model: {reason}")
         c = model.config
         self.model = model
-        self.slots, _, self.max_seq_len, _ = cache.layers[0][0].shape
+        self.num_blocks, self.block_size = cache.num_blocks, cache.block_size
         self._tensors = [model.inv_freq, model.norm.weight]  # every tensor whose address the tables hold
         layers = (kernels.DecodeLayer * c.n_layers)()
         for table, layer, (k_cache, v_cache) in zip(layers, model.layers, cache.layers, strict=True):
@@ -80,8 +80,8 @@ class NativeDecode:
             n_heads=c.n_heads,
             n_kv_heads=c.n_kv_heads,
             head_dim=c.head_dim,
-            slots=self.slots,
-            max_seq_len=self.max_seq_len,
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
             norm_eps=c.norm_eps,
             inv_freq=model.inv_freq.data_ptr(),
             norm=model.norm.weight.data_ptr(),
@@ -92,21 +92,26 @@ class NativeDecode:
         )
         self._logits_in_c = output is not None
 
-    def __call__(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """Token b goes to `positions[b]` of cache row `slots[b]`; returns the logits [B, vocab] (float32), as
-        `Transformer.logits(Transformer.forward(...))` would."""
-        if not (len(tokens) == len(slots) == len(positions)):
-            raise ValueError(f"{len(tokens)} tokens, {len(slots)} slots and {len(positions)} positions")
-        if any(not 0 <= s < self.slots for s in slots) or any(not 0 <= p < self.max_seq_len for p in positions):
-            raise ValueError(
-                f"slots {list(slots)} / positions {list(positions)} outside the KV cache's {self.slots} rows of "
-                f"{self.max_seq_len} positions"
-            )
-        packed = torch.tensor([list(tokens), list(slots), list(positions)], dtype=torch.long)
+    def __call__(
+        self, tokens: Sequence[int], tables: Sequence[Sequence[int]], positions: Sequence[int]
+    ) -> torch.Tensor:
+        """Token b goes to `positions[b]` of the sequence whose cache blocks `tables[b]` lists; returns the logits
+        [B, vocab] (float32), as `Transformer.logits(Transformer.forward(...))` would."""
+        if not (len(tokens) == len(tables) == len(positions)):
+            raise ValueError(f"{len(tokens)} tokens, {len(tables)} block tables and {len(positions)} positions")
+        for table, p in zip(tables, positions):
+            if not 0 <= p < len(table) * self.block_size or any(not 0 <= b < self.num_blocks for b in table):
+                raise ValueError(
+                    f"position {p} with blocks {list(table)} is outside the KV cache ({self.num_blocks} blocks of "
+                    f"{self.block_size} positions)"
+                )
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        packed = torch.tensor([list(tokens), list(positions)], dtype=torch.long)
         h = self.model.tok_embeddings(packed[0]).float().contiguous()
         if not self._logits_in_c:
-            kernels.decode(self._table, h, packed[1].contiguous(), packed[2].contiguous(), None)
+            kernels.decode(self._table, h, padded, packed[1].contiguous(), None)
             return self.model.logits(h)
         logits = torch.empty(len(tokens), self.vocab_size, dtype=torch.float32)
-        kernels.decode(self._table, h, packed[1].contiguous(), packed[2].contiguous(), logits)
+        kernels.decode(self._table, h, padded, packed[1].contiguous(), logits)
         return logits

@@ -1,5 +1,6 @@
-"""ModelRunner: turns lists of token ids into forward passes over the model and its KV cache, and hands out the
-cache's rows (slots) to the generations that use them."""
+"""ModelRunner: turns lists of token ids into forward passes over the model and its KV cache. A sequence's cache is
+the list of blocks (its block table) it was given: by `slots` (one whole row per sequence, for `Llama.generate`) or
+by the serving engine's block pool."""
 
 from __future__ import annotations
 
@@ -16,9 +17,19 @@ from lamina.model import Decode, Prefill, Transformer
 
 
 class ModelRunner:
-    """Owns the KV cache of one model. A generation takes rows with `slots(n)` and runs forwards on them."""
+    """Owns the KV cache of one model: `num_blocks` blocks of `block_size` positions (default: max_batch_size rows of
+    max_seq_len). A generation takes rows with `slots(n)`, or a caller manages blocks itself, and runs forwards."""
 
-    def __init__(self, model: Transformer, config: EngineConfig, *, compile: bool = False, native: bool = True):
+    def __init__(
+        self,
+        model: Transformer,
+        config: EngineConfig,
+        *,
+        compile: bool = False,
+        native: bool = True,
+        num_blocks: int | None = None,
+        block_size: int | None = None,
+    ):
         self.model = model
         self.config = config
         # The decode step: on the CPU with GGML-block weights lamina's C step (NativeDecode: ~8 ms a step on SmolLM2,
@@ -30,8 +41,10 @@ class ModelRunner:
         self._decode_forward = (
             torch.compile(model.forward, dynamic=True, options={"cpp_wrapper": True}) if compile else model.forward
         )
+        self.block_size = block_size or config.max_seq_len
+        num_blocks = num_blocks or config.max_batch_size
         self.cache = KVCache.allocate(
-            model.config, config.max_batch_size, config.max_seq_len, device=config.device, dtype=config.dtype
+            model.config, num_blocks, self.block_size, device=config.device, dtype=config.dtype
         )
         self._free = list(range(config.max_batch_size))
         self.native = (
@@ -54,36 +67,57 @@ class ModelRunner:
             self._free.extend(taken)
 
     def prefill(
-        self, prompts: Sequence[Sequence[int]], slots: Sequence[int], starts: Sequence[int] | None = None
+        self,
+        prompts: Sequence[Sequence[int]],
+        tables: Sequence[Sequence[int]],
+        starts: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Run prompts (or chunks of them) packed into one pass, each into its slot from position `starts[j]` (0 when
-        not given; a later chunk attends to the positions its slot already holds).
+        """Run prompts (or chunks of them) packed into one pass: prompt j from position `starts[j]` (0 when not
+        given; a later chunk attends to the positions its blocks already hold), cached in the blocks of `tables[j]`.
 
         Returns the final hidden states of every token run, packed in order: [sum of lengths, dim]."""
-        device = self.config.device
+        device, bs = self.config.device, self.block_size
         lens = [len(p) for p in prompts]
         starts = list(starts) if starts is not None else [0] * len(prompts)
-        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
-        positions = torch.tensor(
-            [s + j for s, n in zip(starts, lens) for j in range(n)], dtype=torch.long, device=device
+        positions = [s + j for s, n in zip(starts, lens) for j in range(n)]
+        blocks = [table[p // bs] for table, s, n in zip(tables, starts, lens) for p in range(s, s + n)]
+        packed = torch.tensor(
+            [[t for p in prompts for t in p], positions, blocks, [p % bs for p in positions]],
+            dtype=torch.long,
+            device=device,
         )
-        slot_ids = torch.tensor([s for s, n in zip(slots, lens) for _ in range(n)], dtype=torch.long, device=device)
-        batch = Prefill(slot_ids, positions, tuple(lens), tuple(starts) if any(starts) else None)
-        return self.model(tokens, batch, self.cache.layers)
+        later = any(starts)
+        batch = Prefill(
+            blocks=packed[2],
+            offsets=packed[3],
+            positions=packed[1],
+            seq_lens=tuple(lens),
+            starts=tuple(starts) if later else None,
+            tables=tuple(torch.tensor(list(t), dtype=torch.long, device=device) for t in tables) if later else None,
+        )
+        return self.model(packed[0], batch, self.cache.layers)
 
-    def decode(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """One step: token b goes to `positions[b]` of row `slots[b]`. Returns logits [B, vocab] (float32).
+    def decode(self, tokens: Sequence[int], tables: Sequence[Sequence[int]], positions: Sequence[int]) -> torch.Tensor:
+        """One step: token b goes to `positions[b]` of the sequence whose blocks `tables[b]` lists. Returns logits
+        [B, vocab] (float32).
 
-        When the rows are exactly 0..B-1 attention slices the cache; otherwise (some sequences of the batch have
-        finished) it gathers the rows it needs, a copy of the filled part of each."""
+        When each sequence is exactly row b (block b, a whole row), attention slices the cache; otherwise it gathers
+        the blocks it needs, a copy of the filled part of each."""
         if self.native is not None:
-            return self.native(tokens, slots, positions)
-        device = self.config.device
-        packed = torch.tensor([list(tokens), list(slots), list(positions)], dtype=torch.long, device=device)
+            return self.native(tokens, tables, positions)
+        device, bs = self.config.device, self.block_size
+        width = max(len(t) for t in tables)
+        padded = [list(t) + [t[0]] * (width - len(t)) for t in tables]
+        blocks = [t[p // bs] for t, p in zip(tables, positions)]
+        packed = torch.tensor(
+            [list(tokens), blocks, [p % bs for p in positions], list(positions)], dtype=torch.long, device=device
+        )
         batch = Decode(
-            slots=packed[1],
-            positions=packed[2],
+            blocks=packed[1],
+            offsets=packed[2],
+            positions=packed[3],
+            tables=torch.tensor(padded, dtype=torch.long, device=device),
             kv_len=max(positions) + 1,
-            contiguous=list(slots) == list(range(len(slots))),
+            contiguous=bs >= max(positions) + 1 and [list(t) for t in tables] == [[b] for b in range(len(tables))],
         )
         return self.model.logits(self._decode_forward(packed[0], batch, self.cache.layers))

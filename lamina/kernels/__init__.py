@@ -85,7 +85,8 @@ def _build() -> ctypes.CDLL:
     deq.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     deq.restype = None
     step = lib.lamina_decode
-    step.argtypes = [ctypes.POINTER(DecodeModel), ctypes.c_int64, *[ctypes.c_void_p] * 4]
+    step.argtypes = [ctypes.POINTER(DecodeModel), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    step.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
     step.restype = ctypes.c_int
     return lib
 
@@ -106,7 +107,16 @@ class DecodeModel(ctypes.Structure):
     _fields_ = [
         *(
             (name, ctypes.c_int64)
-            for name in ("n_layers", "dim", "hidden_dim", "n_heads", "n_kv_heads", "head_dim", "slots", "max_seq_len")
+            for name in (
+                "n_layers",
+                "dim",
+                "hidden_dim",
+                "n_heads",
+                "n_kv_heads",
+                "head_dim",
+                "num_blocks",
+                "block_size",
+            )
         ),
         ("norm_eps", ctypes.c_double),
         ("inv_freq", ctypes.c_void_p),
@@ -191,14 +201,15 @@ def dequantize(qtype_id: int, blocks: torch.Tensor, out_features: int, in_featur
 
 
 def decode(
-    model: DecodeModel, h: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor | None
+    model: DecodeModel, h: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor | None
 ) -> None:
     """decode.c's lamina_decode: one step for h.shape[0] sequences; h [B, dim] float32 (the new tokens' embeddings)
     becomes their final normalised hidden states, and `logits` [B, vocab] (when given, and `model` has an output
-    projection) their logits. slots and positions: int64 [B], checked by the caller against the cache's shape
-    (lamina.engine.native); every tensor behind `model` must stay alive during the call."""
+    projection) their logits. tables: int64 [B, width], each sequence's cache blocks; positions: int64 [B]; both
+    checked by the caller against the cache (lamina.engine.native); every tensor behind `model` must stay alive."""
     out = None if logits is None else logits.data_ptr()
-    if _lib.lamina_decode(ctypes.byref(model), h.shape[0], h.data_ptr(), slots.data_ptr(), positions.data_ptr(), out):
+    B, width = tables.shape
+    if _lib.lamina_decode(ctypes.byref(model), B, h.data_ptr(), tables.data_ptr(), width, positions.data_ptr(), out):
         raise MemoryError("lamina_decode could not allocate its working buffers")
 
 

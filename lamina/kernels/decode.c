@@ -17,11 +17,11 @@ typedef struct {
     const void *wqkv, *wo, *w13, *w2;      /* blocks: [(H + 2 KVH) D, dim], [dim, H D], [2 F, dim], [dim, F] */
     int32_t qkv_type, o_type, w13_type, w2_type; /* 0: Q4_1, 1: Q8_0 */
     const float *attention_norm, *ffn_norm; /* [dim] */
-    float *k_cache, *v_cache;              /* [slots, KVH, max_seq_len, D] */
+    float *k_cache, *v_cache;              /* [num_blocks, KVH, block_size, D] */
 } lamina_layer;
 
 typedef struct {
-    int64_t n_layers, dim, hidden_dim, n_heads, n_kv_heads, head_dim, slots, max_seq_len;
+    int64_t n_layers, dim, hidden_dim, n_heads, n_kv_heads, head_dim, num_blocks, block_size;
     double norm_eps;
     const float *inv_freq; /* [D / 2] rotation frequencies */
     const float *norm;     /* [dim] final norm */
@@ -78,13 +78,19 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t D) {
     }
 }
 
-/* One query head against positions 0..len-1 of its key/value rows: out [D] = softmax(q k^T / sqrt(D)) v. */
-static void attend(const float *q, const float *keys, const float *values, int64_t len, int64_t D, float *scores,
-                   float *out) {
+/* Where position t of a sequence (block table `table`) keeps kv head `kvh`'s vector, in a [blocks, KVH, BS, D] cache. */
+static inline int64_t cached(const int64_t *table, int64_t t, int64_t BS, int64_t KVH, int64_t kvh, int64_t D) {
+    return ((table[t / BS] * KVH + kvh) * BS + t % BS) * D;
+}
+
+/* One query head against positions 0..len-1 of its sequence's keys/values (kv head kvh of the blocks in `table`):
+ * out [D] = softmax(q k^T / sqrt(D)) v. */
+static void attend(const float *q, const float *k_cache, const float *v_cache, const int64_t *table, int64_t BS,
+                   int64_t KVH, int64_t kvh, int64_t len, int64_t D, float *scores, float *out) {
     const float scale = 1.0f / sqrtf((float)D);
     float max = -INFINITY;
     for (int64_t t = 0; t < len; t++) {
-        const float *k = keys + t * D;
+        const float *k = k_cache + cached(table, t, BS, KVH, kvh, D);
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t i = 0; i < D; i++) dot += q[i] * k[i];
@@ -95,21 +101,21 @@ static void attend(const float *q, const float *keys, const float *values, int64
     for (int64_t t = 0; t < len; t++) total += scores[t] = expf(scores[t] - max);
     for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
     for (int64_t t = 0; t < len; t++) {
-        const float p = scores[t] / total, *v = values + t * D;
+        const float p = scores[t] / total, *v = v_cache + cached(table, t, BS, KVH, kvh, D);
 #pragma omp simd
         for (int64_t i = 0; i < D; i++) out[i] += p * v[i];
     }
 }
 
 /* One decode step for B sequences: h [B, dim] holds the new tokens' embeddings on entry and their final normalised
- * hidden states on return; token b is at `positions[b]` of cache row `slots[b]` (each < max_seq_len, < slots; the
- * caller checks). Every layer's keys and values for the new tokens are written to the caches. With an output
- * projection in `m` and `logits` not NULL, logits [B, vocab_size] are computed too.
- * Returns 0, or -1 when out of memory (nothing is written then). */
-int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *slots, const int64_t *positions,
-                  float *logits) {
+ * hidden states on return; token b is at `positions[b]` of the sequence whose blocks row b of `tables` [B, width]
+ * lists (the caller checks that every block a position needs is there and < num_blocks). Every layer's keys and
+ * values for the new tokens are written to the caches. With an output projection in `m` and `logits` not NULL,
+ * logits [B, vocab_size] are computed too. Returns 0, or -1 when out of memory (nothing is written then). */
+int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tables, int64_t width,
+                  const int64_t *positions, float *logits) {
     const int64_t dim = m->dim, F = m->hidden_dim, H = m->n_heads, KVH = m->n_kv_heads, D = m->head_dim;
-    const int64_t S = m->max_seq_len, QKV = (H + 2 * KVH) * D, group = H / KVH;
+    const int64_t BS = m->block_size, QKV = (H + 2 * KVH) * D, group = H / KVH;
     const int64_t widest = F > dim ? (F > H * D ? F : H * D) : (dim > H * D ? dim : H * D);
     if (B <= 0) return 0;
     int64_t longest = 0;
@@ -154,7 +160,7 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *slo
                 float *x = qkv + b * QKV + head * D;
                 rotate(x, rot + b * D, rot + b * D + D / 2, D);
                 if (head >= H) {
-                    const int64_t kvh = head - H, at = ((slots[b] * KVH + kvh) * S + positions[b]) * D;
+                    const int64_t kvh = head - H, at = cached(tables + b * width, positions[b], BS, KVH, kvh, D);
                     const float *v = qkv + b * QKV + (H + KVH + kvh) * D;
                     for (int64_t i = 0; i < D; i++) L->k_cache[at + i] = x[i], L->v_cache[at + i] = v[i];
                 }
@@ -162,9 +168,9 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *slo
 #pragma omp barrier
             SPLIT(B * H, 1);
             for (int64_t u = lo; u < hi; u++) {
-                const int64_t b = u / H, head = u % H, row = (slots[b] * KVH + head / group) * S * D;
-                attend(qkv + b * QKV + head * D, L->k_cache + row, L->v_cache + row, positions[b] + 1, D, my_scores,
-                       att + u * D);
+                const int64_t b = u / H, head = u % H;
+                attend(qkv + b * QKV + head * D, L->k_cache, L->v_cache, tables + b * width, BS, KVH, head / group,
+                       positions[b] + 1, D, my_scores, att + u * D);
             }
 #pragma omp barrier
             SPLIT(B * H * D / QK, 1);

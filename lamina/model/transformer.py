@@ -1,9 +1,11 @@
 """The Llama transformer: RMSNorm, rotary embeddings, grouped-query attention over a caller-owned KV cache, SwiGLU.
 
-Tokens arrive flattened, `[N]`, never padded. A forward pass is either a *prefill* of fresh sequences packed end to end
-(each attends causally to itself only) or a *decode* step of one token per running sequence (each attends to its row
-of the KV cache). The caller owns the cache: per layer a pair of `[slots, n_kv_heads, max_seq_len, head_dim]` tensors,
-one row (slot) per sequence; every forward writes its keys and values there.
+Tokens arrive flattened, `[N]`, never padded. A forward pass is either a *prefill* of sequences packed end to end
+(each attends causally to itself, and to its cached earlier positions when it is a later chunk of a prompt) or a
+*decode* step of one token per running sequence (each attends to its cached positions). The caller owns the cache:
+per layer a pair of `[blocks, n_kv_heads, block_size, head_dim]` tensors; a sequence's positions lie in the blocks of
+its block table, in order (a whole row per sequence is the case block_size = max_seq_len). Every forward writes its
+keys and values there.
 """
 
 from __future__ import annotations
@@ -24,24 +26,38 @@ KVCacheLayers = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass(frozen=True)
 class Prefill:
-    """Sequences packed end to end: token i belongs to cache row `slots[i]` at position `positions[i]`. Sequence j
-    brings positions starts[j]..starts[j] + seq_lens[j] - 1; those before starts[j] (an earlier chunk of the same
-    prompt) are already in its cache row, and its tokens attend to them too."""
+    """Sequences packed end to end. Token i is at position `positions[i]` of its sequence and is cached in block
+    `blocks[i]` at `offsets[i]`. Sequence j brings positions starts[j]..starts[j] + seq_lens[j] - 1; those before
+    starts[j] (an earlier chunk of the same prompt) are cached already, in the blocks `tables[j]` lists in order, and
+    its tokens attend to them too."""
 
-    slots: torch.Tensor  # [N] int64
+    blocks: torch.Tensor  # [N] int64
+    offsets: torch.Tensor  # [N] int64
     positions: torch.Tensor  # [N] int64, starts[j]..starts[j]+len-1 within each sequence
     seq_lens: tuple[int, ...]  # lengths of the packed sequences, in order; they sum to N
     starts: tuple[int, ...] | None = None  # None: every sequence starts at 0 (fresh)
+    tables: tuple[torch.Tensor, ...] | None = None  # each sequence's blocks; needed where starts[j] > 0
 
 
 @dataclass(frozen=True)
 class Decode:
-    """One new token per running sequence b, at `positions[b]` of cache row `slots[b]`."""
+    """One new token per running sequence b, at `positions[b]`, cached in block `blocks[b]` at `offsets[b]`; the
+    sequence's earlier positions are in the blocks of `tables[b]`, in order."""
 
-    slots: torch.Tensor  # [B] int64
+    blocks: torch.Tensor  # [B] int64
+    offsets: torch.Tensor  # [B] int64
     positions: torch.Tensor  # [B] int64
+    tables: torch.Tensor  # [B, blocks per sequence] int64, padded with any block (masked out)
     kv_len: int  # max(positions) + 1: how much of the cache any sequence can see
-    contiguous: bool  # slots are exactly 0..B-1, so cache rows can be sliced rather than gathered
+    contiguous: bool  # sequence b's only block is b (a whole cache row each): rows can be sliced, not gathered
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` positions of the sequences whose blocks `tables` [..., n] lists, from a cache
+    [blocks, KVH, block_size, D]: [..., KVH, length, D]."""
+    picked = cache[tables]  # [..., n, KVH, BS, D]
+    picked = picked.movedim(-4, -3)  # [..., KVH, n, BS, D]
+    return picked.flatten(-3, -2)[..., :length, :]
 
 
 class RMSNorm(nn.Module):
@@ -78,23 +94,22 @@ class Attention(nn.Module):
             k = rope.apply_rotary(self.wk(x).view(N, KVH, D), cos, sin)
             v = self.wv(x)
         v = v.reshape(N, KVH, D)
-        k_cache[batch.slots, :, batch.positions] = k
-        v_cache[batch.slots, :, batch.positions] = v
+        k_cache[batch.blocks, :, batch.offsets] = k
+        v_cache[batch.blocks, :, batch.offsets] = v
 
         if isinstance(batch, Prefill):
             # Each fresh sequence attends causally to its own keys; nothing is spent on cross-sequence pairs.
             outs = []
             starts = batch.starts or (0,) * len(batch.seq_lens)
-            first = 0
-            for qs, ks, vs, start in zip(
-                q.split(batch.seq_lens), k.split(batch.seq_lens), v.split(batch.seq_lens), starts, strict=True
+            for j, (qs, ks, vs, start) in enumerate(
+                zip(q.split(batch.seq_lens), k.split(batch.seq_lens), v.split(batch.seq_lens), starts, strict=True)
             ):
                 T = qs.shape[0]
                 if start == 0:  # fresh: causal over its own keys
                     keys, values, mask = ks.transpose(0, 1), vs.transpose(0, 1), None
                 else:  # a later chunk: the cached positions before it, then its own, causally
-                    slot = batch.slots[first]
-                    keys, values = k_cache[slot, :, : start + T], v_cache[slot, :, : start + T]
+                    keys = _gather(k_cache, batch.tables[j], start + T)
+                    values = _gather(v_cache, batch.tables[j], start + T)
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
                 o = F.scaled_dot_product_attention(  # [1, H, T, D]
                     qs.transpose(0, 1)[None],
@@ -105,14 +120,16 @@ class Attention(nn.Module):
                     enable_gqa=True,
                 )
                 outs.append(o[0].transpose(0, 1))  # [T, H, D]
-                first += T
             out = torch.cat(outs)
         else:
             # Attend over the filled part of each sequence's cache row only, masked to its own length.
             if batch.contiguous:
                 keys, values = k_cache[:N, :, : batch.kv_len], v_cache[:N, :, : batch.kv_len]
             else:
-                keys, values = k_cache[batch.slots, :, : batch.kv_len], v_cache[batch.slots, :, : batch.kv_len]
+                keys, values = (
+                    _gather(k_cache, batch.tables, batch.kv_len),
+                    _gather(v_cache, batch.tables, batch.kv_len),
+                )
             out = F.scaled_dot_product_attention(  # [B, H, 1, D]
                 q[:, :, None, :], keys, values, attn_mask=mask, enable_gqa=True
             )[:, :, 0, :]

@@ -219,9 +219,18 @@ def create_app(
     max_queue: int = 256,
     max_step_tokens: int = 512,
     seed: int = 0,
+    kv_cache_memory: int | None = None,
+    block_size: int = 16,
 ) -> FastAPI:
     """The app serving `llama` as `model_name`. The engine thread starts and stops with the app (its lifespan)."""
-    engine = Engine(llama, max_waiting=max_queue, max_step_tokens=max_step_tokens, seed=seed)
+    engine = Engine(
+        llama,
+        max_waiting=max_queue,
+        max_step_tokens=max_step_tokens,
+        seed=seed,
+        kv_cache_memory=kv_cache_memory,
+        block_size=block_size,
+    )
     loop = EngineLoop(engine)
     created = int(time.time())
 

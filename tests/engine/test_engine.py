@@ -129,3 +129,35 @@ def test_default_model_through_the_native_step():
     greedy = SamplingParams(temperature=0, max_tokens=10)
     outputs = run(engine, {0: [(0, prompts[0], greedy), (1, prompts[1], greedy)], 3: [(2, prompts[2], greedy)]})
     assert [tokens_of(outputs[i]) for i in range(3)] == expected
+
+
+def test_a_small_paged_cache_preempts_and_still_gives_offline_tokens(llama):
+    """Blocks of 4 positions, 8 of them for 4 running requests that need ~5 each: requests get preempted (their
+    blocks freed, recomputed later) and every one still gets offline generate's greedy tokens."""
+    prompts = _prompts([3, 9, 5, 12, 1, 7])
+    expected = [llama.generate([p], 8, temperature=0)[0][0] for p in prompts]
+    per_block = 4 * 2 * llama.model.config.n_layers * llama.model.config.n_kv_heads * llama.model.config.head_dim * 4
+    engine = Engine(llama, block_size=4, kv_cache_memory=8 * per_block, max_step_tokens=8)
+    assert engine.pool.num_blocks == 8
+    preempted = []
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        step = schedule()
+        preempted.extend(step.preempted)
+        return step
+
+    engine.scheduler.schedule = spy
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    outputs = run(engine, {0: [(i, p, greedy) for i, p in enumerate(prompts)]})
+    assert preempted
+    assert [tokens_of(outputs[i]) for i in range(6)] == expected
+    assert engine.pool.num_used == 0
+
+
+def test_kv_cache_memory_sizes_the_pool(llama):
+    c = llama.model.config
+    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4
+    assert Engine(llama, block_size=16, kv_cache_memory=100 * 16 * per_token).pool.num_blocks == 100
+    with pytest.raises(RequestError, match="holds no block"):
+        Engine(llama, block_size=16, kv_cache_memory=100)

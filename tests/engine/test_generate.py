@@ -72,8 +72,8 @@ def test_stop_tokens_cut_each_sequence_like_reference(llama, ref_llama, monkeypa
     monkeypatch.setattr(
         llama.runner,
         "decode",
-        lambda tokens, slots, positions: (
-            decode_batch_sizes.append(len(tokens)) or real_decode(tokens, slots, positions)
+        lambda tokens, tables, positions: (
+            decode_batch_sizes.append(len(tokens)) or real_decode(tokens, tables, positions)
         ),
     )
     results = llama.complete(prompts, 10, temperature=0)

@@ -10,7 +10,6 @@ import torch
 from lamina import Llama, kernels
 from lamina.engine.native import NativeDecode, unsupported
 from lamina.engine.runner import ModelRunner
-from lamina.model import Decode
 from lamina.quant import build_model
 
 from .test_generate import _prompts
@@ -24,28 +23,36 @@ def _quantized(llama, mode: str, dtype=torch.float32):
     return Llama(model, llama.tokenizer, dataclasses.replace(llama.config, dtype=dtype))
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_step_equals_pytorch_forward(llama, mode):
+@pytest.mark.parametrize(
+    "mode, block_size, tables",
+    [
+        ("int8", None, [[3], [0], [2]]),  # whole rows, scattered (not 0..B-1)
+        ("int4", None, [[3], [0], [2]]),
+        ("int4", 4, [[9, 2, 12], [0, 5, 7, 1, 13], [6, 3]]),  # paged: blocks of 4 positions
+    ],
+)
+def test_step_equals_pytorch_forward(llama, mode, block_size, tables):
     quantized = _quantized(llama, mode)
-    native = quantized.runner
+    kw = dict(num_blocks=16, block_size=block_size) if block_size else {}
+    native = ModelRunner(quantized.model, quantized.config, **kw)
     assert native.native is not None
-    reference = ModelRunner(quantized.model, quantized.config, native=False)
+    reference = ModelRunner(quantized.model, quantized.config, native=False, **kw)
     prompts = _prompts([5, 11, 2])
-    slots = [3, 0, 2]  # scattered rows, not 0..B-1
+    bs = native.block_size
     with torch.inference_mode():
         for runner in (native, reference):
-            runner.prefill(prompts, slots)
+            runner.prefill(prompts, tables)
         tokens, positions = [7, 8, 9], [len(p) for p in prompts]
         for _ in range(4):
-            logits = native.native(tokens, slots, positions)
-            batch = Decode(torch.tensor(slots), torch.tensor(positions), max(positions) + 1, contiguous=False)
-            expected = quantized.model.logits(quantized.model(torch.tensor(tokens), batch, reference.cache.layers))
+            logits = native.native(tokens, tables, positions)
+            expected = reference.decode(tokens, tables, positions)
             # Same blocks, same int16 activation steps; float sums in another order: ~1e-5 relative.
             torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
             for (k, v), (rk, rv) in zip(native.cache.layers, reference.cache.layers):
-                for s, p in zip(slots, positions):
-                    torch.testing.assert_close(k[s, :, p], rk[s, :, p], rtol=1e-4, atol=1e-4)
-                    torch.testing.assert_close(v[s, :, p], rv[s, :, p], rtol=1e-4, atol=1e-4)
+                for t, p in zip(tables, positions):
+                    at = (t[p // bs], slice(None), p % bs)
+                    torch.testing.assert_close(k[at], rk[at], rtol=1e-4, atol=1e-4)
+                    torch.testing.assert_close(v[at], rv[at], rtol=1e-4, atol=1e-4)
             tokens = expected.argmax(-1).tolist()
             positions = [p + 1 for p in positions]
 
@@ -63,9 +70,9 @@ def test_float_output_projection_after_the_step(llama):
     prompts = _prompts([4, 6])
     with torch.inference_mode():
         for r in (runner, reference):
-            r.prefill(prompts, [0, 1])
-        logits = runner.decode([5, 6], [0, 1], [4, 6])
-        expected = reference.decode([5, 6], [0, 1], [4, 6])
+            r.prefill(prompts, [[0], [1]])
+        logits = runner.decode([5, 6], [[0], [1]], [4, 6])
+        expected = reference.decode([5, 6], [[0], [1]], [4, 6])
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
@@ -97,9 +104,9 @@ def test_models_it_cannot_run_take_the_pytorch_path(llama):
 
 def test_rejects_rows_and_positions_outside_the_cache(llama):
     step = _quantized(llama, "int8").runner.native
-    with pytest.raises(ValueError, match="outside the KV cache's 4 rows of 64 positions"):
-        step([1], [4], [0])
+    with pytest.raises(ValueError, match=r"outside the KV cache \(4 blocks of 64 positions\)"):
+        step([1], [[4]], [0])
     with pytest.raises(ValueError, match="outside the KV cache"):
-        step([1], [0], [64])
-    with pytest.raises(ValueError, match="1 tokens, 2 slots"):
-        step([1], [0, 1], [0, 0])
+        step([1], [[0]], [64])
+    with pytest.raises(ValueError, match="1 tokens, 2 block tables"):
+        step([1], [[0], [1]], [0, 0])

@@ -58,7 +58,7 @@ def lamina_logits(path, ids):
     model = build_transformer(config, state, device=torch.device("cpu"), dtype=torch.float32)
     runner = ModelRunner(model, EngineConfig(256, 1, torch.device("cpu"), torch.float32))
     with torch.inference_mode():
-        return config, model.logits(runner.prefill([ids], [0]))
+        return config, model.logits(runner.prefill([ids], [[0]]))
 
 
 @pytest.mark.parametrize("tie, shard", [(True, False), (False, True)])
