@@ -294,7 +294,8 @@ def _serve(args) -> int:
         block_size=args.block_size,
     )
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # Ctrl-C / SIGTERM: stop accepting, let in-flight requests finish for up to 30 s, then cancel them.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     return 0
 
 

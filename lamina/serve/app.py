@@ -320,11 +320,10 @@ def create_app(
     def failure(e: BaseException) -> JSONResponse:
         if isinstance(e, CapacityError):  # the queue is full, or the server is shutting down: try again later
             return _error(429, str(e), "rate_limit_error")
-        if isinstance(e, (RequestError, ValueError)):
+        if isinstance(e, (RequestError, ValueError, ValidationError)):
             return _error(400, str(e))
-        if isinstance(e, LaminaError):
-            return _error(500, str(e), "server_error")
-        raise e
+        # A failed step (a bug, not the request): this request fails, the server goes on.
+        return _error(500, f"the engine failed while running this request: {type(e).__name__}: {e}", "server_error")
 
     def chunk(rid: str, kind: str, now: int, choice: dict) -> str:
         """One server-sent event of a stream: a chunk holding one choice's update."""

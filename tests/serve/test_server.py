@@ -255,3 +255,65 @@ def test_load_64_concurrent_streams_a_third_disconnecting(llama):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_a_failing_step_fails_its_requests_not_the_server(llama):
+    app = create_app(llama, model_name=MODEL)
+    server, thread, url = _serve(app)
+    engine = app.state.engine_loop.engine
+    real_step, calls = engine.step, []
+
+    def broken_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected failure")
+        return real_step()
+
+    engine.step = broken_once
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError):
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=4)
+        out = client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0)
+        assert out.choices[0].finish_reason in ("stop", "length")
+        assert _metric(url, "lamina_kv_blocks_used") == 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_sigterm_drains_streams_and_exits_cleanly():
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lamina", "serve", "--port", str(port), "--max-seq-len", "512"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        body = {"prompt": "Count to a thousand:", "max_tokens": 100, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            proc.send_signal(signal.SIGTERM)
+            rest = list(lines)  # in-flight requests are drained: the stream runs to its end
+        events = [line for line in rest if line.startswith("data:")]
+        assert events[-1] == "data: [DONE]" and '"finish_reason": "length"' in events[-2]
+        # uvicorn shuts down, then re-raises the signal: the conventional status of a process ended by SIGTERM
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
