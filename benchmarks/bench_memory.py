@@ -111,8 +111,9 @@ def worker(engine: str, path: str, tokens: int) -> dict:
         start = time.perf_counter()
         llama.generate([prompt], tokens, temperature=0)
         elapsed = time.perf_counter() - start
-        c = llama.model.config
-        kv = (PROMPT + tokens) * c.n_layers * 2 * c.n_kv_heads * c.head_dim * llama.config.dtype.itemsize
+        from lamina.engine.kv_cache import KVCache
+
+        kv = (PROMPT + tokens) * KVCache.bytes_per_token(llama.model.config, llama.config.dtype)
     else:
         from llama_cpp import Llama
 
@@ -123,10 +124,10 @@ def worker(engine: str, path: str, tokens: int) -> dict:
         for _ in range(tokens):
             llm.eval([llm.sample(temp=0.0)])
         elapsed = time.perf_counter() - start
-        n_layers, kvh, d = llm.metadata["llama.block_count"], None, None
-        kvh = int(llm.metadata["llama.attention.head_count_kv"])
-        d = int(llm.metadata["llama.embedding_length"]) // int(llm.metadata["llama.attention.head_count"])
-        kv = (PROMPT + tokens) * int(n_layers) * 2 * kvh * d * 2  # float16 keys and values
+        meta = llm.metadata
+        n_layers, kvh = int(meta["llama.block_count"]), int(meta["llama.attention.head_count_kv"])
+        d = int(meta["llama.embedding_length"]) // int(meta["llama.attention.head_count"])
+        kv = (PROMPT + tokens) * n_layers * 2 * kvh * d * 2  # float16 keys and values
     return {"before": before, "peak": peak_mb(), "kv": kv / 1e6, "seconds": elapsed}
 
 

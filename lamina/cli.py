@@ -55,8 +55,8 @@ def _size(text: str) -> int:
     """Bytes from "123", "512K", "512M", "2G" (powers of 1024; a trailing B or iB is allowed)."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
-    return int(float(t[: len(t) - len(unit)]) * units[unit])
+    unit = t[-1] if t and t[-1] in "KMGT" else ""
+    return int(float(t.removesuffix(unit) if unit else t) * units[unit])
 
 
 def _checked(convert, ok, what: str):

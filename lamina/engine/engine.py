@@ -39,7 +39,8 @@ from lamina.tokenizer import StreamDecoder
 @dataclass(frozen=True)
 class RequestOutput:
     """What one step did for one request: a new token and the text it completes (stop strings cut off), or only a
-    finish reason ("stop", "length"; "abort" is never reported: the caller aborted)."""
+    finish reason ("stop", "length"; "abort" is never reported: the caller aborted). logprob and top_logprobs are
+    None unless the request's SamplingParams ask for them."""
 
     request_id: Hashable
     token: int | None
@@ -115,7 +116,7 @@ class Engine:
         if bad:
             raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         max_tokens = params.max_tokens or self.llama.config.max_seq_len - len(prompt)
-        SamplingBatch.from_params([params], self.vocab_size, "cpu")  # checks logit_bias ids against the vocabulary
+        params.check_vocabulary(self.vocab_size)
         self.scheduler.add(request_id, prompt, max_tokens)
         device = self.llama.config.device
         stops = frozenset(params.stop_token_ids) | (frozenset() if ignore_eos else frozenset(self.llama.stop_tokens))
@@ -134,7 +135,7 @@ class Engine:
         return request_id
 
     def abort(self, request_id: Hashable) -> None:
-        """Drop a request at once (its cache row is free for the next step); unknown ids are ignored."""
+        """Drop a request at once (its cache blocks are free for the next step); unknown ids are ignored."""
         self.scheduler.abort(request_id)
         self._live.pop(request_id, None)
 
@@ -202,7 +203,11 @@ class Engine:
             processed = apply_penalties(processed, counts, seen, batch)
         generators = [lv.generator or self.generator for lv in lives]
         tokens = draw(truncate(processed, batch), batch, generators)
-        lps = token_logprobs(logits, tokens).tolist()  # of the model's own distribution, as OpenAI reports them
+        # Log-probabilities of the model's own distribution (as OpenAI reports them), for the requests that ask.
+        lps: list = [None] * len(lives)
+        if any(lv.params.logprobs for lv in lives):
+            every = token_logprobs(logits, tokens).tolist()
+            lps = [lp if lv.params.logprobs else None for lp, lv in zip(every, lives)]
         k = max(lv.params.top_logprobs for lv in lives)
         tops: list = [None] * len(lives)
         if k:

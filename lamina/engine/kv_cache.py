@@ -7,6 +7,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -49,6 +50,13 @@ class KVCache:
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
         """Keys and values of one position, all layers."""
         return 2 * config.n_layers * config.n_kv_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def padded_tables(tables: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Block tables as one int64 CPU tensor [B, longest], short ones padded with their first block (never read:
+    attention stops at each sequence's length)."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([list(t) + [t[0]] * (width - len(t)) for t in tables], dtype=torch.long)
 
 
 def _zeros(shape: tuple[int, ...], *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

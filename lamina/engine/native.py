@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from lamina import kernels
-from lamina.engine.kv_cache import KVCache
+from lamina.engine.kv_cache import KVCache, padded_tables
 from lamina.model import Transformer
 from lamina.quant import QLinear
 
@@ -99,15 +99,16 @@ class NativeDecode:
         [B, vocab] (float32), as `Transformer.logits(Transformer.forward(...))` would."""
         if not (len(tokens) == len(tables) == len(positions)):
             raise ValueError(f"{len(tokens)} tokens, {len(tables)} block tables and {len(positions)} positions")
-        for table, p in zip(tables, positions):
-            if not 0 <= p < len(table) * self.block_size or any(not 0 <= b < self.num_blocks for b in table):
-                raise ValueError(
-                    f"position {p} with blocks {list(table)} is outside the KV cache ({self.num_blocks} blocks of "
-                    f"{self.block_size} positions)"
-                )
-        width = max(len(t) for t in tables)
-        padded = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        packed = torch.tensor([list(tokens), list(positions)], dtype=torch.long)
+        padded = padded_tables(tables)
+        packed = torch.tensor([list(tokens), list(positions), [len(t) for t in tables]], dtype=torch.long)
+        # The C step trusts every address: each position within its own blocks, each block within the cache.
+        if bool(((packed[1] < 0) | (packed[1] >= packed[2] * self.block_size)).any()) or not (
+            0 <= int(padded.min()) and int(padded.max()) < self.num_blocks
+        ):
+            raise ValueError(
+                f"positions {list(positions)} with blocks {[list(t) for t in tables]} are outside the KV cache "
+                f"({self.num_blocks} blocks of {self.block_size} positions)"
+            )
         h = self.model.tok_embeddings(packed[0]).float().contiguous()
         if not self._logits_in_c:
             kernels.decode(self._table, h, padded, packed[1].contiguous(), None)

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import torch
 
 from lamina.engine.config import EngineConfig
-from lamina.engine.kv_cache import KVCache
+from lamina.engine.kv_cache import KVCache, padded_tables
 from lamina.engine.native import NativeDecode, unsupported
 from lamina.errors import CapacityError
 from lamina.model import Decode, Prefill, Transformer
@@ -46,14 +46,20 @@ class ModelRunner:
         self.cache = KVCache.allocate(
             model.config, num_blocks, self.block_size, device=config.device, dtype=config.dtype
         )
-        self._free = list(range(config.max_batch_size))
+        # Whole rows to hand out with `slots`, where each block is a row; a paged cache's blocks are its owner's.
+        self._free = list(range(num_blocks)) if self.block_size >= config.max_seq_len else []
         self.native = (
             NativeDecode(model, self.cache) if native and not compile and not unsupported(model, self.cache) else None
         )
 
     @contextlib.contextmanager
     def slots(self, n: int) -> Iterator[list[int]]:
-        """Reserve n cache rows (lowest first, so a lone generation gets 0..n-1) for the duration of the block."""
+        """Reserve n cache rows (lowest first, so a lone generation gets 0..n-1) for the duration of the block; each
+        row is one block of max_seq_len positions (a sequence's block table is [row])."""
+        if self.block_size < self.config.max_seq_len:
+            raise RuntimeError(
+                "slots() hands out whole rows; this runner's cache is paged (its owner allocates blocks)"
+            )
         if n > len(self._free):
             raise CapacityError(
                 f"{n} sequence(s) need cache rows but only {len(self._free)} of {self.config.max_batch_size} are "
@@ -106,8 +112,6 @@ class ModelRunner:
         if self.native is not None:
             return self.native(tokens, tables, positions)
         device, bs = self.config.device, self.block_size
-        width = max(len(t) for t in tables)
-        padded = [list(t) + [t[0]] * (width - len(t)) for t in tables]
         blocks = [t[p // bs] for t, p in zip(tables, positions)]
         packed = torch.tensor(
             [list(tokens), blocks, [p % bs for p in positions], list(positions)], dtype=torch.long, device=device
@@ -116,7 +120,7 @@ class ModelRunner:
             blocks=packed[1],
             offsets=packed[2],
             positions=packed[3],
-            tables=torch.tensor(padded, dtype=torch.long, device=device),
+            tables=padded_tables(tables).to(device),
             kv_len=max(positions) + 1,
             contiguous=bs >= max(positions) + 1 and [list(t) for t in tables] == [[b] for b in range(len(tables))],
         )

@@ -57,7 +57,8 @@ class SamplingParams:
     lower the logits of tokens already generated: by `presence` once, by `frequency` per occurrence. The repetition
     penalty (CTRL, as transformers and vLLM apply it) divides positive and multiplies negative logits of tokens seen in
     the prompt or the output. logit_bias adds to given token ids' logits. A seed makes the request's draws
-    reproducible whatever else shares the batch."""
+    reproducible whatever else shares the batch. logprobs: report each new token's log-probability; top_logprobs:
+    and that many most probable alternatives (which implies logprobs)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -104,11 +105,19 @@ class SamplingParams:
         if not isinstance(self.logprobs, bool):
             raise RequestError(f"logprobs must be true or false, got {self.logprobs!r}")
         _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        if self.top_logprobs:  # alternatives come with the chosen token's own log-probability
+            object.__setattr__(self, "logprobs", True)
         _integer("n", self.n, 1, None)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """The token ids this request names (logit_bias) must exist in the model's vocabulary."""
+        for token in self.logit_bias:
+            if token >= vocab_size:
+                raise RequestError(f"logit_bias token id {token} is not in the vocabulary (size {vocab_size})")
 
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
@@ -131,8 +140,8 @@ def _integer(name: str, value, low: int, high: int | None) -> None:
 
 @dataclass(frozen=True)
 class SamplingBatch:
-    """The settings of B requests as tensors on the logits' device, row b for request b; built once for a batch
-    composition (`from_params`) and reused step after step."""
+    """The settings of B requests as tensors on the logits' device, row b for request b (`from_params`: a few small
+    tensors, built for each step's sampling rows)."""
 
     temperature: torch.Tensor  # [B] float32; 0: greedy
     top_k: torch.Tensor  # [B] int64; vocab size where off
@@ -154,9 +163,7 @@ class SamplingBatch:
             return torch.tensor(values, dtype=dtype, device=device)
 
         for p in params:
-            for token in p.logit_bias:
-                if token >= vocab_size:
-                    raise RequestError(f"logit_bias token id {token} is not in the vocabulary (size {vocab_size})")
+            p.check_vocabulary(vocab_size)
         bias = [(row, token, value) for row, p in enumerate(params) for token, value in p.logit_bias.items()]
         rows, tokens, values = zip(*bias) if bias else ((), (), ())
         return cls(
@@ -226,9 +233,10 @@ def draw(logits: torch.Tensor, batch: SamplingBatch, generators: Sequence[torch.
     if not bool(sampling.any()):
         return greedy
     probs = torch.softmax(logits, dim=-1)
-    noise = torch.empty_like(probs)
-    for row, generator in enumerate(generators):
-        noise[row].exponential_(generator=generator)
+    noise = torch.ones_like(probs)  # greedy rows draw nothing (their result is the argmax)
+    for row, (generator, sampled_row) in enumerate(zip(generators, sampling.tolist(), strict=True)):
+        if sampled_row:
+            noise[row].exponential_(generator=generator)
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(sampling, sampled, greedy)
 

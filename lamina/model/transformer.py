@@ -98,7 +98,8 @@ class Attention(nn.Module):
         v_cache[batch.blocks, :, batch.offsets] = v
 
         if isinstance(batch, Prefill):
-            # Each fresh sequence attends causally to its own keys; nothing is spent on cross-sequence pairs.
+            # Each sequence attends causally to its own keys (and a later chunk to its cached start); nothing is spent
+            # on cross-sequence pairs.
             outs = []
             starts = batch.starts or (0,) * len(batch.seq_lens)
             for j, (qs, ks, vs, start) in enumerate(

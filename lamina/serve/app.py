@@ -7,7 +7,6 @@ next step.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 import uuid
@@ -158,15 +157,10 @@ def create_app(
             return bad
         try:
             prompts = _prompt_ids(body.prompt, llama)
-            params = [
-                _with_seed(
-                    body.sampling_params(max_tokens=body.max_tokens, top_logprobs=body.logprobs or 0, seed=body.seed),
-                    body.seed,
-                    j,
-                )
-                for _ in prompts
-                for j in range(body.n)
-            ]
+            choice = body.choices(
+                max_tokens=body.max_tokens, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0
+            )
+            params = [p for _ in prompts for p in choice]
             choice_prompts = [p for p in prompts for _ in range(body.n)]
             echo_lps = None
             if body.echo and body.logprobs is not None:
@@ -264,10 +258,7 @@ def create_app(
             prompt = llama.encode_dialog([m.model_dump() for m in body.messages])
             top = (body.top_logprobs or 0) if body.logprobs else 0
             max_tokens = body.max_completion_tokens or body.max_tokens
-            base = body.sampling_params(max_tokens=max_tokens, top_logprobs=top, seed=body.seed)
-            if body.logprobs and not top:
-                base = _replace(base, logprobs=True)
-            params = [_with_seed(base, body.seed, j) for j in range(body.n)]
+            params = body.choices(max_tokens=max_tokens, logprobs=body.logprobs, top_logprobs=top)
             started = await start([prompt] * body.n, params, body.ignore_eos)
         except (LaminaError, ValueError, ValidationError) as e:
             return failure(e)
@@ -350,15 +341,6 @@ def create_app(
         }
 
     return app
-
-
-def _replace(params: SamplingParams, **changes) -> SamplingParams:
-    return dataclasses.replace(params, **changes)
-
-
-def _with_seed(params: SamplingParams, seed: int | None, choice: int) -> SamplingParams:
-    """Choice j of a seeded request draws with seed + j: n choices differ, and each is reproducible."""
-    return params if seed is None or choice == 0 else _replace(params, seed=seed + choice)
 
 
 def _prompt_ids(prompt, llama: Llama) -> list[list[int]]:

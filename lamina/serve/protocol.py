@@ -4,6 +4,7 @@ settings as lamina's SamplingParams. Unknown fields are ignored, as OpenAI's own
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -30,7 +31,9 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
 
-    def sampling_params(self, *, max_tokens: int | None, top_logprobs: int, seed: int | None) -> SamplingParams:
+    def choices(self, *, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> list[SamplingParams]:
+        """SamplingParams for each of the n choices: choice j of a seeded request draws with seed + j, so the choices
+        differ and each is reproducible."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         bias = {}
         for key, value in (self.logit_bias or {}).items():
@@ -38,7 +41,7 @@ class _Sampling(BaseModel):
                 bias[int(key)] = value
             except ValueError:
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
-        return SamplingParams(
+        base = SamplingParams(
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
@@ -47,13 +50,16 @@ class _Sampling(BaseModel):
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
             logit_bias=bias,
-            seed=seed,
+            seed=self.seed,
             max_tokens=max_tokens,
             stop=tuple(stop),
             stop_token_ids=tuple(self.stop_token_ids),
-            logprobs=top_logprobs > 0,
+            logprobs=logprobs,
             top_logprobs=top_logprobs,
         )
+        if self.seed is None:
+            return [base] * self.n
+        return [dataclasses.replace(base, seed=self.seed + j) for j in range(self.n)]
 
 
 class CompletionRequest(_Sampling):
