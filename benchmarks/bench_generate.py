@@ -196,7 +196,7 @@ def main() -> int:
     args.streams = [int(s) for s in str(args.streams).split(",")]
     args.prefill = [int(s) for s in str(args.prefill).split(",")]
     if args.model is None:
-        from lamina.engine.loader import default_model_path
+        from lamina.loader import default_model_path
 
         args.model = str(default_model_path())
     if args.worker:

@@ -41,7 +41,7 @@ def write_gguf(path: Path, preset: str, layers: int | None) -> None:
     import numpy as np
     import torch
 
-    from lamina.engine.loader import default_model_path
+    from lamina.loader import default_model_path
     from lamina.model import ModelConfig
     from lamina.quant import ggml
     from lamina.weights.gguf_file import read_gguf_file

@@ -6,7 +6,8 @@ GGUF, same machine, same run, with the same concurrent streaming clients.
 Each server runs in its own process on loopback; `--concurrency` clients send `--requests` streaming completion
 requests in all (prompts of mixed lengths, greedy, `max_tokens` each). Measured per server: requests/s and output
 tokens/s over the whole run, time to first token and inter-token latency (p50, p99). Ratios are lamina's over
-llama.cpp's (for latencies: llama.cpp's over lamina's, so > 1 is better for lamina either way).
+llama.cpp's (for latencies and memory: llama.cpp's over lamina's, so > 1 is better for lamina either way). Peak RSS is
+the server process's high-water mark (VmHWM) at the end of the run.
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ async def workload(url: str, model: str, args) -> dict:
     return {"wall": wall, "rps": args.requests / wall, "tps": tokens / wall, "tokens": tokens, "ttft": ttft, "itl": itl}
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM), in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kb / 1024
+
+
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
@@ -124,7 +132,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args()
     if args.model is None:
-        from lamina.engine.loader import default_model_path
+        from lamina.loader import default_model_path
 
         args.model = str(default_model_path())
     name = os.path.basename(args.model)
@@ -137,6 +145,7 @@ def main() -> int:
         try:
             served = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
             results[engine] = asyncio.run(workload(f"http://127.0.0.1:{port}", served, args))
+            results[engine]["rss"] = peak_rss_mb(proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -152,6 +161,7 @@ def main() -> int:
         ("time to first token p99 (ms)", lambda r: 1000 * pct(r["ttft"], 99), True),
         ("inter-token latency p50 (ms)", lambda r: 1000 * pct(r["itl"], 50), True),
         ("inter-token latency p99 (ms)", lambda r: 1000 * pct(r["itl"], 99), True),
+        ("server peak RSS (MB)", lambda r: r["rss"], True),
     ]
     peers = [e for e in results if e != "lamina"]
     header = ["metric", *results, *(f"lamina / {p}" for p in peers)]

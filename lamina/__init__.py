@@ -1,7 +1,9 @@
 """lamina: a Llama-family text-generation engine with Meta's Llama 3 `generate` API."""
 
-from lamina.engine import Completion, Engine, EngineConfig, Llama, RequestOutput, SamplingParams, StreamDelta, load
+from lamina.engine import EngineConfig, EngineCore, Request, RequestOutput, SamplingParams
 from lamina.errors import CapacityError, ConfigError, LaminaError, RequestError, TokenizerError, WeightsError
+from lamina.llama import Completion, Llama, StreamDelta
+from lamina.loader import load
 from lamina.model import ModelConfig, RopeScaling
 from lamina.tokenizer import ChatFormat, Dialog, Llama3Tokenizer, Message
 
@@ -15,13 +17,14 @@ __all__ = [
     "Completion",
     "ConfigError",
     "Dialog",
-    "Engine",
     "EngineConfig",
+    "EngineCore",
     "LaminaError",
     "Llama",
     "Llama3Tokenizer",
     "Message",
     "ModelConfig",
+    "Request",
     "RequestError",
     "RequestOutput",
     "RopeScaling",

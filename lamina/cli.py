@@ -184,6 +184,8 @@ def _load(args, show_progress: bool):
             dtype=args.dtype,
             max_seq_len=args.max_seq_len,
             max_batch_size=getattr(args, "max_batch_size", 1),
+            kv_cache_memory=getattr(args, "kv_cache_memory", None),
+            block_size=getattr(args, "block_size", 16),
             quantize=args.quantize,
             compile=args.compile,
             progress=progress,
@@ -197,8 +199,9 @@ def _generate(args) -> int:
     prompt = args.prompt
     if prompt is None and sys.stdin is not None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
-    if not prompt:
-        raise LaminaError("no prompt: give one as an argument or pipe it on stdin")
+    if not prompt or not prompt.strip():
+        given = " (the one given is empty or only whitespace)" if prompt else ""
+        raise LaminaError(f"no prompt: give one as an argument or pipe it on stdin{given}")
     llama = _load(args, show_progress=not args.json)
     if args.chat:
         prompt_ids = llama.encode_dialog([{"role": "user", "content": prompt}])
@@ -280,19 +283,12 @@ def _fit_history(llama, history: list[dict]) -> list[int] | None:
 def _serve(args) -> int:
     import uvicorn
 
-    from lamina.engine.loader import default_model_path
+    from lamina.loader import default_model_path
     from lamina.serve.app import create_app
 
     llama = _load(args, show_progress=True)
     name = args.served_model_name or Path(args.model or default_model_path()).name
-    app = create_app(
-        llama,
-        model_name=name,
-        api_key=args.api_key,
-        max_queue=args.max_queue,
-        kv_cache_memory=args.kv_cache_memory,
-        block_size=args.block_size,
-    )
+    app = create_app(llama, model_name=name, api_key=args.api_key, max_queue=args.max_queue)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
     # Ctrl-C / SIGTERM: stop accepting, let in-flight requests finish for up to 30 s, then cancel them.
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
@@ -306,7 +302,7 @@ def _decode_path(llama) -> str:
 
 
 def _info(args) -> int:
-    from lamina.engine.loader import default_model_path, detect_format
+    from lamina.loader import default_model_path, detect_format
     from lamina.quant import describe
 
     llama = _load(args, show_progress=True)

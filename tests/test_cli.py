@@ -147,6 +147,8 @@ def test_info():
             1,
             "lamina: error: no prompt: give one as an argument or pipe it on stdin",
         ),
+        (["generate", "", "--max-seq-len", "64"], 1, "lamina: error: no prompt: give one as an argument"),
+        (["generate", "  \n", "--max-seq-len", "64"], 1, "(the one given is empty or only whitespace)"),
         (["generate", "hi", "--max-tokens", "100", "--max-seq-len", "64"], 1, "exceed max_seq_len 64"),
         (["generate", "hi", "--bogus"], 2, "unrecognized arguments: --bogus"),
         (["generate", "hi", "--max-tokens", "many"], 2, "invalid value 'many': expected an integer >= 0"),

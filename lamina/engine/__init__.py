@@ -1,9 +1,9 @@
-"""The engine: KV cache, sampling, the model runner, the Llama generation facade, the serving Engine and `load`."""
+"""The engine: one core (EngineCore) that every front end drives: requests, the scheduler and block pool, the model
+runner with the one KV cache, the sampler, the output processor; and the engine's configuration."""
 
 from lamina.engine.config import EngineConfig
-from lamina.engine.engine import Engine, RequestOutput
-from lamina.engine.generate import Completion, Llama, StreamDelta
-from lamina.engine.loader import load
+from lamina.engine.core import EngineCore
+from lamina.engine.request import Request, RequestOutput
 from lamina.engine.sampling import SamplingParams
 
-__all__ = ["Completion", "Engine", "EngineConfig", "Llama", "RequestOutput", "SamplingParams", "StreamDelta", "load"]
+__all__ = ["EngineConfig", "EngineCore", "Request", "RequestOutput", "SamplingParams"]

@@ -69,16 +69,47 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, *, bloc
 @dataclass(frozen=True)
 class EngineConfig:
     """Limits and options of one engine: `max_batch_size` sequences at once, each at most `max_seq_len` tokens
-    (prompt + output), on `device` in `dtype`."""
+    (prompt + output), on `device` in `dtype`.
+
+    The KV cache is allocated once: blocks of `block_size` positions (None: one block of max_seq_len a sequence,
+    Meta's layout) from `kv_cache_memory` bytes (None: room for max_batch_size sequences of max_seq_len). Each step
+    runs at most `max_step_tokens` tokens (decode tokens plus prompt chunks); at most `max_waiting` requests queue
+    beyond the running batch."""
 
     max_seq_len: int
     max_batch_size: int
     device: torch.device
     dtype: torch.dtype
     compile: bool = False  # compile the decode step with torch.compile (minutes of compiling, then faster steps)
+    block_size: int | None = None
+    kv_cache_memory: int | None = None
+    max_step_tokens: int = 512
+    max_waiting: int = 256
 
     def __post_init__(self):
-        check_limits(max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size)
+        check_limits(
+            max_seq_len=self.max_seq_len,
+            max_batch_size=self.max_batch_size,
+            block_size=self.block_size,
+            kv_cache_memory=self.kv_cache_memory,
+            max_step_tokens=self.max_step_tokens,
+        )
+        if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
+            raise ConfigError(f"max_waiting must be an integer >= 0, got {self.max_waiting!r}")
+
+    def cache_blocks(self, bytes_per_token: int) -> tuple[int, int]:
+        """(number of blocks, positions per block) of the KV cache, for a model whose keys and values take
+        `bytes_per_token` bytes a position."""
+        block_size = self.block_size or self.max_seq_len
+        if self.kv_cache_memory is None:
+            return self.max_batch_size * -(-self.max_seq_len // block_size), block_size
+        num_blocks = self.kv_cache_memory // (block_size * bytes_per_token)
+        if num_blocks < 1:
+            raise ConfigError(
+                f"kv_cache_memory {self.kv_cache_memory} bytes holds no block (one is {block_size * bytes_per_token} "
+                "bytes)"
+            )
+        return num_blocks, block_size
 
 
 def check_limits(**limits) -> None:

@@ -1,24 +1,36 @@
-"""ModelRunner: turns lists of token ids into forward passes over the model and its KV cache. A sequence's cache is
-the list of blocks (its block table) it was given: by `slots` (one whole row per sequence, for `Llama.generate`) or
-by the serving engine's block pool."""
+"""ModelRunner: the only owner of a model's KV cache; runs a scheduled step's chunks as forward passes (prompt chunks
+packed into one prefill, one-token chunks of running requests into one decode step) through the C decode step, the
+compiled or the eager forward. A sequence's cache is the list of blocks (its block table) the block pool gave it."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+import itertools
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from lamina.engine.config import EngineConfig
 from lamina.engine.kv_cache import KVCache, padded_tables
 from lamina.engine.native import NativeDecode, unsupported
-from lamina.errors import CapacityError
+from lamina.engine.request import Request
+from lamina.engine.scheduler import Chunk
 from lamina.model import Decode, Prefill, Transformer
+
+
+@dataclass(frozen=True)
+class Forward:
+    """What a step's forward passes give: next-token logits [S, V] (float32) of the chunks that sample, in step
+    order, and for requests scoring their prompt the hidden states [n, dim] of the positions to score."""
+
+    logits: torch.Tensor
+    sampling: list[Request]
+    scored: list[tuple[Request, range, torch.Tensor]]
 
 
 class ModelRunner:
     """Owns the KV cache of one model: `num_blocks` blocks of `block_size` positions (default: max_batch_size rows of
-    max_seq_len). A generation takes rows with `slots(n)`, or a caller manages blocks itself, and runs forwards."""
+    max_seq_len, one block a sequence), and runs forwards over it."""
 
     def __init__(
         self,
@@ -46,31 +58,43 @@ class ModelRunner:
         self.cache = KVCache.allocate(
             model.config, num_blocks, self.block_size, device=config.device, dtype=config.dtype
         )
-        # Whole rows to hand out with `slots`, where each block is a row; a paged cache's blocks are its owner's.
-        self._free = list(range(num_blocks)) if self.block_size >= config.max_seq_len else []
         self.native = (
             NativeDecode(model, self.cache) if native and not compile and not unsupported(model, self.cache) else None
         )
 
-    @contextlib.contextmanager
-    def slots(self, n: int) -> Iterator[list[int]]:
-        """Reserve n cache rows (lowest first, so a lone generation gets 0..n-1) for the duration of the block; each
-        row is one block of max_seq_len positions (a sequence's block table is [row])."""
-        if self.block_size < self.config.max_seq_len:
-            raise RuntimeError(
-                "slots() hands out whole rows; this runner's cache is paged (its owner allocates blocks)"
-            )
-        if n > len(self._free):
-            raise CapacityError(
-                f"{n} sequence(s) need cache rows but only {len(self._free)} of {self.config.max_batch_size} are "
-                "free: other generations on this model are still running (finish or close them first)"
-            )
-        self._free.sort()
-        taken, self._free = self._free[:n], self._free[n:]
-        try:
-            yield taken
-        finally:
-            self._free.extend(taken)
+    def execute(self, chunks: Sequence[Chunk]) -> Forward:
+        """Run a scheduled step: the one-token chunks of running requests in one decode step, every other chunk (a
+        prompt's, a recomputation's, or one scoring prompt tokens) packed into one prefill pass."""
+        decode = [c for c in chunks if c.length == 1 and c.start > 0 and c.samples and not self._scores(c)]
+        prefill = [c for c in chunks if not (c.length == 1 and c.start > 0 and c.samples and not self._scores(c))]
+        rows: dict[int, torch.Tensor] = {}  # id(request) -> its next-token logits
+        scored = []
+        if prefill:
+            hidden = self.prefill([c.tokens for c in prefill], [c.request.blocks for c in prefill], [c.start for c in prefill])
+            ends = list(itertools.accumulate(c.length for c in prefill))
+            for c, end in zip(prefill, ends):
+                positions = self._scores(c)
+                if positions:
+                    first = end - c.length + positions.start - c.start
+                    scored.append((c.request, positions, hidden[first : first + len(positions)]))
+            wanted = [(c, end - 1) for c, end in zip(prefill, ends) if c.samples]
+            if wanted:
+                logits = self.logits(hidden[[i for _, i in wanted]])
+                rows.update((id(c.request), row) for (c, _), row in zip(wanted, logits))
+        if decode:
+            logits = self.decode([c.tokens[0] for c in decode], [c.request.blocks for c in decode], [c.start for c in decode])
+            rows.update((id(c.request), row) for c, row in zip(decode, logits))
+        sampling = [c.request for c in chunks if c.samples]
+        logits = torch.stack([rows[id(r)] for r in sampling]) if sampling else torch.empty(0, device=self.config.device)
+        return Forward(logits, sampling, scored)
+
+    @staticmethod
+    def _scores(chunk: Chunk) -> range:
+        return chunk.request.scored_positions(chunk.start, chunk.length)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [n, dim] -> logits [n, vocab] (float32)."""
+        return self.model.logits(hidden)
 
     def prefill(
         self,

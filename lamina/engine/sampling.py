@@ -1,5 +1,7 @@
-"""Token sampling as pure functions on batched float32 logits; per-row settings are tensors: Meta's temperature +
-top-p (`sample`, for `Llama.generate`), and per-request settings for serving (`SamplingParams`, `SamplingBatch`)."""
+"""Token sampling as pure functions on batched float32 logits, every row with its own settings as tensors:
+`SamplingParams` (one request's settings, checked), `SamplingBatch` (a batch's settings as tensors) and the stages of
+the one sampling pipeline (lamina.engine.sampler): logit bias, penalties, temperature with top-k/top-p/min-p, the
+draw, log-probabilities."""
 
 from __future__ import annotations
 
@@ -14,38 +16,18 @@ from lamina.errors import RequestError
 
 
 def sample(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_p: torch.Tensor,
-    generator: torch.Generator | None = None,
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Next token per row of logits [B, V]: argmax where temperature is 0, else a draw from softmax(logits / T)
-    restricted to the nucleus: the most probable tokens, in order, up to and including the first whose
-    cumulative probability reaches top_p (Meta's rule), renormalised. temperature, top_p: [B]. Returns [B] int64."""
-    greedy = logits.argmax(dim=-1)
-    sampling = temperature > 0
-    if not bool(sampling.any()):
-        return greedy
-    # Shift by the row maximum first (softmax does not change), so that a tiny temperature cannot overflow to inf.
-    shifted = logits - logits.amax(dim=-1, keepdim=True)
-    scaled = shifted / torch.where(sampling, temperature, 1.0)[:, None]
-    probs = torch.softmax(scaled, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before > top_p[:, None], 0.0)
-    choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)  # weights need not sum to 1
-    sampled = order.gather(-1, choice).squeeze(-1)
-    return torch.where(sampling, sampled, greedy)
+    """Meta's sampling arguments on the pipeline's own stages: next token per row of logits [B, V], argmax where
+    temperature [B] is 0, else a draw from softmax(logits / T) restricted to the nucleus (Meta's rule, see
+    `truncate`), every row from `generator`. Returns [B] int64."""
+    batch = SamplingBatch.of(temperature, top_p, logits.shape[-1])
+    return draw(truncate(logits, batch), batch, [generator] * logits.shape[0])
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[token] per row: logits [n, V] float32, tokens [n] -> [n]."""
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Per-request sampling (the serving engine): every request brings its own settings; a batch applies them all at once,
-# as [B] tensors, never in a Python loop over the vocabulary.
 
 
 @dataclass(frozen=True)
@@ -58,7 +40,10 @@ class SamplingParams:
     penalty (CTRL, as transformers and vLLM apply it) divides positive and multiplies negative logits of tokens seen in
     the prompt or the output. logit_bias adds to given token ids' logits. A seed makes the request's draws
     reproducible whatever else shares the batch. logprobs: report each new token's log-probability; top_logprobs:
-    and that many most probable alternatives (which implies logprobs)."""
+    and that many most probable alternatives (which implies logprobs). prompt_logprobs (vLLM's): None for none, else
+    each prompt token's log-probability given the tokens before it, with that many alternatives. max_tokens None: up
+    to the context. ignore_eos: the model's stop tokens are generated like any
+    other (stop_token_ids still stop)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -74,6 +59,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None
+    ignore_eos: bool = False
     n: int = 1
 
     def __post_init__(self):
@@ -107,6 +94,10 @@ class SamplingParams:
         _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if self.top_logprobs:  # alternatives come with the chosen token's own log-probability
             object.__setattr__(self, "logprobs", True)
+        if self.prompt_logprobs is not None:
+            _integer("prompt_logprobs", self.prompt_logprobs, 0, MAX_TOP_LOGPROBS)
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         _integer("n", self.n, 1, None)
 
     @property
@@ -158,6 +149,27 @@ class SamplingBatch:
     truncation: bool
 
     @classmethod
+    def of(cls, temperature: torch.Tensor, top_p: torch.Tensor, vocab_size: int) -> "SamplingBatch":
+        """Temperature and top-p only, as [B] tensors (the other stages off)."""
+        B, device = temperature.shape[0], temperature.device
+        zeros = torch.zeros(B, dtype=torch.float32, device=device)
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        return cls(
+            temperature=temperature.float(),
+            top_k=torch.full((B,), vocab_size, dtype=torch.long, device=device),
+            top_p=top_p.float(),
+            min_p=zeros,
+            presence=zeros,
+            frequency=zeros,
+            repetition=torch.ones(B, dtype=torch.float32, device=device),
+            bias_rows=none,
+            bias_tokens=none,
+            bias_values=none.float(),
+            penalties=False,
+            truncation=bool((top_p < 1).any()),
+        )
+
+    @classmethod
     def from_params(cls, params: Sequence[SamplingParams], vocab_size: int, device) -> "SamplingBatch":
         def column(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device)
@@ -207,7 +219,13 @@ def truncate(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     whose cumulative probability reaches top_p) and min-p, in transformers' order; removed tokens get -inf. Greedy
     rows come back unchanged."""
     sampling = batch.temperature > 0
-    scaled = logits / torch.where(sampling, batch.temperature, 1.0)[:, None]
+    temperature = torch.where(sampling, batch.temperature, 1.0)[:, None]
+    scaled = logits / temperature
+    # A tiny temperature overflows to inf (and softmax to nan): those rows are shifted by their maximum first, which
+    # softmax does not see.
+    overflow = (torch.isposinf(scaled) | torch.isnan(scaled)).any(dim=-1, keepdim=True)
+    if bool(overflow.any()):
+        scaled = torch.where(overflow, (logits - logits.amax(dim=-1, keepdim=True)) / temperature, scaled)
     if not batch.truncation:
         return torch.where(sampling[:, None], scaled, logits)
     sorted_logits, order = scaled.sort(dim=-1, descending=True)

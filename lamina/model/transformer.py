@@ -55,6 +55,9 @@ class Decode:
 def _gather(cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` positions of the sequences whose blocks `tables` [..., n] lists, from a cache
     [blocks, KVH, block_size, D]: [..., KVH, length, D]."""
+    tables = tables[..., : -(-length // cache.shape[2])]  # only the blocks that hold those positions
+    if tables.dim() == 1 and tables.shape[0] == 1:  # one block: a view, no copy
+        return cache[int(tables[0]), :, :length]
     picked = cache[tables]  # [..., n, KVH, BS, D]
     picked = picked.movedim(-4, -3)  # [..., KVH, n, BS, D]
     return picked.flatten(-3, -2)[..., :length, :]

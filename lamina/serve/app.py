@@ -1,4 +1,6 @@
-"""The OpenAI-compatible HTTP app: FastAPI routes around an Engine that runs on a thread of its own (loop.py).
+"""The HTTP app: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, vLLM's /tokenize, /detokenize and
+/tokenizer_info, /health and /metrics. Routes turn bodies into engine requests (lamina.serve.protocol), submit them
+to the engine thread (lamina.serve.loop) and build OpenAI's answers from the outputs (lamina.serve.responses).
 
 A client that goes away mid-stream cancels its handler, which aborts its requests: their KV-cache blocks are free the
 next step.
@@ -6,51 +8,48 @@ next step.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 import uuid
-from typing import AsyncIterator
+from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
-from lamina.engine.engine import Engine, RequestOutput
-from lamina.engine.generate import Llama
-from lamina.engine.sampling import SamplingParams
+from lamina.engine import Request
 from lamina.errors import CapacityError, LaminaError, RequestError
+from lamina.llama import Llama
+from lamina.serve import responses as r
 from lamina.serve.loop import EngineLoop
-from lamina.serve.protocol import ChatCompletionRequest, CompletionRequest
+from lamina.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    token_budget,
+)
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+@dataclass
+class Served:
+    """What the routes need: the model, its name, the engine thread."""
+
+    llama: Llama
+    name: str
+    loop: EngineLoop
+    created: int
+
+    def token_text(self, token: int) -> str:
+        return self.llama.tokenizer.decode([token])
 
 
-def create_app(
-    llama: Llama,
-    *,
-    model_name: str,
-    api_key: str | None = None,
-    max_queue: int = 256,
-    max_step_tokens: int = 512,
-    seed: int = 0,
-    kv_cache_memory: int | None = None,
-    block_size: int = 16,
-) -> FastAPI:
-    """The app serving `llama` as `model_name`. The engine thread starts and stops with the app (its lifespan)."""
-    engine = Engine(
-        llama,
-        max_waiting=max_queue,
-        max_step_tokens=max_step_tokens,
-        seed=seed,
-        kv_cache_memory=kv_cache_memory,
-        block_size=block_size,
-    )
-    loop = EngineLoop(engine)
-    created = int(time.time())
+def create_app(llama: Llama, *, model_name: str, api_key: str | None = None, max_queue: int = 256) -> FastAPI:
+    """The app serving `llama` as `model_name` on the model's one engine core. The engine thread starts and stops
+    with the app (its lifespan). At most `max_queue` requests wait beyond the running batch (then 429)."""
+    loop = EngineLoop(llama, max_queue)
 
     async def lifespan(app):
         loop.start()
@@ -59,288 +58,153 @@ def create_app(
 
     app = FastAPI(title="lamina", lifespan=lifespan)
     app.state.engine_loop = loop
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
+    app.state.served = Served(llama, model_name, loop, int(time.time()))
+    app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.add_exception_handler(HTTPException, _http_error)
 
     @app.middleware("http")
-    async def _auth(request: Request, call_next):
+    async def _auth(request: HTTPRequest, call_next):
         if api_key and request.url.path.startswith("/v1/"):
             if request.headers.get("authorization") != f"Bearer {api_key}":
                 return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
         return await call_next(request)
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(loop.metrics(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models():
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "lamina"}
-        return {"object": "list", "data": [card]}
-
-    def check_model(name: str | None) -> JSONResponse | None:
-        if name is not None and name != model_name:
-            return _error(
-                404, f"The model `{name}` does not exist; this server serves `{model_name}`", "not_found_error", "model"
-            )
-        return None
-
-    async def start(prompts: list[list[int]], params: list[SamplingParams], ignore_eos: bool):
-        """Submit every choice's request; on any refusal, abort those already queued and raise."""
-        started = []
-        try:
-            for prompt, p in zip(prompts, params):
-                started.append(await loop.submit(prompt, p, ignore_eos))
-        except BaseException:
-            for request_id, _ in started:
-                loop.abort(request_id)
-            raise
-        return started
-
-    async def merged(started) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Every choice's outputs as they come: (choice index, output); aborts the unfinished ones if cancelled."""
-        pending = {i: q for i, (_, q) in enumerate(started)}
-        getters = {asyncio.ensure_future(q.get()): i for i, q in pending.items()}
-        try:
-            while getters:
-                done, _ = await asyncio.wait(getters, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    i = getters.pop(task)
-                    out = task.result()
-                    if isinstance(out, Exception):
-                        raise out
-                    yield i, out
-                    if out.finish_reason is None:
-                        getters[asyncio.ensure_future(pending[i].get())] = i
-                    else:
-                        pending.pop(i)
-        finally:
-            for task in getters:
-                task.cancel()
-            for i in pending:
-                loop.abort(started[i][0])
-
-    async def collect(started) -> dict[int, list[RequestOutput]]:
-        """Every choice's outputs, to the end (a non-streaming response)."""
-        per_choice: dict[int, list[RequestOutput]] = {i: [] for i in range(len(started))}
-        async for i, out in merged(started):
-            per_choice[i].append(out)
-        return per_choice
-
-    def failure(e: BaseException) -> JSONResponse:
-        if isinstance(e, CapacityError):  # the queue is full, or the server is shutting down: try again later
-            return _error(429, str(e), "rate_limit_error")
-        if isinstance(e, (RequestError, ValueError, ValidationError)):
-            return _error(400, str(e))
-        # A failed step (a bug, not the request): this request fails, the server goes on.
-        return _error(500, f"the engine failed while running this request: {type(e).__name__}: {e}", "server_error")
-
-    def chunk(rid: str, kind: str, now: int, choice: dict) -> str:
-        """One server-sent event of a stream: a chunk holding one choice's update."""
-        payload = {"id": rid, "object": kind, "created": now, "model": model_name, "choices": [choice]}
-        return f"data: {json.dumps(payload)}\n\n"
-
-    def token_text(token: int) -> str:
-        return llama.tokenizer.decode([token])
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        if (bad := check_model(body.model)) is not None:
-            return bad
-        try:
-            prompts = _prompt_ids(body.prompt, llama)
-            choice = body.choices(
-                max_tokens=body.max_tokens, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0
-            )
-            params = [p for _ in prompts for p in choice]
-            choice_prompts = [p for p in prompts for _ in range(body.n)]
-            echo_lps = None
-            if body.echo and body.logprobs is not None:
-                echo_lps = await loop.call(
-                    lambda: [llama.generate([p], 0, logprobs=True, echo=True)[1][0] for p in prompts]
-                )
-            started = await start(choice_prompts, params, body.ignore_eos)
-        except (LaminaError, ValueError, ValidationError) as e:
-            return failure(e)
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def echo_text(i: int) -> str:
-            return llama.tokenizer.decode(choice_prompts[i]) if body.echo else ""
-
-        def echo_logprobs(i: int) -> dict:
-            ids = choice_prompts[i]
-            lps = echo_lps[i // body.n]
-            return {
-                "tokens": [token_text(t) for t in ids],
-                "token_logprobs": [None, *lps[1:]],
-                "top_logprobs": [None] * len(ids),
-            }
-
-        def logprobs_of(outs: list[RequestOutput]) -> dict:
-            outs = [o for o in outs if o.token is not None]
-            return {
-                "tokens": [token_text(o.token) for o in outs],
-                "token_logprobs": [o.logprob for o in outs],
-                "top_logprobs": [{token_text(t): lp for t, lp in (o.top_logprobs or ())} for o in outs],
-            }
-
-        if body.stream:
-
-            async def events():
-                if body.echo:
-                    for i in range(len(started)):
-                        yield chunk(
-                            rid,
-                            "text_completion",
-                            now,
-                            {"index": i, "text": echo_text(i), "logprobs": None, "finish_reason": None},
-                        )
-                async for i, out in merged(started):
-                    lp = logprobs_of([out]) if body.logprobs is not None and out.token is not None else None
-                    yield chunk(
-                        rid,
-                        "text_completion",
-                        now,
-                        {"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason},
-                    )
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        try:
-            per_choice = await collect(started)
-        except Exception as e:  # noqa: BLE001
-            return failure(e)
-        choices = []
-        for i, outs in per_choice.items():
-            lp = None
-            if body.logprobs is not None:
-                lp = logprobs_of(outs)
-                if echo_lps is not None:
-                    head = echo_logprobs(i)
-                    lp = {k: head[k] + lp[k] for k in lp}
-            choices.append(
-                {
-                    "index": i,
-                    "text": echo_text(i) + "".join(o.text for o in outs),
-                    "logprobs": lp,
-                    "finish_reason": outs[-1].finish_reason,
-                }
-            )
-        completion = sum(outs[-1].completion_tokens for outs in per_choice.values())
-        prompt_tokens = sum(len(p) for p in prompts)
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": now,
-            "model": model_name,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion,
-            },
-        }
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
-        if (bad := check_model(body.model)) is not None:
-            return bad
-        try:
-            prompt = llama.encode_dialog([m.model_dump() for m in body.messages])
-            top = (body.top_logprobs or 0) if body.logprobs else 0
-            max_tokens = body.max_completion_tokens or body.max_tokens
-            params = body.choices(max_tokens=max_tokens, logprobs=body.logprobs, top_logprobs=top)
-            started = await start([prompt] * body.n, params, body.ignore_eos)
-        except (LaminaError, ValueError, ValidationError) as e:
-            return failure(e)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def content_logprobs(outs: list[RequestOutput]) -> dict | None:
-            if not body.logprobs:
-                return None
-            entries = []
-            for o in outs:
-                if o.token is None:
-                    continue
-                text = token_text(o.token)
-                alts = [
-                    {"token": token_text(t), "logprob": lp, "bytes": list(token_text(t).encode())}
-                    for t, lp in (o.top_logprobs or ())
-                ]
-                entries.append(
-                    {"token": text, "logprob": o.logprob, "bytes": list(text.encode()), "top_logprobs": alts}
-                )
-            return {"content": entries}
-
-        if body.stream:
-
-            async def events():
-                for i in range(len(started)):
-                    yield chunk(
-                        rid,
-                        "chat.completion.chunk",
-                        now,
-                        {
-                            "index": i,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        },
-                    )
-                async for i, out in merged(started):
-                    delta = {"content": out.text} if out.text or out.finish_reason is None else {}
-                    yield chunk(
-                        rid,
-                        "chat.completion.chunk",
-                        now,
-                        {
-                            "index": i,
-                            "delta": delta,
-                            "logprobs": content_logprobs([out]),
-                            "finish_reason": out.finish_reason,
-                        },
-                    )
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        try:
-            per_choice = await collect(started)
-        except Exception as e:  # noqa: BLE001
-            return failure(e)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
-                "logprobs": content_logprobs(outs),
-                "finish_reason": outs[-1].finish_reason,
-            }
-            for i, outs in per_choice.items()
-        ]
-        completion = sum(outs[-1].completion_tokens for outs in per_choice.values())
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": now,
-            "model": model_name,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": len(prompt),
-                "completion_tokens": completion,
-                "total_tokens": len(prompt) + completion,
-            },
-        }
-
+    app.include_router(router)
     return app
+
+
+router = APIRouter()
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    return JSONResponse(r.error_body(message, kind, param), status_code=status)
+
+
+async def _invalid_body(request, exc: RequestValidationError):
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return _error(400, f"{where or 'body'}: {message}", param=where or None)
+
+
+async def _http_error(request, exc: HTTPException):
+    """Starlette's own errors (a body that is not UTF-8, an unknown route) in OpenAI's error shape."""
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return _error(exc.status_code, str(exc.detail), kind)
+
+
+def _failure(e: BaseException) -> JSONResponse:
+    if isinstance(e, CapacityError):  # the queue is full, or the server is shutting down: try again later
+        return _error(429, str(e), "rate_limit_error")
+    if isinstance(e, (RequestError, ValueError, ValidationError)):
+        return _error(400, str(e))
+    # A failed step (a bug, not the request): this request fails, the server goes on.
+    return _error(500, f"the engine failed while running this request: {type(e).__name__}: {e}", "server_error")
+
+
+def _served(request: HTTPRequest) -> Served:
+    return request.app.state.served
+
+
+def _unknown_model(served: Served, name: str | None) -> JSONResponse | None:
+    if name is not None and name != served.name:
+        message = f"The model `{name}` does not exist; this server serves `{served.name}`"
+        return _error(404, message, "not_found_error", "model")
+    return None
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def metrics(request: HTTPRequest):
+    served = _served(request)
+    return PlainTextResponse(served.loop.metrics.text(served.loop.engine), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/models")
+async def models(request: HTTPRequest):
+    served = _served(request)
+    card = {"id": served.name, "object": "model", "created": served.created, "owned_by": "lamina"}
+    return {"object": "list", "data": [card]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Completions
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: HTTPRequest):
+    served = _served(request)
+    if (bad := _unknown_model(served, body.model)) is not None:
+        return bad
+    try:
+        prompts = _prompt_ids(body.prompt, served.llama)
+        requests = _completion_requests(body, prompts, served.llama)
+        outputs = await served.loop.submit(requests)
+    except (LaminaError, ValueError, ValidationError) as e:
+        return _failure(e)
+    rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    tokenizer = served.llama.tokenizer
+    echoed: set[int] = set()
+
+    def piece(i: int, out) -> tuple[str, dict | None]:
+        echo = None
+        if body.echo and i not in echoed:
+            echoed.add(i)
+            echo = (tokenizer.decode(requests[i].prompt), requests[i].prompt)
+        return r.completion_piece(out, echo=echo, logprobs=body.logprobs is not None, token_text=served.token_text)
+
+    if body.stream:
+
+        async def events():
+            completion = 0
+            async for i, out in outputs:
+                text, lp = piece(i, out)
+                completion += out.token is not None
+                choice = r.completion_choice(i, text, lp, out.finish_reason)
+                yield r.sse(r.completion_body(rid, now, served.name, [choice], None, chunk=True))
+            if body.include_usage:
+                yield r.sse(r.completion_body(rid, now, served.name, [], _usage(prompts, completion), chunk=True))
+            yield r.sse("[DONE]")
+
+        return StreamingResponse(_guarded(events()), media_type="text/event-stream")
+    try:
+        pieces: dict[int, list] = {i: [] for i in range(len(requests))}
+        finish: dict[int, str] = {}
+        completion = 0
+        async for i, out in outputs:
+            pieces[i].append(piece(i, out))
+            completion += out.token is not None
+            finish[i] = out.finish_reason or finish.get(i)
+    except Exception as e:  # noqa: BLE001
+        return _failure(e)
+    choices = [
+        r.completion_choice(i, "".join(t for t, _ in ps), r.merge_logprobs([lp for _, lp in ps]), finish[i])
+        for i, ps in pieces.items()
+    ]
+    return r.completion_body(rid, now, served.name, choices, _usage(prompts, completion))
+
+
+def _usage(prompts: list[list[int]], completion: int) -> dict:
+    return r.usage(sum(len(p) for p in prompts), completion)
+
+
+def _completion_requests(body: CompletionRequest, prompts: list[list[int]], llama: Llama) -> list[Request]:
+    """A request per choice: n for each prompt (choice i is prompt i // n), each within the context."""
+    context = llama.config.max_seq_len
+    scored = body.echo and body.logprobs is not None
+    extra = {"prompt_logprobs": body.logprobs} if scored else {}
+    params = body.choices(
+        max_tokens=body.max_tokens or None, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0, **extra
+    )
+    requests = []
+    for prompt in prompts:
+        budget = token_budget(len(prompt), body.max_tokens, context)
+        requests += [llama.new_request(prompt, p, max_tokens=budget) for p in params]
+    return requests
 
 
 def _prompt_ids(prompt, llama: Llama) -> list[list[int]]:
@@ -358,3 +222,121 @@ def _prompt_ids(prompt, llama: Llama) -> list[list[int]]:
             raise RequestError("a prompt has no tokens")
         out.append(ids)
     return out
+
+
+async def _guarded(events):
+    """A stream's events; a failure mid-stream ends it with an error event instead of a broken connection."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:  # noqa: BLE001
+        yield r.sse(r.error_body(f"the engine failed while running this request: {type(e).__name__}: {e}", "server_error"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chat
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: ChatCompletionRequest, request: HTTPRequest):
+    served = _served(request)
+    if (bad := _unknown_model(served, body.model)) is not None:
+        return bad
+    llama = served.llama
+    try:
+        prompt = llama.encode_dialog([m.model_dump() for m in body.messages])
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        budget = token_budget(len(prompt), max_tokens, llama.config.max_seq_len)
+        top = (body.top_logprobs or 0) if body.logprobs else 0
+        params = body.choices(max_tokens=max_tokens, logprobs=body.logprobs, top_logprobs=top)
+        requests = [llama.new_request(prompt, p, max_tokens=budget) for p in params]
+        outputs = await served.loop.submit(requests)
+    except (LaminaError, ValueError, ValidationError) as e:
+        return _failure(e)
+    rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def logprobs(outs) -> dict | None:
+        return r.chat_logprobs(outs, served.token_text) if body.logprobs else None
+
+    if body.stream:
+
+        async def events():
+            for i in range(len(requests)):
+                yield r.sse(r.chat_body(rid, now, served.name, [r.chat_delta(i, None, None)], None, chunk=True))
+            completion = 0
+            async for i, out in outputs:
+                completion += out.token is not None
+                delta = r.chat_delta(i, out, logprobs([out]))
+                yield r.sse(r.chat_body(rid, now, served.name, [delta], None, chunk=True))
+            if body.include_usage:
+                use = r.usage(len(prompt), completion)
+                yield r.sse(r.chat_body(rid, now, served.name, [], use, chunk=True))
+            yield r.sse("[DONE]")
+
+        return StreamingResponse(_guarded(events()), media_type="text/event-stream")
+    try:
+        per_choice: dict[int, list] = {i: [] for i in range(len(requests))}
+        async for i, out in outputs:
+            per_choice[i].append(out)
+    except Exception as e:  # noqa: BLE001
+        return _failure(e)
+    choices = [
+        r.chat_choice(i, "".join(o.text for o in outs), logprobs(outs), outs[-1].finish_reason)
+        for i, outs in per_choice.items()
+    ]
+    completion = sum(o.token is not None for outs in per_choice.values() for o in outs)
+    return r.chat_body(rid, now, served.name, choices, r.usage(len(prompt), completion))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# vLLM's tokenizer endpoints
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: HTTPRequest):
+    served = _served(request)
+    if (bad := _unknown_model(served, body.model)) is not None:
+        return bad
+    llama, tokenizer = served.llama, served.llama.tokenizer
+    try:
+        if body.messages is not None:
+            tokens = llama.encode_dialog([m.model_dump() for m in body.messages])
+        else:
+            bos = body.add_special_tokens and tokenizer.add_bos
+            tokens = tokenizer.encode(body.prompt, bos=bos, eos=False, allowed_special="all")
+    except LaminaError as e:
+        return _failure(e)
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": llama.config.max_seq_len}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: HTTPRequest):
+    served = _served(request)
+    if (bad := _unknown_model(served, body.model)) is not None:
+        return bad
+    vocab = served.llama.model.config.vocab_size
+    outside = next((t for t in body.tokens if not 0 <= t < vocab), None)
+    if outside is not None:
+        return _error(400, f"token id {outside} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+    return {"prompt": served.llama.tokenizer.decode(body.tokens)}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: HTTPRequest):
+    served = _served(request)
+    llama, tokenizer = served.llama, served.llama.tokenizer
+
+    def text(token: int | None) -> str | None:
+        return None if token is None else tokenizer.decode([token])
+
+    return {
+        "tokenizer_class": type(tokenizer).__name__,
+        "bos_token": text(tokenizer.bos_id),
+        "eos_token": text(tokenizer.eos_id),
+        "pad_token": text(tokenizer.special_tokens.get("pad_token")),
+        "add_bos_token": tokenizer.add_bos,
+        "chat_template": getattr(llama.formatter, "source", None),
+        "model_max_length": llama.config.max_seq_len,
+        "vocab_size": llama.model.config.vocab_size,
+        "stop_token_ids": sorted(llama.stop_tokens),
+    }

@@ -1,15 +1,21 @@
-"""OpenAI's request bodies for /v1/completions and /v1/chat/completions, checked (pydantic), and their sampling
-settings as lamina's SamplingParams. Unknown fields are ignored, as OpenAI's own server does; lamina's extensions
-(top_k, min_p, repetition_penalty, ignore_eos) sit beside the standard ones, as in vLLM."""
+"""The request bodies the server accepts, checked (pydantic): OpenAI's /v1/completions and /v1/chat/completions,
+with their sampling settings as lamina's SamplingParams, and vLLM's /tokenize and /detokenize. Unknown fields are
+ignored, as OpenAI's own server does; lamina's extensions (top_k, min_p, repetition_penalty, ignore_eos,
+stop_token_ids) sit beside the standard ones, as in vLLM. Also the context rule: how many tokens a request may get."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from lamina.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from lamina.errors import RequestError
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
 
 
 class _Sampling(BaseModel):
@@ -30,8 +36,13 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
+    stream_options: StreamOptions | None = None
 
-    def choices(self, *, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> list[SamplingParams]:
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def choices(self, *, max_tokens: int | None, logprobs: bool, top_logprobs: int, **extra) -> list[SamplingParams]:
         """SamplingParams for each of the n choices: choice j of a seeded request draws with seed + j, so the choices
         differ and each is reproducible."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -56,6 +67,8 @@ class _Sampling(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids),
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            ignore_eos=self.ignore_eos,
+            **extra,
         )
         if self.seed is None:
             return [base] * self.n
@@ -64,9 +77,15 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for completions; 0 only with echo
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
+
+    @model_validator(mode="after")
+    def _zero_tokens_only_to_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be at least 1 (0 only with echo, to score the prompt)")
+        return self
 
 
 class Message(BaseModel):
@@ -79,3 +98,49 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a text `prompt` (with the tokenizer's BOS when add_special_tokens), or chat `messages`
+    through the model's chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+def token_budget(prompt_tokens: int, max_tokens: int | None, context: int) -> int:
+    """New tokens a request may get: `max_tokens`, or with None what the context leaves. A prompt plus max_tokens
+    beyond the context is refused, naming both numbers, as OpenAI does."""
+    if max_tokens is None:
+        if prompt_tokens >= context:
+            raise RequestError(
+                f"This model's maximum context length is {context} tokens. However, your prompt has {prompt_tokens} "
+                "tokens, which leaves no room for a completion. Please reduce the length of the prompt."
+            )
+        return context - prompt_tokens
+    if prompt_tokens + max_tokens > context:
+        raise RequestError(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the completion). "
+            "Please reduce the length of the prompt or completion."
+        )
+    return max_tokens

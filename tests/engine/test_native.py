@@ -51,8 +51,11 @@ def test_step_equals_pytorch_forward(llama, mode, block_size, tables):
             for (k, v), (rk, rv) in zip(native.cache.layers, reference.cache.layers):
                 for t, p in zip(tables, positions):
                     at = (t[p // bs], slice(None), p % bs)
-                    torch.testing.assert_close(k[at], rk[at], rtol=1e-4, atol=1e-4)
-                    torch.testing.assert_close(v[at], rv[at], rtol=1e-4, atol=1e-4)
+                    # Scale-aware, as the logits above: an element near zero carries the error of its whole row
+                    # (1.07e-4 seen on AVX-512 machines, where the compiler vectorises the float loops otherwise).
+                    for ours, theirs in ((k[at], rk[at]), (v[at], rv[at])):
+                        scale = max(1.0, theirs.abs().max().item())
+                        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * scale)
             tokens = expected.argmax(-1).tolist()
             positions = [p + 1 for p in positions]
 

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lamina  # noqa: E402
 from lamina import WeightsError  # noqa: E402
-from lamina.engine.loader import default_model_path, detect_format  # noqa: E402
+from lamina.loader import default_model_path, detect_format  # noqa: E402
 
 PASSAGE = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after the "
@@ -166,7 +166,7 @@ def test_bad_model_paths(path, message):
 def test_limits_are_checked_before_loading(monkeypatch, gguf_path):
     from lamina import ConfigError
 
-    monkeypatch.setattr("lamina.engine.loader.load_gguf", lambda *a, **k: pytest.fail("weights were read"))
+    monkeypatch.setattr("lamina.loader.load_gguf", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(ConfigError, match="max_seq_len must be a positive integer, got 0"):
         lamina.load(gguf_path, max_seq_len=0)
     with pytest.raises(ConfigError, match="seed must be an integer"):

@@ -5,8 +5,16 @@ empty afterwards. A sequence's tokens must come out the same however it was batc
 import pytest
 
 from lamina.engine.blocks import BlockPool
-from lamina.engine.scheduler import Scheduler, SchedulerConfig, Status
+from lamina.engine.request import Request, Status
+from lamina.engine.sampling import SamplingParams
+from lamina.engine.scheduler import Scheduler, SchedulerConfig
 from lamina.errors import CapacityError, RequestError
+
+
+def add(scheduler: Scheduler, request_id, prompt: list[int], max_tokens: int) -> Request:
+    request = Request(request_id, list(prompt), SamplingParams(), max_tokens=max_tokens)
+    scheduler.add(request)
+    return request
 
 
 def next_token(tokens: list[int]) -> int:
@@ -34,7 +42,7 @@ class FakeEngine:
         arrivals = arrivals or {}
         for step_no in range(max_steps):
             for request_id, prompt, max_tokens in arrivals.get(step_no, []):
-                self.scheduler.add(request_id, prompt, max_tokens)
+                add(self.scheduler, request_id, prompt, max_tokens)
             if self.scheduler.idle and step_no > max(arrivals, default=0):
                 return
             step = self.scheduler.schedule()
@@ -45,11 +53,11 @@ class FakeEngine:
                 self.finished[seq.request_id] = seq
             sampled = {}
             for chunk in step.chunks:
-                cached = self.cache.setdefault(chunk.seq.request_id, [])
+                cached = self.cache.setdefault(chunk.request.request_id, [])
                 assert chunk.start == len(cached), "a chunk must continue what is cached"
                 cached.extend(chunk.tokens)
                 if chunk.samples:
-                    sampled[chunk.seq.request_id] = next_token(cached)
+                    sampled[chunk.request.request_id] = next_token(cached)
             for seq in self.scheduler.advance(step, sampled):
                 self.finished[seq.request_id] = seq
                 self.cache.pop(seq.request_id)
@@ -78,7 +86,7 @@ def test_requests_join_and_leave_the_running_batch():
         assert seq.output == expected_output(ps[i], seq.max_tokens) and seq.finish_reason == "length"
     assert pool.num_used == 0 and pool.num_free == 64
     # Late arrivals joined while earlier requests were still decoding: steps mixed old and new requests.
-    assert any(len({c.seq.request_id < 4 for c in s.chunks}) == 2 for s in engine.steps)
+    assert any(len({c.request.request_id < 4 for c in s.chunks}) == 2 for s in engine.steps)
 
 
 def test_long_prompts_are_chunked_and_running_streams_keep_decoding():
@@ -88,12 +96,12 @@ def test_long_prompts_are_chunked_and_running_streams_keep_decoding():
     engine.run({0: [("short", short, 40)], 2: [("long", long, 4)]})
     assert engine.finished["long"].output == expected_output(long, 4)
     assert engine.finished["short"].output == expected_output(short, 40)
-    long_chunks = [c for s in engine.steps for c in s.chunks if c.seq.request_id == "long"]
+    long_chunks = [c for s in engine.steps for c in s.chunks if c.request.request_id == "long"]
     assert all(s.num_tokens <= 16 for s in engine.steps)
     assert len(long_chunks) >= 100 // 16  # the prompt went in pieces
     # While the long prompt was being prefilled, the short stream got a token every step.
-    prefill_steps = [s for s in engine.steps if any(c.seq.request_id == "long" and not c.samples for c in s.chunks)]
-    assert prefill_steps and all(any(c.seq.request_id == "short" for c in s.chunks) for s in prefill_steps)
+    prefill_steps = [s for s in engine.steps if any(c.request.request_id == "long" and not c.samples for c in s.chunks)]
+    assert prefill_steps and all(any(c.request.request_id == "short" for c in s.chunks) for s in prefill_steps)
 
 
 def test_preemption_recomputes_and_gives_the_same_tokens():
@@ -122,32 +130,32 @@ def test_a_sequence_longer_than_the_whole_cache_finishes():
 def test_the_queue_is_bounded_and_bad_requests_are_refused():
     scheduler, _ = make(max_waiting=2, max_running=1, max_seq_len=16, num_blocks=3)
     for request_id in "abc":  # one for the batch's free place, two beyond it
-        scheduler.add(request_id, [1], 4)
+        add(scheduler, request_id, [1], 4)
     with pytest.raises(CapacityError, match=r"the queue is full \(3 requests waiting, at most 2 beyond"):
-        scheduler.add("x", [1], 4)
+        add(scheduler, "x", [1], 4)
     scheduler.schedule()  # "a" runs: two wait, the bound is reached
     with pytest.raises(CapacityError, match=r"\(2 requests waiting"):
-        scheduler.add("x", [1], 4)
+        add(scheduler, "x", [1], 4)
     with pytest.raises(RequestError, match="already in use"):
-        scheduler.add("a", [1], 4)
+        add(scheduler, "a", [1], 4)
     with pytest.raises(RequestError, match="prompt has 16 tokens; max_seq_len is 16"):
-        scheduler.add("d", [1] * 16, 1)
+        add(scheduler, "d", [1] * 16, 1)
     with pytest.raises(RequestError, match="the KV cache holds 12"):
-        scheduler.add("e", [1] * 12, 1)
+        add(scheduler, "e", [1] * 12, 1)
     with pytest.raises(RequestError, match="prompt is empty"):
-        scheduler.add("f", [], 1)
+        add(scheduler, "f", [], 1)
 
 
 def test_abort_frees_blocks_at_once():
     scheduler, pool = make()
-    scheduler.add("a", list(range(1, 20)), 10)
-    scheduler.add("b", [5, 6], 10)
+    a = add(scheduler, "a", list(range(1, 20)), 10)
+    add(scheduler, "b", [5, 6], 10)
     step = scheduler.schedule()
-    scheduler.advance(step, {c.seq.request_id: 1 for c in step.chunks if c.samples})
+    scheduler.advance(step, {c.request.request_id: 1 for c in step.chunks if c.samples})
     assert pool.num_used > 0 and scheduler.requests["a"].status is Status.RUNNING
     scheduler.abort("a")
-    assert pool.table("a") == [] and [s.request_id for s in scheduler.running] == ["b"]
-    scheduler.add("c", [7], 2)
+    assert a.blocks == [] and [s.request_id for s in scheduler.running] == ["b"]
+    add(scheduler, "c", [7], 2)
     scheduler.abort("c")  # still waiting
     scheduler.abort("never")  # unknown: ignored
     scheduler.abort("b")
@@ -156,7 +164,24 @@ def test_abort_frees_blocks_at_once():
 
 def test_block_pool_all_or_nothing():
     pool = BlockPool(4, 8)
-    assert pool.reserve("a", 17) and pool.table("a") == [0, 1, 2]
-    assert not pool.reserve("b", 9) and pool.table("b") == [] and pool.num_free == 1
-    assert pool.reserve("a", 24) and pool.num_free == 1  # already held
-    assert pool.release("a") == 3 and pool.num_free == 4
+    a, b = [], []
+    assert pool.grow(a, 17) and a == [0, 1, 2]
+    assert not pool.grow(b, 9) and b == [] and pool.num_free == 1
+    assert pool.grow(a, 24) and pool.num_free == 1  # already held
+    assert pool.free(a) == 3 and pool.num_free == 4 and a == []
+
+
+def test_a_request_with_no_token_to_make_finishes_once_its_prompt_is_cached():
+    """max_tokens 0 (scoring a prompt): its chunks run, none samples, and it finishes "length" with no output."""
+    scheduler, pool = make(max_step_tokens=8, max_seq_len=32)
+    engine = FakeEngine(scheduler)
+    long = list(range(1, 21))
+    engine.run({0: [("score", long, 0), ("gen", [1, 2, 3], 4)]})
+    score = engine.finished["score"]
+    assert score.finish_reason == "length" and score.output == [] and score.computed == len(long)
+    assert not any(c.samples for s in engine.steps for c in s.chunks if c.request.request_id == "score")
+    assert engine.finished["gen"].output == expected_output([1, 2, 3], 4)
+    assert pool.num_used == 0
+    with pytest.raises(RequestError, match="prompt has 33 tokens; max_seq_len is 32"):
+        add(scheduler, "too long", [1] * 33, 0)
+    add(scheduler, "whole context", [1] * 32, 0)  # a prompt that fills the context can still be scored

@@ -317,3 +317,94 @@ def test_sigterm_drains_streams_and_exits_cleanly():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_seed_gives_the_same_tokens_from_generate_the_cli_and_the_server(client, llama):
+    import subprocess
+    import sys
+
+    prompt, settings = "Once upon a time", dict(temperature=0.8, top_p=0.9)
+    ids = llama.tokenizer.encode(prompt, bos=llama.tokenizer.add_bos, eos=False)
+    (offline,), _ = llama.generate([ids], 12, **settings, seed=5)
+    served = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, seed=5, **settings)
+    cli = subprocess.run(
+        [sys.executable, "-m", "lamina", "generate", prompt, "--json", "--seed", "5", "--max-tokens", "12"]
+        + ["--temperature", "0.8", "--top-p", "0.9", "--max-seq-len", "512"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["ids"] == offline
+    assert served.choices[0].text == llama.tokenizer.decode(offline)
+    assert offline != llama.generate([ids], 12, **settings, seed=6)[0][0]  # the seed matters
+
+
+def test_echo_scores_every_prompt_position(client, llama):
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = llama.tokenizer.encode(prompt, bos=llama.tokenizer.add_bos, eos=False)
+    (_,), (offline,) = llama.generate([ids], 0, logprobs=True, echo=True)
+    for max_tokens in (0, 3):
+        out = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, echo=True, logprobs=2, temperature=0
+        )
+        choice = out.choices[0]
+        lp = choice.logprobs
+        assert choice.text.startswith(prompt) and len(lp.tokens) == len(ids) + max_tokens
+        assert lp.tokens[: len(ids)] == [llama.tokenizer.decode([t]) for t in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1 : len(ids)] == pytest.approx(offline[1:], abs=1e-4)
+        assert all(len(top) == 2 and max(top.values()) <= 0 for top in lp.top_logprobs[1:])
+        assert out.usage.completion_tokens == max_tokens
+
+
+def test_openai_limits_and_errors(client, server, llama):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="word " * 500, max_tokens=100)
+    assert "maximum context length is 512 tokens" in info.value.body["message"]
+    assert "501 in the prompt, 100 in the completion" in info.value.body["message"]
+    # No max_tokens: up to the context (the reply ends at its end-of-turn token well before it).
+    out = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0)
+    assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="top_logprobs requires logprobs"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="0 only with echo"):
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=0)
+    headers = {"content-type": "application/json"}
+    for body in (b'{"prompt": "\xff\xfe"}', b"\xff\xfe\xfd"):
+        r = httpx.post(f"{server}/v1/completions", content=body, headers=headers)
+        assert r.status_code == 400 and set(r.json()) == {"error"} and r.json()["error"]["message"]
+
+
+def test_stream_options_include_usage(client):
+    for create, kwargs in (
+        (client.completions.create, dict(prompt="1, 2, 3,")),
+        (client.chat.completions.create, dict(messages=QUESTION)),
+    ):
+        chunks = list(
+            create(model=MODEL, max_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True}, **kwargs)
+        )
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+        assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_tokenizer_endpoints(server, llama):
+    text = "Hello, world! <|im_end|>"
+    r = httpx.post(f"{server}/tokenize", json={"prompt": text}).json()
+    expected = llama.tokenizer.encode(text, bos=llama.tokenizer.add_bos, eos=False, allowed_special="all")
+    assert r == {"tokens": expected, "count": len(expected), "max_model_len": 512}
+    assert llama.tokenizer.eos_id in expected  # special tokens in the text are special, as vLLM reads them
+    plain = httpx.post(f"{server}/tokenize", json={"prompt": "Hi", "add_special_tokens": False}).json()["tokens"]
+    assert plain == llama.tokenizer.encode("Hi", bos=False, eos=False)
+    chat = httpx.post(f"{server}/tokenize", json={"messages": QUESTION}).json()["tokens"]
+    assert chat == llama.encode_dialog(QUESTION)
+    assert httpx.post(f"{server}/detokenize", json={"tokens": expected}).json() == {
+        "prompt": llama.tokenizer.decode(expected)
+    }
+    info = httpx.get(f"{server}/tokenizer_info").json()
+    assert info["eos_token"] == "<|im_end|>" and info["model_max_length"] == 512
+    assert info["chat_template"] and "im_start" in info["chat_template"]
+    bad = httpx.post(f"{server}/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]["message"]
+    bad = httpx.post(f"{server}/tokenize", json={})
+    assert bad.status_code == 400 and "prompt or messages" in bad.json()["error"]["message"]

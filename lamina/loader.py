@@ -1,4 +1,5 @@
-"""lamina.load: one entry point for any checkpoint format, detected from what the path holds."""
+"""lamina.load: one entry point for any checkpoint format, detected from what the path holds; builds a Llama (the
+front end over the engine core). Nothing below imports this module."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from typing import Literal
 
 from lamina import kernels
 from lamina.engine.config import EngineConfig, check_limits, resolve_device, resolve_dtype
-from lamina.engine.generate import Llama, new_generator
 from lamina.errors import ConfigError, TokenizerError, WeightsError
+from lamina.llama import Llama, check_seed
 from lamina.model import ModelConfig
 from lamina.quant import MODES as QUANT_MODES
 from lamina.quant import build_model
@@ -81,6 +82,9 @@ def load(
     seed: int = 1,
     quantize: str | None = None,
     compile: bool = False,
+    block_size: int | None = 16,
+    kv_cache_memory: int | None = None,
+    max_step_tokens: int = 512,
     progress: Progress | None = None,
 ) -> Llama:
     """Load a model from a Meta directory, a Hugging Face directory or a GGUF file (None: the default model).
@@ -92,6 +96,9 @@ def load(
     Q8_0/Q4_0/Q4_1 matrices as the file stores them), "int8" (Q8_0 blocks) or "int4" (Q4_1 blocks), see
     lamina.quant; None chooses: "gguf" for a GGUF file on the CPU when lamina's native kernels build, else "none".
     compile: compile the decode step with torch.compile (the first steps take minutes; later ones are faster).
+    The one KV cache (for offline calls and serving alike): blocks of `block_size` positions (None: a row of
+    max_seq_len a sequence) from `kv_cache_memory` bytes (None: room for max_batch_size sequences of max_seq_len);
+    `max_step_tokens`: tokens one engine step runs at most (prompts are cut into chunks that fit).
     `progress(done, total)` is called while weights are read."""
     if path is None:
         path = default_model_path()
@@ -99,14 +106,20 @@ def load(
         raise WeightsError(f"model path must be a non-empty str or Path, got {path!r}")
     fmt = detect_format(path)  # on the path as given, so that errors quote it as the user wrote it
     path = Path(path).expanduser()
-    check_limits(max_seq_len=max_seq_len, max_batch_size=max_batch_size)  # before any weight is read
+    check_limits(  # before any weight is read
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        block_size=block_size,
+        kv_cache_memory=kv_cache_memory,
+        max_step_tokens=max_step_tokens,
+    )
     device = resolve_device(device)
     if quantize is not None and quantize not in QUANT_MODES:
         raise ConfigError(f"unknown quantization {quantize!r}; expected one of {', '.join(QUANT_MODES)} or None")
     if quantize is None:
         quantize = "gguf" if fmt == "gguf" and device.type == "cpu" and kernels.available() else "none"
     dtype = resolve_dtype(dtype, device, blocks=quantize != "none")
-    new_generator(seed, device, ConfigError)
+    check_seed(seed, ConfigError)
     if fmt == "meta":
         tokenizer_path = path / "tokenizer.model"
         if not tokenizer_path.is_file():
@@ -134,7 +147,16 @@ def load(
             if isinstance(fields.get(key), int) and fields[key] < len(tokens)
         }
         formatter = _template(fields.get("tokenizer.chat_template"), tokenizer, special)
-    engine = EngineConfig(_max_seq_len(config, max_seq_len), max_batch_size, device, dtype, compile=bool(compile))
+    engine = EngineConfig(
+        _max_seq_len(config, max_seq_len),
+        max_batch_size,
+        device,
+        dtype,
+        compile=bool(compile),
+        block_size=block_size,
+        kv_cache_memory=kv_cache_memory,
+        max_step_tokens=max_step_tokens,
+    )
     model = build_model(config, state, quantize, device=device, dtype=dtype)
     del state
     return Llama(model, tokenizer, engine, formatter=formatter, seed=seed)

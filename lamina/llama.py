@@ -1,32 +1,32 @@
-"""Llama: Meta's Llama 3 generation API (`build`, `generate`, `text_completion`, `chat_completion`) on lamina's engine.
+"""Llama: Meta's Llama 3 generation API (`build`, `generate`, `text_completion`, `chat_completion`), plus `complete`
+and `stream`, as a front end of the engine core: every call adds its prompts as requests to the model's one
+EngineCore and steps it until they finish.
 
-Semantics follow Meta's reference, with its defects fixed: each prompt is prefilled at its own length in one pass,
-finished sequences drop out of the batch, logits are computed only where used, a stop token inside an echoed prompt
-does not cut it, and bad input raises a ValueError (RequestError) before any work is done.
+Semantics follow Meta's reference, with its defects fixed: each prompt is prefilled at its own length, finished
+sequences drop out of the batch, logits are computed only where used, a stop token inside an echoed prompt does not
+cut it, and bad input raises a ValueError (RequestError) before any work is done.
 """
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import math
 import numbers
 import operator
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 import torch
 
-from lamina.engine.config import EngineConfig, resolve_device, resolve_dtype
+from lamina.engine import EngineConfig, EngineCore, Request, RequestOutput, SamplingParams
+from lamina.engine.config import resolve_device, resolve_dtype
 from lamina.engine.runner import ModelRunner
-from lamina.engine.sampling import sample, token_logprobs
 from lamina.errors import CapacityError, ConfigError, RequestError, TokenizerError, WeightsError
 from lamina.model import Transformer, build_transformer
-from lamina.tokenizer import ChatFormat, ChatTemplate, Dialog, Llama3Tokenizer, StreamDecoder, Tokenizer
+from lamina.tokenizer import ChatFormat, ChatTemplate, Dialog, Llama3Tokenizer, Tokenizer
 from lamina.weights import load_meta_checkpoint
-
-# Rows of logits materialised at once when scoring a prompt (echo with logprobs): bounds memory at rows * vocab.
-_SCORE_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -52,27 +52,19 @@ class StreamDelta:
 
 
 @dataclass(frozen=True)
-class _Request:
+class _Call:
+    """One generate/complete/stream call, checked: a prompt, a budget and a request's settings per sequence."""
+
     prompts: list[list[int]]
     budgets: list[int]  # new tokens each prompt may get
-    temperature: float
-    top_p: float
-    generator: torch.Generator
-    stop_tokens: frozenset[int]  # empty when the caller asked to ignore stop tokens
-
-
-@dataclass(frozen=True)
-class _TokenEvent:
-    index: int
-    token: int | None
-    logprob: float | None
-    finish_reason: Literal["stop", "length"] | None
+    params: SamplingParams
 
 
 class Llama:
-    """A loaded model, its tokenizer and chat format, and an engine to generate with.
+    """A loaded model, its tokenizer and chat format, and the engine core that generates with them.
 
-    Build one with `lamina.load(path)` (any format) or `Llama.build(...)` (Meta's signature)."""
+    Build one with `lamina.load(path)` (any format) or `Llama.build(...)` (Meta's signature). Calls on one Llama may
+    interleave (several `stream()` generators at once): each call's outputs are routed to it by request id."""
 
     def __init__(
         self,
@@ -95,15 +87,45 @@ class Llama:
             formatter = ChatFormat(tokenizer)
         self.formatter = formatter
         self.config = config
-        self.runner = ModelRunner(model, config, compile=config.compile)
-        # The session's random stream: calls without their own seed draw from it, so a run is reproducible from
+        # The session's seed: requests without their own seed draw seeds from it, so a run is reproducible from
         # build(seed=...) without touching torch's global generator.
-        self.generator = new_generator(seed, config.device, ConfigError)
+        self.core = EngineCore(model, tokenizer, config, seed=check_seed(seed, ConfigError))
+        self._held = 0  # sequences of this object's calls still running (at most max_batch_size)
+        self._ids = 0
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The engine core's model runner (the only owner of the KV cache)."""
+        return self.core.runner
+
+    @runner.setter
+    def runner(self, runner: ModelRunner) -> None:
+        """Swap the core's runner (for instance one with native=False, to force the PyTorch forward); its cache must
+        have the core's geometry. Only between calls: no request may be running."""
+        pool = self.core.pool
+        if (runner.cache.num_blocks, runner.cache.block_size) != (pool.num_blocks, pool.block_size):
+            raise ConfigError(
+                f"the runner's KV cache has {runner.cache.num_blocks} blocks of {runner.cache.block_size} positions; "
+                f"the engine core's has {pool.num_blocks} of {pool.block_size}"
+            )
+        if self.core.has_work:
+            raise CapacityError("requests are running: swap the runner between calls")
+        self.core.runner = runner
 
     @property
     def stop_tokens(self) -> set[int]:
         """Token ids that end a sequence: the tokenizer's, plus the end-of-turn tokens of the chat template."""
         return set(self.tokenizer.stop_tokens) | set(getattr(self.formatter, "stop_tokens", ()))
+
+    def new_request(
+        self, prompt: list[int], params: SamplingParams, *, max_tokens: int | None = None, request_id=None
+    ) -> Request:
+        """A request for the engine core with this model's stop tokens (none with `params.ignore_eos`)."""
+        if request_id is None:
+            self._ids += 1
+            request_id = f"llama-{id(self):x}-{self._ids}"
+        eos = frozenset() if params.ignore_eos else frozenset(self.stop_tokens)
+        return Request(request_id, list(prompt), params, max_tokens=max_tokens, eos_ids=eos)
 
     @staticmethod
     def build(
@@ -119,9 +141,11 @@ class Llama:
     ) -> "Llama":
         """Load a Meta checkpoint (`params.json` + `consolidated.*.pth`, shards merged) and a Llama 3
         `tokenizer.model`, with Meta's signature. device: CUDA when available, else CPU; dtype: bfloat16 on CUDA,
-        float32 on CPU. `model_parallel_size` is accepted for compatibility; only 1 (one process) is supported."""
+        float32 on CPU. `model_parallel_size` is accepted for compatibility; only 1 (one process) is supported.
+        The KV cache is Meta's: a row of max_seq_len positions for each of max_batch_size sequences."""
         if model_parallel_size not in (None, 1):
             raise ConfigError(f"model_parallel_size={model_parallel_size}: lamina runs a model in one process here")
+        check_seed(seed, ConfigError)
         device = resolve_device(device)
         config = EngineConfig(max_seq_len, max_batch_size, device, resolve_dtype(dtype, device))
         if not Path(ckpt_dir).is_dir():  # say so before the tokenizer is checked, and the weights read
@@ -130,13 +154,6 @@ class Llama:
         model_config, state_dict = load_meta_checkpoint(ckpt_dir)
         model = build_transformer(model_config, state_dict, device=config.device, dtype=config.dtype)
         return Llama(model, tokenizer, config, seed=seed)
-
-    @staticmethod
-    def from_pretrained(path: str | Path | None = None, **kwargs) -> "Llama":
-        """Alias of `lamina.load`: any format, detected from the path (None: the default model)."""
-        from lamina.engine.loader import load  # load builds a Llama: import at call time to keep the modules acyclic
-
-        return load(path, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
     # Generation
@@ -156,7 +173,8 @@ class Llama:
 
         Each sequence stops at its first stop token (not returned) or after `max_gen_len` new tokens (None: until
         its context of `max_seq_len` is full). temperature 0 is greedy. logprobs are log-softmax of the raw logits.
-        With echo, the prompt comes first, with its teacher-forced logprobs (0.0 for the first token)."""
+        With echo, the prompt comes first, with its teacher-forced logprobs (0.0 for the first token). A seed gives
+        every prompt a generator seeded with it (as the server's `seed` does)."""
         results = self.complete(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed=seed)
         tokens = [(r.prompt + r.tokens) if echo else r.tokens for r in results]
         if not logprobs:
@@ -177,22 +195,24 @@ class Llama:
     ) -> list[Completion]:
         """`generate` returning a `Completion` per prompt (with its finish reason). With `ignore_eos`, stop tokens
         are generated like any other and every sequence runs to its length limit (for benchmarks)."""
-        request = self._request(prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos)
-        B = len(request.prompts)
+        call = self._call(prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos, logprobs)
+        B = len(call.prompts)
         out: list[list[int]] = [[] for _ in range(B)]
         out_lp: list[list[float]] = [[] for _ in range(B)]
         prompt_lp: list[list[float] | None] = [None] * B
         finish = ["length"] * B
-        for event in self._events(request, logprobs, prompt_lp if logprobs and echo else None):
-            if event.token is not None:
-                out[event.index].append(event.token)
+        for i, o in self._outputs(call, score=logprobs and echo):
+            if o.prompt_logprobs is not None:
+                prompt_lp[i] = [0.0] + [lp for lp, _ in o.prompt_logprobs[1:]]
+            if o.token is not None:
+                out[i].append(o.token)
                 if logprobs:
-                    out_lp[event.index].append(event.logprob)
-            if event.finish_reason is not None:
-                finish[event.index] = event.finish_reason
+                    out_lp[i].append(o.logprob)
+            if o.finish_reason is not None:
+                finish[i] = o.finish_reason
         return [
             Completion(p, out[i], out_lp[i] if logprobs else None, prompt_lp[i], finish[i])
-            for i, p in enumerate(request.prompts)
+            for i, p in enumerate(call.prompts)
         ]
 
     def stream(
@@ -211,97 +231,75 @@ class Llama:
         `delta.text` is the text that became final with that token: it is empty while a character is still split
         across tokens, so the pieces never hold broken UTF-8; their concatenation is the sequence's whole text.
         Each sequence's last delta carries its `finish_reason`. The request is checked before this returns."""
-        request = self._request(prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos)
-        return self._stream(request, logprobs)
+        call = self._call(prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos, logprobs)
+        return (
+            StreamDelta(i, o.text, o.token, o.logprob, o.finish_reason) for i, o in self._outputs(call, score=False)
+        )
 
-    def _stream(self, request: _Request, logprobs: bool) -> Iterator[StreamDelta]:
-        decoders = [StreamDecoder(self.tokenizer) for _ in request.prompts]
-        for event in self._events(request, logprobs, None):
-            decoder = decoders[event.index]
-            text = decoder.add(event.token) if event.token is not None else ""
-            if event.finish_reason is not None:
-                text += decoder.flush()
-            yield StreamDelta(event.index, text, event.token, event.logprob, event.finish_reason)
-
-    def _events(self, request: _Request, logprobs: bool, prompt_lp: list | None) -> Iterator[_TokenEvent]:
-        """The generation loop. Yields one event per sampled token of each running sequence: the token (None when it
-        is a stop token, which is never returned), its logprob when asked, and the finish reason on the last one; a
-        sequence allowed no new tokens gets a single event with finish reason "length". With `prompt_lp` (a list per
-        prompt), fills in the prompts' teacher-forced logprobs first.
-
-        The sequences hold KV-cache rows from the runner's pool for as long as the loop runs (until it finishes or
-        the generator is closed), so concurrent generations on one Llama never share rows."""
-        prompts, budgets = request.prompts, request.budgets
-        for i, budget in enumerate(budgets):
-            if budget == 0:
-                yield _TokenEvent(i, None, None, "length")
-        active = [i for i, budget in enumerate(budgets) if budget > 0]
-        # Prefill only prompts that generate, unless every prompt is to be scored.
-        prefilled = list(range(len(prompts))) if prompt_lp is not None else active
-        if not prefilled:
+    def _outputs(self, call: _Call, score: bool) -> Iterator[tuple[int, RequestOutput]]:
+        """Add the call's prompts to the engine core as requests and step it until they finish, yielding (prompt
+        index, output) as they come. A prompt allowed no new tokens gets a single output with finish reason "length"
+        (without a request, unless its prompt is to be scored). Requests still running when the generator is closed
+        are aborted. Other callers' requests advance in the same steps; their outputs go to their own sinks."""
+        params = dataclasses.replace(call.params, prompt_logprobs=0) if score else call.params
+        index: dict = {}
+        requests = []
+        for i, (prompt, budget) in enumerate(zip(call.prompts, call.budgets)):
+            if budget == 0 and not score:
+                yield i, RequestOutput(None, None, "", None, None, "length", len(prompt), 0)
+                continue
+            request = self.new_request(prompt, params, max_tokens=budget)
+            index[request.request_id] = i
+            requests.append(request)
+        if not requests:
             return
-        with self.runner.slots(len(prefilled)) as slots:
-            slot = dict(zip(prefilled, slots))
-            with torch.inference_mode():
-                hidden = self.runner.prefill([prompts[i] for i in prefilled], [[s] for s in slots])
-            ends = dict(zip(prefilled, itertools.accumulate(len(prompts[i]) for i in prefilled)))
-            if prompt_lp is not None:
-                for i, p in enumerate(prompts):
-                    prompt_lp[i] = [0.0] + self._score(hidden[ends[i] - len(p) : ends[i] - 1], p[1:])
-            if not active:
-                return
-            with torch.inference_mode():
-                logits = self.model.logits(hidden[[ends[i] - 1 for i in active]])
-            del hidden
-            yield from self._decode_loop(request, logprobs, active, slot, logits)
-
-    def _decode_loop(self, request: _Request, logprobs: bool, active: list[int], slot: dict, logits: torch.Tensor):
-        prompts, budgets, device = request.prompts, request.budgets, self.config.device
-        stop_ids = torch.tensor(sorted(request.stop_tokens), dtype=torch.long, device=device)
-        generated = dict.fromkeys(active, 0)
-        while active:
-            with torch.inference_mode():
-                if request.temperature == 0:
-                    next_tokens = logits.argmax(dim=-1)
-                else:
-                    n = len(active)
-                    temps = torch.full((n,), request.temperature, dtype=torch.float32, device=device)
-                    top_ps = torch.full((n,), request.top_p, dtype=torch.float32, device=device)
-                    next_tokens = sample(logits, temps, top_ps, request.generator)
-                # One host transfer per step: the tokens, whether each is a stop token, and its logprob.
-                columns = [next_tokens.double(), torch.isin(next_tokens, stop_ids).double()]
-                if logprobs:
-                    columns.append(token_logprobs(logits, next_tokens).double())
-                rows = torch.stack(columns, dim=1).tolist()
-            still = []
-            for i, row in zip(active, rows):
-                tok, stop, lp = int(row[0]), row[1] > 0, (row[2] if logprobs else None)
-                if stop:
-                    yield _TokenEvent(i, None, None, "stop")
+        box: deque[RequestOutput] = deque()
+        core = self.core
+        with core.lock:
+            free = self.config.max_batch_size - self._held
+            if len(requests) > free:
+                raise CapacityError(
+                    f"{len(requests)} sequence(s) need a place in the batch but only {free} of "
+                    f"{self.config.max_batch_size} are free: other generations on this model are still running "
+                    "(finish or close them first)"
+                )
+            try:
+                for request in requests:
+                    request.sink = box.append
+                    core.add(request)
+            except BaseException:
+                for request in requests:
+                    core.abort(request.request_id)
+                raise
+            self._held += len(requests)
+        running = set(index)
+        try:
+            while running:
+                if not box:
+                    with core.lock:
+                        if not box:  # another thread may have stepped the core meanwhile
+                            if not core.has_work:
+                                raise RuntimeError("the engine core lost this call's requests")
+                            try:
+                                core.step()
+                            except Exception as e:
+                                core.fail(e)  # every caller's requests end with the error, not a hang
+                                raise
                     continue
-                generated[i] += 1
-                finished = generated[i] >= budgets[i]
-                yield _TokenEvent(i, tok, lp, "length" if finished else None)
-                if not finished:
-                    still.append((i, tok))
-            active = [i for i, _ in still]
-            if active:
-                with torch.inference_mode():
-                    logits = self.runner.decode(
-                        tokens=[tok for _, tok in still],
-                        tables=[[slot[i]] for i in active],
-                        positions=[len(prompts[i]) + generated[i] - 1 for i in active],
-                    )
-
-    @torch.inference_mode()
-    def _score(self, hidden: torch.Tensor, targets: Sequence[int]) -> list[float]:
-        """Log-probabilities of `targets[j]` given hidden state row j, computed a chunk of rows at a time."""
-        scores: list[float] = []
-        for start in range(0, len(targets), _SCORE_CHUNK):
-            logits = self.model.logits(hidden[start : start + _SCORE_CHUNK])
-            chunk = torch.tensor(targets[start : start + _SCORE_CHUNK], device=logits.device)
-            scores.extend(token_logprobs(logits, chunk).tolist())
-        return scores
+                out = box.popleft()
+                if out.error is not None:
+                    raise out.error
+                if out.finish_reason is not None:
+                    running.discard(out.request_id)
+                    with core.lock:
+                        self._held -= 1
+                yield index[out.request_id], out
+        finally:
+            if running:
+                with core.lock:
+                    for request_id in running:
+                        core.abort(request_id)
+                    self._held -= len(running)
 
     # ----------------------------------------------------------------------------------------------------------
     # Text and chat, as Meta's reference returns them
@@ -366,13 +364,15 @@ class Llama:
     # ----------------------------------------------------------------------------------------------------------
     # Input checks: all before any work
 
-    def _request(self, prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos=False) -> _Request:
+    def _call(self, prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos, logprobs) -> _Call:
         prompts = self._check_prompts(prompt_tokens)
         budgets = self._check_budgets(prompts, max_gen_len)
         temperature, top_p = _check_sampling(temperature, top_p)
-        generator = self.generator if seed is None else new_generator(seed, self.config.device, RequestError)
-        stops = frozenset() if ignore_eos else frozenset(self.stop_tokens)
-        return _Request(prompts, budgets, temperature, top_p, generator, stops)
+        seed = None if seed is None else check_seed(seed, RequestError)
+        params = SamplingParams(
+            temperature=temperature, top_p=top_p, seed=seed, logprobs=bool(logprobs), ignore_eos=bool(ignore_eos)
+        )
+        return _Call(prompts, budgets, params)
 
     def _check_prompts(self, prompt_tokens) -> list[list[int]]:
         prompt_tokens = _as_list(prompt_tokens)
@@ -433,15 +433,15 @@ def _check_sampling(temperature, top_p) -> tuple[float, float]:
     return float(temperature), float(top_p)
 
 
-def new_generator(seed, device: torch.device, error: type[Exception]) -> torch.Generator:
-    """A torch.Generator on `device` seeded with `seed` (any integer torch accepts), or `error` naming the seed."""
+def check_seed(seed, error: type[Exception]) -> int:
+    """`seed` as an int that seeds a torch.Generator (64 bits), or `error` naming it."""
     try:
         seed = _integer(seed)
     except TypeError:
         raise error(f"seed must be an integer, got {seed!r}") from None
     if not -(2**63) <= seed < 2**64:
         raise error(f"seed {seed} is out of range: it must fit in 64 bits")
-    return torch.Generator(device=device).manual_seed(seed)
+    return seed
 
 
 def _as_list(value):

@@ -1,23 +1,41 @@
-"""The serving engine: requests that join the running batch at any step (prompts chunked under a token budget) give
+"""The engine core: requests that join the running batch at any step (prompts chunked under a token budget) give
 the tokens offline `generate` gives; seeded requests draw the same tokens whatever shares the batch; stop strings,
-stop tokens, logprobs, aborts and the bounded queue."""
+stop tokens, logprobs, prompt logprobs, aborts and the bounded queue."""
+
+import dataclasses
 
 import pytest
 import torch
 
-from lamina.engine.engine import Engine
+from lamina import ConfigError
+from lamina.engine import EngineCore
 from lamina.engine.sampling import SamplingParams
 from lamina.errors import CapacityError, RequestError
 
+from ..conftest import reference_prompt_logprobs
 from .test_generate import _prompts
 
 
-def run(engine: Engine, arrivals: dict[int, list], max_steps: int = 500) -> dict:
+def Engine(llama, *, seed: int = 0, **config) -> EngineCore:
+    """A core of its own over `llama`'s model (its own KV cache: 16-position blocks unless told otherwise)."""
+    config = dataclasses.replace(llama.config, **({"block_size": 16} | config))
+    engine = EngineCore(llama.model, llama.tokenizer, config, seed=seed)
+    engine.llama = llama
+    return engine
+
+
+def add(engine: EngineCore, prompt, params, request_id=None):
+    request = engine.llama.new_request(prompt, params, request_id=request_id)
+    engine.add(request)
+    return request.request_id
+
+
+def run(engine: EngineCore, arrivals: dict[int, list], max_steps: int = 500) -> dict:
     """Add requests at the given steps (step -> [(id, prompt, params)]) and step until done: id -> outputs."""
     outputs: dict = {}
     for step in range(max_steps):
         for request_id, prompt, params in arrivals.get(step, []):
-            engine.add(prompt, params, request_id=request_id)
+            add(engine, prompt, params, request_id)
         if not engine.has_work and step > max(arrivals):
             return outputs
         for out in engine.step():
@@ -93,11 +111,11 @@ def test_aborts_free_rows_and_the_queue_is_bounded(llama):
     params = SamplingParams(temperature=0, max_tokens=20)
     prompts = _prompts([3, 4, 5, 6, 7, 8])
     for i in range(6):  # four for the four cache rows, two beyond
-        engine.add(prompts[i], params, request_id=i)
+        add(engine, prompts[i], params, request_id=i)
     engine.step()
     assert engine.pool.num_used == 4 and len(engine.scheduler.waiting) == 2
     with pytest.raises(CapacityError, match="queue is full"):
-        engine.add([1, 2], params)
+        add(engine, [1, 2], params)
     engine.abort(0)
     engine.abort(5)  # waiting
     assert engine.pool.num_used == 3
@@ -109,11 +127,11 @@ def test_aborts_free_rows_and_the_queue_is_bounded(llama):
 def test_bad_requests(llama):
     engine = Engine(llama)
     with pytest.raises(RequestError, match="outside the vocabulary"):
-        engine.add([1, 10**9], SamplingParams())
+        add(engine, [1, 10**9], SamplingParams())
     with pytest.raises(RequestError, match="not in the vocabulary"):
-        engine.add([1, 2], SamplingParams(logit_bias={10**7: 1.0}))
+        add(engine, [1, 2], SamplingParams(logit_bias={10**7: 1.0}))
     with pytest.raises(RequestError, match="max_seq_len is 64"):
-        engine.add(list(range(1, 70)), SamplingParams())
+        add(engine, list(range(1, 70)), SamplingParams())
     assert not engine.has_work and torch.equal(torch.tensor(engine.pool.num_used), torch.tensor(0))
 
 
@@ -159,5 +177,74 @@ def test_kv_cache_memory_sizes_the_pool(llama):
     c = llama.model.config
     per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4
     assert Engine(llama, block_size=16, kv_cache_memory=100 * 16 * per_token).pool.num_blocks == 100
-    with pytest.raises(RequestError, match="holds no block"):
+    with pytest.raises(ConfigError, match="holds no block"):
         Engine(llama, block_size=16, kv_cache_memory=100)
+
+
+def test_prompt_logprobs_come_from_the_prefill_chunks(llama, reference):
+    """prompt_logprobs=k, the prompt cut into chunks of 5 tokens: each prompt token's log-probability equals the
+    reference's teacher-forced one, with k alternatives in order, the first of them the reference's argmax; a request
+    with no token to make (max_tokens 0) only scores."""
+    prompt = _prompts([23], seed=9)[0]
+    expected = reference_prompt_logprobs(reference, prompt)
+    with torch.inference_mode():
+        ref_logits = reference.forward(torch.tensor([prompt]), 0)[0]
+    engine = Engine(llama, max_step_tokens=5)
+    for max_tokens in (0, 3):
+        request = llama.new_request(prompt, SamplingParams(temperature=0, prompt_logprobs=3), max_tokens=max_tokens)
+        request.request_id = f"r{max_tokens}"
+        engine.add(request)
+        outs = []
+        while engine.has_work:
+            outs += engine.step()
+        assert sum(o.token is not None for o in outs) == max_tokens and outs[-1].finish_reason == "length"
+        scored = outs[0].prompt_logprobs
+        assert all(o.prompt_logprobs is None for o in outs[1:])
+        assert len(scored) == len(prompt) and scored[0] is None
+        assert [lp for lp, _ in scored[1:]] == pytest.approx(expected[1:], abs=1e-4)
+        for pos, (_, top) in enumerate(scored[1:]):
+            assert len(top) == 3 and top[0][0] == int(ref_logits[pos].argmax())
+            assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+    assert engine.pool.num_used == 0
+
+
+def test_a_long_scored_prompt_never_holds_running_streams_for_more_than_a_step(llama):
+    """Eight greedy streams decode while a 60-token prompt is scored under a 16-token budget: the prompt goes in
+    chunks that fit beside the streams, and every stream gets a token at every step until it finishes."""
+    engine = Engine(llama, max_batch_size=9, max_step_tokens=16)
+    streams = [(f"s{i}", p, SamplingParams(temperature=0, max_tokens=12)) for i, p in enumerate(_prompts([3] * 8))]
+    for request_id, prompt, params in streams:
+        add(engine, prompt, params, request_id)
+    engine.step()  # the streams' prompts
+    long = _prompts([60], seed=7)[0]
+    request = llama.new_request(long, SamplingParams(temperature=0, prompt_logprobs=0), max_tokens=0)
+    request.request_id = "score"
+    engine.add(request)
+    steps, scored = [], None
+    while engine.has_work:
+        outs = engine.step()
+        steps.append({o.request_id for o in outs if o.token is not None or o.finish_reason})
+        scored = next((o for o in outs if o.request_id == "score"), scored)
+    assert scored is not None and len(scored.prompt_logprobs) == 60
+    busy = [s for s in steps if any(r.startswith("s") for r in s)]
+    assert len(steps) >= 60 // 8  # the prompt needed several steps
+    # Until the streams finish, each step gave every stream its token: none waited on the prompt.
+    assert all({f"s{i}" for i in range(8)} <= s for s in busy[:-1])
+    assert engine.pool.num_used == 0
+
+
+def test_one_cache_serves_offline_calls_and_the_core_alike(llama):
+    """Llama's own core is the only one: generate() runs its requests there, beside requests added directly."""
+    prompts = _prompts([5, 9])
+    expected = [llama.generate([p], 6, temperature=0)[0][0] for p in prompts]
+    core = llama.core
+    with core.lock:
+        direct = llama.new_request(prompts[0], SamplingParams(temperature=0, max_tokens=6), request_id="direct")
+        got = []
+        direct.sink = got.append
+        core.add(direct)
+    assert llama.generate([prompts[1]], 6, temperature=0)[0][0] == expected[1]  # steps the direct request too
+    while core.has_work:
+        core.step()
+    assert [o.token for o in got if o.token is not None] == expected[0]
+    assert core.pool.num_used == 0

@@ -1,0 +1,107 @@
+"""EngineCore: the one engine under every front end. It knows requests only: `add(request)`, `abort(id)`, `step()`
+and `has_work`; `Llama.generate`/`stream`, the CLI and the HTTP server all add requests here and step it.
+
+A step is schedule -> execute -> sample -> update: the Scheduler picks each request's chunk of work under a token
+budget (decode tokens of running requests, chunks of prompts, no prefill phase), the ModelRunner runs them over the
+one KV cache, the Sampler draws each request's token with its own settings and generator, and the OutputProcessor
+turns tokens into text and finish reasons. Outputs go back to the caller of `step` and to each request's sink.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Hashable
+
+import torch
+
+from lamina.engine.blocks import BlockPool
+from lamina.engine.config import EngineConfig
+from lamina.engine.kv_cache import KVCache
+from lamina.engine.output import OutputProcessor
+from lamina.engine.request import Request, RequestOutput, Status
+from lamina.engine.runner import ModelRunner
+from lamina.engine.sampler import Sampler
+from lamina.engine.scheduler import Scheduler, SchedulerConfig
+from lamina.errors import RequestError
+from lamina.model import Transformer
+from lamina.tokenizer import Tokenizer
+
+
+class EngineCore:
+    """Continuous batching over one model and its one KV cache.
+
+    Not thread-safe by itself: whoever calls add/abort/step holds `lock` (the offline API and the server's engine
+    thread may both drive one core; each request's outputs reach it through its own sink)."""
+
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig, *, seed: int = 0, native: bool = True
+    ):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        num_blocks, block_size = config.cache_blocks(KVCache.bytes_per_token(model.config, config.dtype))
+        self.runner = ModelRunner(
+            model, config, compile=config.compile, native=native, num_blocks=num_blocks, block_size=block_size
+        )
+        self.pool = BlockPool(num_blocks, block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_batch_size, config.max_waiting, config.max_step_tokens, config.max_seq_len),
+            self.pool,
+        )
+        self.sampler = Sampler(model.config.vocab_size, config.device, seed)
+        self.output = OutputProcessor(tokenizer)
+        self.lock = threading.RLock()
+
+    @property
+    def has_work(self) -> bool:
+        return not self.scheduler.idle
+
+    def add(self, request: Request, *, max_waiting: int | None = None) -> None:
+        """Queue a request. Raises RequestError for a bad one (token ids outside the vocabulary, a prompt that cannot
+        fit), CapacityError when more than `max_waiting` (default: the config's) would wait."""
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in request.prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        request.params.check_vocabulary(vocab)
+        self.scheduler.add(request, max_waiting=max_waiting)
+        self.sampler.attach(request)
+        self.output.attach(request)
+
+    def abort(self, request_id: Hashable) -> None:
+        """Drop a request at once (its cache blocks are free for the next step); unknown ids are ignored."""
+        self.scheduler.abort(request_id)
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return an output for each request that got a token or finished (also sent to its sink)."""
+        step = self.scheduler.schedule()
+        outputs = [self._emit(r, self.output.finish(r, "length")) for r in step.finished]
+        if not step.chunks:
+            return outputs
+        forward = self.runner.execute(step.chunks)
+        for request, positions, hidden in forward.scored:
+            self.sampler.score_prompt(request, positions, hidden, self.runner.logits)
+        sampled = self.sampler(forward.logits, forward.sampling)
+        done = self.scheduler.advance(step, {r.request_id: t for r, t in zip(forward.sampling, sampled.tokens)})
+        for r, token, lp, top in zip(forward.sampling, sampled.tokens, sampled.logprobs, sampled.top_logprobs):
+            if r.finish_reason == "abort":
+                continue  # aborted while the step ran (by a sink)
+            out = self.output.token(r, token, lp, top)
+            if out.finish_reason is not None and r.status is not Status.FINISHED:
+                self.scheduler.finish(r, out.finish_reason)
+            outputs.append(self._emit(r, out))
+        sampling = {id(r) for r in forward.sampling}
+        outputs += [self._emit(r, self.output.finish(r, "length")) for r in done if id(r) not in sampling]
+        return outputs
+
+    def fail(self, error: BaseException | None) -> None:
+        """Give up on every request: each is dropped and its sink gets an output with finish reason "error" (and
+        `error`), or "abort" when error is None (shutdown)."""
+        for request in list(self.scheduler.requests.values()):
+            self.scheduler.abort(request.request_id)
+            self._emit(request, self.output.failed(request, error))
+
+    @staticmethod
+    def _emit(request: Request, output: RequestOutput) -> RequestOutput:
+        if request.sink is not None:
+            request.sink(output)
+        return output

@@ -1,0 +1,98 @@
+"""Request: one request's whole state as it moves through the engine core (queue, batch, KV blocks, sampler, output
+text), and RequestOutput, what a step reports for it. Nothing else keeps per-request state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Callable, Hashable
+
+from lamina.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:  # the scheduler imports this module and uses no tensors
+    import torch
+
+    from lamina.tokenizer import StreamDecoder
+
+TopLogprobs = tuple[tuple[int, float], ...]  # (token id, log-probability), most probable first
+PromptLogprob = tuple[float, TopLogprobs]  # a prompt token's log-probability given those before it, and alternatives
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step did for one request: a new token and the text it completes (stop strings cut off and text that
+    may still become one held back), or only a finish reason ("stop", "length"; "abort" when the engine was stopped;
+    "error" with `error` when the step failed). logprob and top_logprobs are None unless the request's
+    SamplingParams ask for them. `prompt_logprobs` comes once, on a request's first output, when asked for: one entry
+    per prompt token, None for the first."""
+
+    request_id: Hashable
+    token: int | None
+    text: str
+    logprob: float | None
+    top_logprobs: TopLogprobs | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """A request and everything the engine knows of it.
+
+    Made by a front end with its prompt, settings and budget; `EngineCore.add` fills in the rest. `max_tokens`: new
+    tokens at most (None: `params.max_tokens`, else what the context leaves; 0: only score the prompt). `eos_ids`:
+    the model's stop tokens for this request (empty with ignore_eos). `sink`: called with each of its outputs, from
+    whichever thread steps the engine."""
+
+    request_id: Hashable
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int | None = None
+    eos_ids: frozenset[int] = frozenset()
+    sink: Callable[[RequestOutput], Any] | None = None
+    # the scheduler's and the block pool's
+    output: list[int] = field(default_factory=list)
+    computed: int = 0  # leading tokens whose keys and values are in the cache
+    blocks: list[int] = field(default_factory=list)  # KV-cache blocks holding its positions, in order
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    preemptions: int = 0
+    # the sampler's
+    generator: torch.Generator | None = None
+    counts: torch.Tensor | None = None  # [V] output token counts, for presence/frequency penalties
+    seen: torch.Tensor | None = None  # [V] prompt and output tokens, for the repetition penalty
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # of prompt tokens 1.., as scored so far
+    # the output processor's
+    decoder: StreamDecoder | None = None
+    text: str = ""  # everything decoded so far
+    emitted: int = 0  # text[:emitted] has been reported
+    reported_prompt: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def pending(self) -> int:
+        """Tokens to run before the next token can be sampled."""
+        return self.num_tokens - self.computed
+
+    def scored_positions(self, start: int, length: int) -> range:
+        """Positions among start..start+length-1 whose hidden states score the next prompt token and are not scored
+        yet (none unless the request asks for prompt logprobs)."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        return range(max(start, len(self.prompt_logprobs)), min(start + length, len(self.prompt) - 1))

@@ -1,0 +1,120 @@
+"""Sampler: the one sampling pipeline every request goes through, whichever front end sent it: logit bias ->
+penalties -> temperature -> top-k / top-p / min-p -> draw -> log-probabilities, for a step's rows at once (the stages
+are the pure functions of lamina.engine.sampling). Also scores prompt tokens (prompt logprobs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from lamina.engine.request import Request, TopLogprobs
+from lamina.engine.sampling import (
+    SamplingBatch,
+    apply_logit_bias,
+    apply_penalties,
+    draw,
+    token_logprobs,
+    top_logprobs,
+    truncate,
+)
+
+# Rows of logits materialised at once when scoring a prompt: bounds memory at rows * vocab.
+SCORE_ROWS = 256
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A step's draws, row b for request b: the tokens, and where asked for their log-probabilities and
+    alternatives."""
+
+    tokens: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[TopLogprobs | None]
+
+
+class Sampler:
+    """Draws each request's next token with its own settings and its own generator, so that a request's tokens
+    depend on its seed, prompt and settings only, never on what else shares the batch.
+
+    Seeds: a request with `params.seed` draws from a generator seeded with it; one without draws from a generator
+    seeded from the sampler's own stream (seeded once, at construction), so a session is reproducible too."""
+
+    def __init__(self, vocab_size: int, device: torch.device, seed: int):
+        self.vocab_size, self.device = vocab_size, device
+        self._seeds = torch.Generator().manual_seed(seed)  # hands out seeds: on the CPU whatever the device
+
+    def attach(self, request: Request) -> None:
+        """Give a new request its generator and, when it asks for penalties, its token counts."""
+        params = request.params
+        seed = params.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+        request.generator = torch.Generator(device=self.device).manual_seed(seed)
+        if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1:
+            request.counts = torch.zeros(self.vocab_size, dtype=torch.int32, device=self.device)
+            request.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            request.seen[torch.tensor(request.prompt, device=self.device)] = True
+
+    def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> Sampled:
+        """The next token of each request from its row of raw logits [B, V] (float32)."""
+        if not requests:
+            return Sampled([], [], [])
+        if all(r.params.greedy and not r.params.logit_bias and r.counts is None for r in requests):
+            tokens = logits.argmax(dim=-1)  # every stage would leave the argmax as it is
+        else:
+            tokens = self._draw(logits, requests)
+        # Log-probabilities of the model's own distribution (raw logits, as Meta and OpenAI report them), only for the
+        # requests that ask; one host transfer for the tokens and their log-probabilities.
+        want = [r.params.logprobs for r in requests]
+        if any(want):
+            columns = torch.stack([tokens.double(), token_logprobs(logits, tokens).double()], dim=1).tolist()
+            ids = [int(t) for t, _ in columns]
+            lps = [lp if w else None for (_, lp), w in zip(columns, want)]
+        else:
+            ids, lps = tokens.tolist(), [None] * len(requests)
+        k = max(r.params.top_logprobs for r in requests)
+        tops: list[TopLogprobs | None] = [None] * len(requests)
+        if k:
+            values, alternatives = top_logprobs(logits, k)
+            for i, r in enumerate(requests):
+                n = r.params.top_logprobs
+                if n:
+                    tops[i] = tuple(zip(alternatives[i, :n].tolist(), values[i, :n].tolist()))
+        for r, token in zip(requests, ids):
+            if r.counts is not None:
+                r.counts[token] += 1
+                r.seen[token] = True
+        return Sampled(ids, lps, tops)
+
+    def _draw(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        batch = SamplingBatch.from_params([r.params for r in requests], self.vocab_size, logits.device)
+        processed = apply_logit_bias(logits, batch)
+        if batch.penalties:
+            zeros_i = torch.zeros(self.vocab_size, dtype=torch.int32, device=logits.device)
+            zeros_b = torch.zeros(self.vocab_size, dtype=torch.bool, device=logits.device)
+            counts = torch.stack([r.counts if r.counts is not None else zeros_i for r in requests])
+            seen = torch.stack([r.seen if r.seen is not None else zeros_b for r in requests])
+            processed = apply_penalties(processed, counts, seen, batch)
+        return draw(truncate(processed, batch), batch, [r.generator for r in requests])
+
+    @staticmethod
+    def score_prompt(
+        request: Request, positions: range, hidden: torch.Tensor, logits: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
+        """Append to `request.prompt_logprobs` the log-probability of prompt token p + 1 for each position p of
+        `positions` (hidden states [len(positions), dim]), with `params.prompt_logprobs` alternatives; `logits`
+        projects hidden states to logits, a few hundred rows at a time."""
+        k = request.params.prompt_logprobs or 0
+        for lo in range(0, len(positions), SCORE_ROWS):
+            rows = logits(hidden[lo : lo + SCORE_ROWS])
+            first = positions.start + lo
+            targets = torch.tensor(request.prompt[first + 1 : first + 1 + rows.shape[0]], device=rows.device)
+            lps = token_logprobs(rows, targets).tolist()
+            if k:
+                values, ids = top_logprobs(rows, k)
+                alts = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+            else:
+                alts = [()] * len(lps)
+            request.prompt_logprobs.extend(zip(lps, alts))

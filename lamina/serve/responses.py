@@ -1,0 +1,135 @@
+"""OpenAI's response bodies built from the engine's RequestOutputs: pure functions of their inputs (no HTTP, no
+engine), so tests call them directly. Token texts come from a `token_text(id) -> str` the caller gives."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Sequence
+
+from lamina.engine.request import RequestOutput, TopLogprobs
+
+TokenText = Callable[[int], str]
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def sse(payload: dict | str) -> str:
+    """One server-sent event: a JSON payload, or the closing "[DONE]"."""
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def _alternatives(top: TopLogprobs | None, token_text: TokenText) -> dict[str, float]:
+    return {token_text(t): lp for t, lp in (top or ())}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# /v1/completions (OpenAI's legacy logprobs: parallel lists of tokens, their logprobs and dicts of alternatives)
+
+
+def completion_piece(
+    out: RequestOutput,
+    *,
+    echo: tuple[str, Sequence[int]] | None,
+    logprobs: bool,
+    token_text: TokenText,
+) -> tuple[str, dict | None]:
+    """The text and logprobs one output adds to its choice. `echo`: (prompt text, prompt ids), on the choice's first
+    output when echo is on: the prompt's text comes first, and with logprobs its tokens, each with its
+    log-probability and alternatives from `out.prompt_logprobs` (null for the first token)."""
+    text, lp = out.text, None
+    if logprobs:
+        lp = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+    if echo is not None:
+        prompt_text, prompt = echo
+        text = prompt_text + text
+        if lp is not None:
+            scored = out.prompt_logprobs or (None,) * len(prompt)
+            lp["tokens"] += [token_text(t) for t in prompt]
+            lp["token_logprobs"] += [None if e is None else e[0] for e in scored]
+            lp["top_logprobs"] += [None if e is None else _alternatives(e[1], token_text) for e in scored]
+    if lp is not None and out.token is not None:
+        lp["tokens"].append(token_text(out.token))
+        lp["token_logprobs"].append(out.logprob)
+        lp["top_logprobs"].append(_alternatives(out.top_logprobs, token_text))
+    if lp is not None:
+        lp["text_offset"] = _offsets(lp["tokens"])
+    return text, lp
+
+
+def _offsets(tokens: list[str]) -> list[int]:
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return offsets
+
+
+def merge_logprobs(pieces: Sequence[dict | None]) -> dict | None:
+    """One choice's logprobs from its pieces, in order."""
+    pieces = [p for p in pieces if p is not None]
+    if not pieces:
+        return None
+    merged = {key: [v for p in pieces for v in p[key]] for key in ("tokens", "token_logprobs", "top_logprobs")}
+    merged["text_offset"] = _offsets(merged["tokens"])
+    return merged
+
+
+def completion_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_body(rid: str, created: int, model: str, choices: list[dict], use: dict | None, *, chunk=False) -> dict:
+    body = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+    if use is not None or not chunk:
+        body["usage"] = use
+    return body
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# /v1/chat/completions
+
+
+def chat_logprobs(outs: Sequence[RequestOutput], token_text: TokenText) -> dict:
+    """OpenAI's chat logprobs: an entry per generated token, with its bytes and alternatives."""
+    entries = []
+    for o in outs:
+        if o.token is None:
+            continue
+        text = token_text(o.token)
+        alternatives = [
+            {"token": token_text(t), "logprob": lp, "bytes": list(token_text(t).encode())}
+            for t, lp in (o.top_logprobs or ())
+        ]
+        entries.append({"token": text, "logprob": o.logprob, "bytes": list(text.encode()), "top_logprobs": alternatives})
+    return {"content": entries}
+
+
+def chat_choice(index: int, content: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+    message = {"role": "assistant", "content": content}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_delta(index: int, out: RequestOutput | None, logprobs: dict | None) -> dict:
+    """A streamed chat choice: the role first (`out` None), then each output's text."""
+    if out is None:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    delta = {"content": out.text} if out.text or out.finish_reason is None else {}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": out.finish_reason}
+
+
+def chat_body(rid: str, created: int, model: str, choices: list[dict], use: dict | None, *, chunk=False) -> dict:
+    kind = "chat.completion.chunk" if chunk else "chat.completion"
+    body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+    if use is not None or not chunk:
+        body["usage"] = use
+    return body
