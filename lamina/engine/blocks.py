@@ -4,21 +4,22 @@ tokens it has cached so far."""
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 
 
 class BlockPool:
     """Hands out fixed-size KV-cache blocks, and takes them back.
 
     `grow(blocks, n_tokens)` extends a request's block list to hold n_tokens positions (all or nothing), `free(blocks)`
-    empties it back into the pool. Blocks come back to the end of the free list, so recently freed memory is reused
-    last."""
+    empties it back into the pool. The lowest free blocks are handed out first, so the blocks in use stay packed at
+    the start of the cache: its pages become resident only when written (kv_cache.py), and memory in use then
+    follows the most blocks ever held at once, not the number of requests served."""
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"a block pool needs blocks and positions per block, got {num_blocks} x {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: list[int] = list(range(num_blocks))  # a heap
 
     @property
     def num_free(self) -> int:
@@ -37,12 +38,13 @@ class BlockPool:
         more = self.blocks_for(n_tokens) - len(blocks)
         if more > len(self._free):
             return False
-        blocks.extend(self._free.popleft() for _ in range(max(more, 0)))
+        blocks.extend(heapq.heappop(self._free) for _ in range(max(more, 0)))
         return True
 
     def free(self, blocks: list[int]) -> int:
         """Return all of `blocks` to the pool and empty the list; how many."""
         n = len(blocks)
-        self._free.extend(blocks)
+        for block in blocks:
+            heapq.heappush(self._free, block)
         blocks.clear()
         return n

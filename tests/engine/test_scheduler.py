@@ -185,3 +185,20 @@ def test_a_request_with_no_token_to_make_finishes_once_its_prompt_is_cached():
     with pytest.raises(RequestError, match="prompt has 33 tokens; max_seq_len is 32"):
         add(scheduler, "too long", [1] * 33, 0)
     add(scheduler, "whole context", [1] * 32, 0)  # a prompt that fills the context can still be scored
+
+
+def test_the_lowest_blocks_are_reused_first():
+    """Memory in use follows the most blocks held at once: a pool that served many requests one after another has
+    handed out only the first few blocks (the cache's untouched pages never become resident)."""
+    scheduler, pool = make(num_blocks=64, block_size=4)
+    engine = FakeEngine(scheduler)
+    used = set()
+    for i in range(20):
+        request = add(scheduler, i, [1, 2, 3, 4, 5], 3)
+        while not scheduler.idle:
+            step = scheduler.schedule()
+            used.update(b for c in step.chunks for b in c.request.blocks)
+            engine.steps.append(step)
+            scheduler.advance(step, {c.request.request_id: 7 for c in step.chunks if c.samples})
+        assert request.finish_reason == "length"
+    assert used == {0, 1} and pool.num_used == 0
