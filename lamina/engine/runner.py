@@ -20,8 +20,9 @@ from lamina.model import Decode, Prefill, Transformer
 
 @dataclass(frozen=True)
 class Forward:
-    """What a step's forward passes give: next-token logits [S, V] (float32) of the chunks that sample, in step
-    order, and for requests scoring their prompt the hidden states [n, dim] of the positions to score."""
+    """What a step's forward passes give: next-token logits [S, V] (float32), row i for request `sampling[i]` (the
+    chunks that sample: prompt chunks first, then decode tokens), and for requests scoring their prompt the hidden
+    states [n, dim] of the positions to score."""
 
     logits: torch.Tensor
     sampling: list[Request]
@@ -65,12 +66,14 @@ class ModelRunner:
     def execute(self, chunks: Sequence[Chunk]) -> Forward:
         """Run a scheduled step: the one-token chunks of running requests in one decode step, every other chunk (a
         prompt's, a recomputation's, or one scoring prompt tokens) packed into one prefill pass."""
-        decode = [c for c in chunks if c.length == 1 and c.start > 0 and c.samples and not self._scores(c)]
-        prefill = [c for c in chunks if not (c.length == 1 and c.start > 0 and c.samples and not self._scores(c))]
-        rows: dict[int, torch.Tensor] = {}  # id(request) -> its next-token logits
-        scored = []
+        is_decode = [c.length == 1 and c.start > 0 and c.samples and not self._scores(c) for c in chunks]
+        decode = [c for c, d in zip(chunks, is_decode) if d]
+        prefill = [c for c, d in zip(chunks, is_decode) if not d]
+        logits, sampling, scored = [], [], []
         if prefill:
-            hidden = self.prefill([c.tokens for c in prefill], [c.request.blocks for c in prefill], [c.start for c in prefill])
+            hidden = self.prefill(
+                [c.tokens for c in prefill], [c.request.blocks for c in prefill], [c.start for c in prefill]
+            )
             ends = list(itertools.accumulate(c.length for c in prefill))
             for c, end in zip(prefill, ends):
                 positions = self._scores(c)
@@ -79,14 +82,18 @@ class ModelRunner:
                     scored.append((c.request, positions, hidden[first : first + len(positions)]))
             wanted = [(c, end - 1) for c, end in zip(prefill, ends) if c.samples]
             if wanted:
-                logits = self.logits(hidden[[i for _, i in wanted]])
-                rows.update((id(c.request), row) for (c, _), row in zip(wanted, logits))
+                logits.append(self.logits(hidden[[i for _, i in wanted]]))
+                sampling += [c.request for c, _ in wanted]
         if decode:
-            logits = self.decode([c.tokens[0] for c in decode], [c.request.blocks for c in decode], [c.start for c in decode])
-            rows.update((id(c.request), row) for c, row in zip(decode, logits))
-        sampling = [c.request for c in chunks if c.samples]
-        logits = torch.stack([rows[id(r)] for r in sampling]) if sampling else torch.empty(0, device=self.config.device)
-        return Forward(logits, sampling, scored)
+            logits.append(
+                self.decode(
+                    [c.tokens[0] for c in decode], [c.request.blocks for c in decode], [c.start for c in decode]
+                )
+            )
+            sampling += [c.request for c in decode]
+        if not logits:
+            return Forward(torch.empty(0, device=self.config.device), [], scored)
+        return Forward(logits[0] if len(logits) == 1 else torch.cat(logits), sampling, scored)
 
     @staticmethod
     def _scores(chunk: Chunk) -> range:

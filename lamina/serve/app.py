@@ -230,7 +230,9 @@ async def _guarded(events):
         async for event in events:
             yield event
     except Exception as e:  # noqa: BLE001
-        yield r.sse(r.error_body(f"the engine failed while running this request: {type(e).__name__}: {e}", "server_error"))
+        yield r.sse(
+            r.error_body(f"the engine failed while running this request: {type(e).__name__}: {e}", "server_error")
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -76,8 +76,11 @@ class Metrics:
             ("lamina_requests_waiting", "Requests waiting in the queue.", len(s.waiting)),
             ("lamina_kv_blocks_used", "KV-cache blocks in use.", pool.num_used),
             ("lamina_kv_blocks_total", "KV-cache blocks in all.", pool.num_blocks),
-            ("lamina_generation_tokens_per_second", "Tokens generated per second, last 10 s.",
-             len(self._recent) / span if span else 0),
+            (
+                "lamina_generation_tokens_per_second",
+                "Tokens generated per second, last 10 s.",
+                len(self._recent) / span if span else 0,
+            ),
         ]
         lines = []
         for name, help, value in gauges:

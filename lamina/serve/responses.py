@@ -110,7 +110,9 @@ def chat_logprobs(outs: Sequence[RequestOutput], token_text: TokenText) -> dict:
             {"token": token_text(t), "logprob": lp, "bytes": list(token_text(t).encode())}
             for t, lp in (o.top_logprobs or ())
         ]
-        entries.append({"token": text, "logprob": o.logprob, "bytes": list(text.encode()), "top_logprobs": alternatives})
+        entries.append(
+            {"token": text, "logprob": o.logprob, "bytes": list(text.encode()), "top_logprobs": alternatives}
+        )
     return {"content": entries}
 
 

@@ -191,9 +191,8 @@ def test_prompt_logprobs_come_from_the_prefill_chunks(llama, reference):
         ref_logits = reference.forward(torch.tensor([prompt]), 0)[0]
     engine = Engine(llama, max_step_tokens=5)
     for max_tokens in (0, 3):
-        request = llama.new_request(prompt, SamplingParams(temperature=0, prompt_logprobs=3), max_tokens=max_tokens)
-        request.request_id = f"r{max_tokens}"
-        engine.add(request)
+        params = SamplingParams(temperature=0, prompt_logprobs=3)
+        engine.add(llama.new_request(prompt, params, max_tokens=max_tokens, request_id=f"r{max_tokens}"))
         outs = []
         while engine.has_work:
             outs += engine.step()
@@ -217,9 +216,7 @@ def test_a_long_scored_prompt_never_holds_running_streams_for_more_than_a_step(l
         add(engine, prompt, params, request_id)
     engine.step()  # the streams' prompts
     long = _prompts([60], seed=7)[0]
-    request = llama.new_request(long, SamplingParams(temperature=0, prompt_logprobs=0), max_tokens=0)
-    request.request_id = "score"
-    engine.add(request)
+    engine.add(llama.new_request(long, SamplingParams(temperature=0, prompt_logprobs=0), max_tokens=0, request_id="score"))
     steps, scored = [], None
     while engine.has_work:
         outs = engine.step()

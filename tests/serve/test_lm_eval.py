@@ -32,13 +32,22 @@ GEN = [
     {"question": "1, 2, 3, 4,", "answer": " 5"},
 ]
 TASKS = {
-    "lamina_mc": (MC, 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
-              'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'),
-    "lamina_ppl": (PPL, 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-                   "metric_list:\n  - metric: word_perplexity\n"),
-    "lamina_gen": (GEN, 'output_type: generate_until\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
-                   'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 8\n  do_sample: false\n'
-                   "metric_list:\n  - metric: exact_match\n"),
+    "lamina_mc": (
+        MC,
+        'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n',
+    ),
+    "lamina_ppl": (
+        PPL,
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n",
+    ),
+    "lamina_gen": (
+        GEN,
+        'output_type: generate_until\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 8\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n",
+    ),
 }
 
 
@@ -46,7 +55,9 @@ def _write_tasks(folder: Path) -> None:
     for name, (rows, spec) in TASKS.items():
         data = folder / f"{name}.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        header = f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        header = (
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        )
         (folder / f"{name}.yaml").write_text(header + spec)
 
 
@@ -71,11 +82,27 @@ def test_lm_eval_local_completions_against_lamina_serve(tmp_path):
     _write_tasks(tmp_path)
     try:
         run = subprocess.run(
-            [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
-             f"base_url={url}/v1/completions,model=smollm2,tokenizer_backend=remote,num_concurrent=1,max_retries=1,"
-             "max_length=512", "--tasks", ",".join(TASKS), "--include_path", str(tmp_path),
-             "--output_path", str(tmp_path / "out"), "--log_samples"],
-            capture_output=True, text=True, timeout=600, cwd=tmp_path,
+            [
+                sys.executable,
+                "-m",
+                "lm_eval",
+                "--model",
+                "local-completions",
+                "--model_args",
+                f"base_url={url}/v1/completions,model=smollm2,tokenizer_backend=remote,num_concurrent=1,max_retries=1,"
+                "max_length=512",
+                "--tasks",
+                ",".join(TASKS),
+                "--include_path",
+                str(tmp_path),
+                "--output_path",
+                str(tmp_path / "out"),
+                "--log_samples",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
             env=dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"),
         )
     finally:

@@ -36,9 +36,21 @@ def test_completion_with_echo_and_logprobs():
     }
     body = r.completion_body("cmpl-1", 0, "m", [r.completion_choice(0, text, lp, "stop")], r.usage(2, 1))
     # OpenAI's typed model has no None for the first prompt position (its client does not check); the rest fits it.
-    plain = r.completion_body("cmpl-1", 0, "m", [r.completion_choice(0, " sat", pieces[0][1] | {
-        "token_logprobs": [-0.5], "top_logprobs": [{" sat": -0.5}], "tokens": [" sat"], "text_offset": [0]
-    }, "stop")], r.usage(2, 1))
+    plain = r.completion_body(
+        "cmpl-1",
+        0,
+        "m",
+        [
+            r.completion_choice(
+                0,
+                " sat",
+                pieces[0][1]
+                | {"token_logprobs": [-0.5], "top_logprobs": [{" sat": -0.5}], "tokens": [" sat"], "text_offset": [0]},
+                "stop",
+            )
+        ],
+        r.usage(2, 1),
+    )
     assert ot.Completion.model_validate(plain).usage.total_tokens == 3
     assert body["object"] == "text_completion" and body["choices"][0]["logprobs"]["top_logprobs"][0] is None
     chunk = r.completion_body("cmpl-1", 0, "m", [], r.usage(2, 1), chunk=True)
