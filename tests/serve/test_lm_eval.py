@@ -9,14 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lm_eval  # noqa: F401  (a test dependency: missing, this file fails rather than skips)
 import pytest
 
 import lamina
 from lamina.serve.app import create_app
 
 from .test_server import _serve
-
-pytest.importorskip("lm_eval")
 
 MC = [
     {"question": "The capital of France is", "choices": ["Paris", "London", "Berlin"], "answer": 0},
