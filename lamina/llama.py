@@ -125,7 +125,7 @@ class Llama:
             self._ids += 1
             request_id = f"llama-{id(self):x}-{self._ids}"
         eos = frozenset() if params.ignore_eos else frozenset(self.stop_tokens)
-        return Request(request_id, list(prompt), params, max_tokens=max_tokens, eos_ids=eos)
+        return Request(request_id, list(prompt), params, max_tokens=max_tokens, stop_ids=eos)
 
     @staticmethod
     def build(

@@ -19,7 +19,7 @@ class OutputProcessor:
         """The output for a token just sampled (already in `request.output`). Its finish_reason is "stop" when the
         token is a stop token (which is then not part of the completion) or completes a stop string, "length" when
         the request has reached its limit (`request.status` says so), else None."""
-        if token in request.eos_ids or token in request.params.stop_token_ids:
+        if token in request.stop_ids:
             request.output.pop()
             return self.finish(request, "stop")
         request.text += request.decoder.add(token)

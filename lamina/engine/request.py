@@ -49,15 +49,15 @@ class Request:
     """A request and everything the engine knows of it.
 
     Made by a front end with its prompt, settings and budget; `EngineCore.add` fills in the rest. `max_tokens`: new
-    tokens at most (None: `params.max_tokens`, else what the context leaves; 0: only score the prompt). `eos_ids`:
-    the model's stop tokens for this request (empty with ignore_eos). `sink`: called with each of its outputs, from
-    whichever thread steps the engine."""
+    tokens at most (None: `params.max_tokens`, else what the context leaves; 0: only score the prompt). `stop_ids`:
+    the model's stop tokens for this request (empty with ignore_eos); `params.stop_token_ids` join them when made.
+    `sink`: called with each of its outputs, from whichever thread steps the engine."""
 
     request_id: Hashable
     prompt: list[int]
     params: SamplingParams
     max_tokens: int | None = None
-    eos_ids: frozenset[int] = frozenset()
+    stop_ids: frozenset[int] = frozenset()
     sink: Callable[[RequestOutput], Any] | None = None
     # the scheduler's and the block pool's
     output: list[int] = field(default_factory=list)
@@ -76,6 +76,9 @@ class Request:
     text: str = ""  # everything decoded so far
     emitted: int = 0  # text[:emitted] has been reported
     reported_prompt: bool = False
+
+    def __post_init__(self):
+        self.stop_ids = frozenset(self.stop_ids) | frozenset(self.params.stop_token_ids)
 
     @property
     def tokens(self) -> list[int]:

@@ -66,21 +66,21 @@ class ModelRunner:
     def execute(self, chunks: Sequence[Chunk]) -> Forward:
         """Run a scheduled step: the one-token chunks of running requests in one decode step, every other chunk (a
         prompt's, a recomputation's, or one scoring prompt tokens) packed into one prefill pass."""
-        is_decode = [c.length == 1 and c.start > 0 and c.samples and not self._scores(c) for c in chunks]
+        scores = [c.request.scored_positions(c.start, c.length) for c in chunks]
+        is_decode = [c.length == 1 and c.start > 0 and c.samples and not p for c, p in zip(chunks, scores)]
         decode = [c for c, d in zip(chunks, is_decode) if d]
-        prefill = [c for c, d in zip(chunks, is_decode) if not d]
+        prefill = [(c, p) for c, p, d in zip(chunks, scores, is_decode) if not d]
         logits, sampling, scored = [], [], []
         if prefill:
             hidden = self.prefill(
-                [c.tokens for c in prefill], [c.request.blocks for c in prefill], [c.start for c in prefill]
+                [c.tokens for c, _ in prefill], [c.request.blocks for c, _ in prefill], [c.start for c, _ in prefill]
             )
-            ends = list(itertools.accumulate(c.length for c in prefill))
-            for c, end in zip(prefill, ends):
-                positions = self._scores(c)
+            ends = list(itertools.accumulate(c.length for c, _ in prefill))
+            for (c, positions), end in zip(prefill, ends):
                 if positions:
                     first = end - c.length + positions.start - c.start
                     scored.append((c.request, positions, hidden[first : first + len(positions)]))
-            wanted = [(c, end - 1) for c, end in zip(prefill, ends) if c.samples]
+            wanted = [(c, end - 1) for (c, _), end in zip(prefill, ends) if c.samples]
             if wanted:
                 logits.append(self.logits(hidden[[i for _, i in wanted]]))
                 sampling += [c.request for c, _ in wanted]
@@ -94,10 +94,6 @@ class ModelRunner:
         if not logits:
             return Forward(torch.empty(0, device=self.config.device), [], scored)
         return Forward(logits[0] if len(logits) == 1 else torch.cat(logits), sampling, scored)
-
-    @staticmethod
-    def _scores(chunk: Chunk) -> range:
-        return chunk.request.scored_positions(chunk.start, chunk.length)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [n, dim] -> logits [n, vocab] (float32)."""

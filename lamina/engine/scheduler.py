@@ -50,7 +50,14 @@ class Chunk:
 
     @property
     def tokens(self) -> list[int]:
-        return self.request.tokens[self.start : self.start + self.length]
+        # Sliced from the prompt and the output without joining them (a decode step would copy each whole sequence).
+        r, start, end = self.request, self.start, self.start + self.length
+        n = len(r.prompt)
+        if end <= n:
+            return r.prompt[start:end]
+        if start >= n:
+            return r.output[start - n : end - n]
+        return r.prompt[start:] + r.output[: end - n]
 
 
 @dataclass(frozen=True)
