@@ -8,13 +8,15 @@ import re
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from lamina import kernels
 from lamina.engine.config import EngineConfig, check_limits, resolve_device, resolve_dtype
 from lamina.errors import ConfigError, TokenizerError, WeightsError
 from lamina.llama import Llama, check_seed
 from lamina.model import ModelConfig
 from lamina.quant import MODES as QUANT_MODES
-from lamina.quant import build_model
+from lamina.quant import build_model, use_kernels
 from lamina.tokenizer import ChatTemplate, HFTokenizer, Llama3Tokenizer, tokenizer_from_gguf
 from lamina.tokenizer.hf import read_tokenizer_config, special_token_strings
 from lamina.weights import load_gguf, load_hf_checkpoint, load_meta_checkpoint
@@ -85,6 +87,8 @@ def load(
     block_size: int | None = 16,
     kv_cache_memory: int | None = None,
     max_step_tokens: int = 512,
+    kernel_path: str | None = None,
+    prefill_dtype: str | torch.dtype | None = None,
     progress: Progress | None = None,
 ) -> Llama:
     """Load a model from a Meta directory, a Hugging Face directory or a GGUF file (None: the default model).
@@ -99,6 +103,9 @@ def load(
     The one KV cache (for offline calls and serving alike): blocks of `block_size` positions (None: a row of
     max_seq_len a sequence) from `kv_cache_memory` bytes (None: room for max_batch_size sequences of max_seq_len);
     `max_step_tokens`: tokens one engine step runs at most (prompts are cut into chunks that fit).
+    Block weights on the CPU: `kernel_path` forces one of lamina.kernels.PATHS that this CPU runs (None: its best),
+    `prefill_dtype` ("float32" or "bfloat16"; None: bfloat16 where the CPU has AMX or AVX-512 BF16) the GEMM of
+    many-row products (lamina.quant.use_kernels).
     `progress(done, total)` is called while weights are read."""
     if path is None:
         path = default_model_path()
@@ -120,6 +127,7 @@ def load(
         quantize = "gguf" if fmt == "gguf" and device.type == "cpu" and kernels.available() else "none"
     dtype = resolve_dtype(dtype, device, blocks=quantize != "none")
     check_seed(seed, ConfigError)
+    prefill_dtype = _check_kernels(kernel_path, prefill_dtype, native=quantize != "none" and device.type == "cpu")
     if fmt == "meta":
         tokenizer_path = path / "tokenizer.model"
         if not tokenizer_path.is_file():
@@ -159,7 +167,27 @@ def load(
     )
     model = build_model(config, state, quantize, device=device, dtype=dtype)
     del state
+    if kernel_path is not None or prefill_dtype is not None:
+        use_kernels(model, kernel_path, prefill_dtype)
     return Llama(model, tokenizer, engine, formatter=formatter, seed=seed)
+
+
+def _check_kernels(path: str | None, prefill_dtype, native: bool) -> torch.dtype | None:
+    """The kernel choices of `load`, checked before any weight is read; returns prefill_dtype as a torch dtype."""
+    if (path is not None or prefill_dtype is not None) and not native:
+        raise ConfigError("kernel_path and prefill_dtype apply to GGML-block weights on the CPU (quantize != 'none')")
+    if path is not None:
+        try:
+            kernels.get(path)
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"kernel_path={path!r}: {e}") from None
+    if prefill_dtype is None or isinstance(prefill_dtype, torch.dtype):
+        found = prefill_dtype
+    else:
+        found = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(str(prefill_dtype))
+    if prefill_dtype is not None and found not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"prefill_dtype must be 'float32' or 'bfloat16', not {prefill_dtype!r}")
+    return found
 
 
 def _max_seq_len(config: ModelConfig, asked: int | None) -> int:

@@ -31,6 +31,8 @@ def unsupported(model: Transformer, cache: KVCache) -> str | None:
         projections = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
         if not all(isinstance(p, QLinear) and p.native for p in projections):
             return f"layer {i}'s projections are not all fused GGML blocks (quantize='gguf', 'int8' or 'int4')"
+        if len({p.kernels.path for p in projections} | {first.attention.wqkv.kernels.path}) > 1:
+            return f"layer {i}'s projections are on different kernel paths (see lamina.quant.use_kernels)"
     return None
 
 
@@ -44,6 +46,7 @@ class NativeDecode:
             raise ValueError(f"the native decode step cannot run this model: {reason}")
         c = model.config
         self.model = model
+        self.kernels = model.layers[0].attention.wqkv.kernels  # the path every projection is on (checked above)
         self.num_blocks, self.block_size = cache.num_blocks, cache.block_size
         self._tensors = [model.inv_freq, model.norm.weight]  # every tensor whose address the tables hold
         layers = (kernels.DecodeLayer * c.n_layers)()
@@ -70,6 +73,8 @@ class NativeDecode:
         self._layers = layers
         # The logits too, where the output projection is blocks the kernel reads (else model.logits after the step).
         output = model.output if isinstance(model.output, QLinear) and model.output.native else None
+        if output is not None and output.kernels.path != self.kernels.path:
+            output = None
         if output is not None:
             self._tensors.append(output.blocks)
         self.vocab_size = c.vocab_size
@@ -111,8 +116,8 @@ class NativeDecode:
             )
         h = self.model.tok_embeddings(packed[0]).float().contiguous()
         if not self._logits_in_c:
-            kernels.decode(self._table, h, padded, packed[1].contiguous(), None)
+            self.kernels.decode(self._table, h, padded, packed[1].contiguous(), None)
             return self.model.logits(h)
         logits = torch.empty(len(tokens), self.vocab_size, dtype=torch.float32)
-        kernels.decode(self._table, h, padded, packed[1].contiguous(), logits)
+        self.kernels.decode(self._table, h, padded, packed[1].contiguous(), logits)
         return logits

@@ -1,15 +1,23 @@
 """lamina's native CPU kernels: quantized matrix products over GGML blocks (`qmatmul.c`) and the whole decode step of
 a block-quantized model (`decode.c`, driven by lamina.engine.native).
 
-The C sources are compiled on first use with the machine's C compiler for the machine it runs on (-march=native) and
-cached (under $LAMINA_CACHE_DIR, else $XDG_CACHE_HOME/lamina, else ~/.cache/lamina) by a hash of the source, the flags
-and the CPU, so later processes only load it. It is called through ctypes behind a PyTorch operator,
-`torch.ops.lamina.qmatmul`, which torch.compile treats as one opaque call. OpenMP in the library resolves to the
-libgomp PyTorch has already loaded, so it shares PyTorch's threads and `torch.set_num_threads`.
+One source, several paths: the C files are compiled once per instruction set into a library each (`PATHS`: portable
+C for any CPU, AVX2, AVX-512 with VNNI) and the process picks the best one the CPU and the OS support, asked at run
+time with cpuid and xgetbv (`cpu.c`, built for the architecture's baseline) rather than taken from the build host's
+-march=native. `get(path)` returns the kernels of one path (None: the best), so tests and callers can force any path
+this CPU runs; a path it cannot run is refused with the reason, never executed. AMX and AVX-512 BF16 are reported
+too (`cpu_features()`): lamina's C has no tile code, and the prefill product on such CPUs is oneDNN's bfloat16
+matmul through PyTorch (lamina.quant), which asks Linux for the tile state itself and loads its tile configuration
+in every call.
 
-`LAMINA_KERNEL_CFLAGS` adds compiler flags (the tests build the portable C path with "-mno-avx2" that way).
-Where no compiler works, `available()` is False and the callers (lamina.quant) fall back to dequantize-and-matmul in
-PyTorch; `LAMINA_NATIVE=0` forces that fallback.
+Libraries are compiled on first use with the machine's C compiler and cached (under $LAMINA_CACHE_DIR, else
+$XDG_CACHE_HOME/lamina, else ~/.cache/lamina) by a hash of the source, the flags and the compiler, so later processes
+only load them. They are called through ctypes behind a PyTorch operator, `torch.ops.lamina.qmatmul`, which
+torch.compile treats as one opaque call. OpenMP in the library resolves to the libgomp PyTorch has already loaded, so
+it shares PyTorch's threads and `torch.set_num_threads`.
+
+`LAMINA_KERNEL_CFLAGS` adds compiler flags to every path. Where no compiler works, `available()` is False and the
+callers (lamina.quant) fall back to dequantize-and-matmul in PyTorch; `LAMINA_NATIVE=0` forces that fallback.
 """
 
 from __future__ import annotations
@@ -22,19 +30,32 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.c", "decode.c"))
-HEADER = Path(__file__).with_name("kernels.h")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+HERE = Path(__file__).parent
+SOURCES = tuple(HERE / name for name in ("qmatmul.c", "decode.c"))
+HEADER = HERE / "kernels.h"
+BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+PATHS = ("portable", "avx2", "avx512") if X86 else ("portable",)  # worst to best
+PATH_FLAGS = {  # what each path's library is compiled for
+    "portable": () if X86 else ("-march=native",),  # x86: the baseline (SSE2) every x86-64 CPU runs
+    "avx2": ("-mavx2", "-mfma", "-mf16c"),
+    "avx512": (
+        *("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
+        "-mprefer-vector-width=512",
+    ),
+}
+FEATURES = {"avx2": 1, "avx512": 2, "avx512_bf16": 4, "amx_bf16": 8, "amx_int8": 16}  # cpu.c's bits
 QTYPES = {"Q4_1": 0, "Q8_0": 1}  # the block formats the kernel reads, by GGML name
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # bytes per block of 32 weights: the C structs' sizes
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
+_kernels: dict[tuple[str, bool], "Kernels | str"] = {}  # (path, emulated) -> built kernels, or why they cannot be
+_features: frozenset[str] | None = None
 
 
 def cache_dir() -> Path:
@@ -43,24 +64,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lamina"
 
 
-def _cpu_key() -> str:
-    """What -march=native depends on: the CPU's model and feature flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
-        return "\n".join(lines)
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _build() -> ctypes.CDLL:
+def _compile(name: str, sources: tuple[Path, ...], flags: tuple[str, ...]) -> Path:
+    """`sources` compiled with `flags` into a shared library in the cache (reused when already there)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found (install gcc, or set CC)")
-    flags = (*FLAGS, *os.environ.get("LAMINA_KERNEL_CFLAGS", "").split())
-    source = b"".join(path.read_bytes() for path in (HEADER, *SOURCES))
-    key = hashlib.sha256(source + repr((compiler, flags, _cpu_key())).encode()).hexdigest()[:16]
-    target = cache_dir() / f"lamina-kernels-{key}.so"
+    flags = (*flags, *os.environ.get("LAMINA_KERNEL_CFLAGS", "").split())
+    source = b"".join(path.read_bytes() for path in (HEADER, *sources))
+    key = hashlib.sha256(source + repr((compiler, flags)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"lamina-{name}-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Build to a temporary name and rename: concurrent processes never load a half-written library.
@@ -68,27 +80,111 @@ def _build() -> ctypes.CDLL:
         os.close(fd)
         try:
             result = subprocess.run(
-                [compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
+                [compiler, *flags, *map(str, sources), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
             )
             if result.returncode != 0:
-                raise RuntimeError(f"{compiler} failed to build lamina's kernels: {result.stderr.strip()[-2000:]}")
+                raise RuntimeError(f"{compiler} failed to build lamina's {name}: {result.stderr.strip()[-2000:]}")
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    return target
+
+
+def cpu_features() -> frozenset[str]:
+    """What this CPU and OS let the kernels use: names from FEATURES (empty where nothing beyond the baseline, or
+    where the probe cannot be built)."""
+    global _features
+    if _features is None:
+        found: frozenset[str] = frozenset()
+        if X86 and os.environ.get("LAMINA_NATIVE", "1") != "0":
+            try:
+                probe = ctypes.CDLL(str(_compile("cpu", (HERE / "cpu.c",), BASE_FLAGS)))
+                bits = probe.lamina_cpu_features()
+                found = frozenset(name for name, bit in FEATURES.items() if bits & bit)
+            except (OSError, RuntimeError, subprocess.SubprocessError):
+                pass
+        _features = found
+    return _features
+
+
+def supported_paths() -> tuple[str, ...]:
+    """The kernel paths this machine can run, worst to best."""
+    features = cpu_features()
+    return tuple(path for path in PATHS if path == "portable" or path in features)
+
+
+def best_path() -> str:
+    return supported_paths()[-1]
+
+
+def simde_include() -> str | None:
+    """Where SIMDe's headers are (the simde-py package, else the system's), for `get(path, emulate=True)`."""
+    try:
+        import simde_py  # a test dependency
+
+        return simde_py.get_include()
+    except ImportError:
+        return "/usr/include" if Path("/usr/include/simde/x86/avx512.h").is_file() else None
+
+
+def _load(path: str, emulate: bool) -> "Kernels":
+    if emulate:  # the path's intrinsics from SIMDe, in portable code over AVX2: the tests' way to run its arithmetic
+        include = simde_include()
+        if include is None:
+            raise RuntimeError("SIMDe's headers are not installed (pip install simde-py)")
+        flags = (*BASE_FLAGS, *PATH_FLAGS["avx2"], "-DLAMINA_SIMDE", f"-I{include}")
+        name = f"kernels-{path}-simde"
+    else:
+        flags, name = (*BASE_FLAGS, *PATH_FLAGS[path]), f"kernels-{path}"
+    lib = ctypes.CDLL(str(_compile(name, SOURCES, flags)))
+    lib.lamina_path.restype = ctypes.c_char_p
     fn = lib.lamina_qmatmul
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     fn.argtypes += [ctypes.c_void_p]
     fn.restype = ctypes.c_int
     deq = lib.lamina_dequantize
-    deq.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    deq.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     deq.restype = None
+    quant = lib.lamina_quantize_rows
+    quant.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    quant.argtypes += [ctypes.c_void_p]
+    quant.restype = None
     step = lib.lamina_decode
     step.argtypes = [ctypes.POINTER(DecodeModel), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     step.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
     step.restype = ctypes.c_int
-    return lib
+    return Kernels(path, lib, emulate)
+
+
+def get(path: str | None = None, *, emulate: bool = False) -> "Kernels":
+    """The kernels of one path (None: the best this CPU runs), built on first call. A path this CPU cannot run is a
+    RuntimeError naming what it lacks; `emulate=True` builds an x86 SIMD path over SIMDe instead (for tests: its
+    arithmetic, at a fraction of its speed, on any CPU with AVX2)."""
+    if os.environ.get("LAMINA_NATIVE", "1") == "0":
+        raise RuntimeError("lamina's native kernels are disabled by LAMINA_NATIVE=0")
+    path = best_path() if path is None else path
+    if path not in PATHS:
+        raise ValueError(f"unknown kernel path {path!r}: this machine's are {', '.join(PATHS)}")
+    if emulate and (path == "portable" or "avx2" not in cpu_features()):
+        raise RuntimeError(f"the {path} path can be emulated only on an x86 CPU with AVX2, and not for portable")
+    if not emulate and path not in supported_paths():
+        raise RuntimeError(
+            f"this CPU cannot run the {path} kernels (it has {', '.join(supported_paths())}; "
+            f"{path} needs {' '.join(f for f in PATH_FLAGS[path] if f.startswith('-mavx'))})"
+        )
+    key = (path, emulate)
+    if key not in _kernels:
+        with _lock:
+            if key not in _kernels:
+                try:
+                    _kernels[key] = _load(path, emulate)
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    _kernels[key] = str(e)
+    found = _kernels[key]
+    if isinstance(found, str):
+        raise RuntimeError(f"lamina's {path} kernels could not be built: {found}")
+    return found
 
 
 class DecodeLayer(ctypes.Structure):
@@ -128,30 +224,19 @@ class DecodeModel(ctypes.Structure):
     ]
 
 
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first call; None (see `unavailable_reason()`) when they cannot be."""
-    global _lib, _error
-    if _lib is not None or _error is not None:
-        return _lib
-    with _lock:
-        if _lib is None and _error is None:
-            if os.environ.get("LAMINA_NATIVE", "1") == "0":
-                _error = "disabled by LAMINA_NATIVE=0"
-            else:
-                try:
-                    _lib = _build()
-                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                    _error = str(e)
-    return _lib
-
-
 def available() -> bool:
-    return library() is not None
+    """Whether the best path's kernels can be built and loaded here."""
+    return unavailable_reason() is None
 
 
 def unavailable_reason() -> str | None:
-    library()
-    return _error
+    if os.environ.get("LAMINA_NATIVE", "1") == "0":
+        return "disabled by LAMINA_NATIVE=0"
+    try:
+        get()
+    except RuntimeError as e:
+        return str(e)
+    return None
 
 
 def _check(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features: int) -> None:
@@ -170,56 +255,107 @@ def _check(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features: int)
         )
 
 
-def qmatmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features: int) -> torch.Tensor:
-    """x [M, K] float32 @ W.T for W [out_features, K] stored as GGML `qtype` blocks (uint8 [N, K/32 * bytes]).
+@dataclass(frozen=True, eq=False)
+class Kernels:
+    """One path's compiled library (see `get`)."""
 
-    A direct call (about 10 us of Python around the kernel). Compiled code reaches the same function through the
-    operator torch.ops.lamina.qmatmul."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"lamina's native kernels are unavailable: {_error}")
-    _check(x, blocks, qtype, out_features)
-    return run(QTYPES[qtype], blocks.contiguous(), out_features, x.contiguous())
+    path: str
+    lib: ctypes.CDLL
+    emulated: bool = False
+
+    def __repr__(self) -> str:
+        return f"Kernels({self.lib.lamina_path().decode()})"
+
+    def __reduce__(self):  # one library per path and process: copies and pickles name it
+        return _unpickle, (self.path, self.emulated)
+
+    def __deepcopy__(self, memo) -> "Kernels":
+        return self
+
+    def qmatmul(self, x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features: int) -> torch.Tensor:
+        """x [M, K] float32 @ W.T for W [out_features, K] stored as GGML `qtype` blocks (uint8 [N, K/32 * bytes])."""
+        _check(x, blocks, qtype, out_features)
+        return self.run(QTYPES[qtype], blocks.contiguous(), out_features, x.contiguous())
+
+    def run(self, qtype_id: int, blocks: torch.Tensor, out_features: int, x: torch.Tensor) -> torch.Tensor:
+        """`qmatmul` without its checks, for callers that checked the weights once (lamina.quant.QLinear): x must be
+        a contiguous float32 [M, K] CPU tensor, blocks contiguous and matching."""
+        y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+        if self.lib.lamina_qmatmul(
+            qtype_id, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0], y.data_ptr()
+        ):
+            raise MemoryError("lamina_qmatmul could not allocate its activation buffer")
+        return y
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The activation quantization before every product: x [M, K] float32 -> int16 q [M, K], per block of 32
+        the scale d [M, K/32] and d * sum(q) [M, K/32]."""
+        x = x.float().contiguous()
+        M, K = x.shape
+        if K % 32:
+            raise ValueError(f"rows of {K} values are not whole blocks of 32")
+        q = torch.empty(M, K, dtype=torch.int16)
+        groups = -(-M // 4)  # the C layout: rows in groups of 4, each group's scales [block][row in group]
+        d, s = torch.zeros(groups, K // 32, 4), torch.zeros(groups, K // 32, 4)
+        self.lib.lamina_quantize_rows(x.data_ptr(), M, K, q.data_ptr(), d.data_ptr(), s.data_ptr())
+        return q, *(t.transpose(1, 2).reshape(groups * 4, K // 32)[:M] for t in (d, s))
+
+    def dequantize(
+        self, qtype_id: int, blocks: torch.Tensor, out_features: int, in_features: int, dtype=torch.float32
+    ) -> torch.Tensor:
+        """The matrix [out_features, in_features] of checked, contiguous blocks (see `run`), float32 or bfloat16
+        (rounded to nearest even, as torch's conversion)."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the kernels dequantize to float32 or bfloat16, not {dtype}")
+        w = torch.empty(out_features, in_features, dtype=dtype)
+        bf16 = int(dtype == torch.bfloat16)
+        self.lib.lamina_dequantize(qtype_id, blocks.data_ptr(), out_features, in_features, w.data_ptr(), bf16)
+        return w
+
+    def decode(
+        self,
+        model: DecodeModel,
+        h: torch.Tensor,
+        tables: torch.Tensor,
+        positions: torch.Tensor,
+        logits: torch.Tensor | None,
+    ) -> None:
+        """decode.c's lamina_decode: one step for h.shape[0] sequences; h [B, dim] float32 (the new tokens'
+        embeddings) becomes their final normalised hidden states, and `logits` [B, vocab] (when given, and `model`
+        has an output projection) their logits. tables: int64 [B, width], each sequence's cache blocks; positions:
+        int64 [B]; both checked by the caller against the cache (lamina.engine.native); every tensor behind `model`
+        must stay alive."""
+        out = None if logits is None else logits.data_ptr()
+        B, width = tables.shape
+        if self.lib.lamina_decode(
+            ctypes.byref(model), B, h.data_ptr(), tables.data_ptr(), width, positions.data_ptr(), out
+        ):
+            raise MemoryError("lamina_decode could not allocate its working buffers")
 
 
-def run(qtype_id: int, blocks: torch.Tensor, out_features: int, x: torch.Tensor) -> torch.Tensor:
-    """`qmatmul` without its checks, for callers that checked the weights once (lamina.quant.QLinear): x must be a
-    contiguous float32 [M, K] CPU tensor, blocks contiguous and matching."""
-    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-    if _lib.lamina_qmatmul(
-        qtype_id, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0], y.data_ptr()
-    ):
-        raise MemoryError("lamina_qmatmul could not allocate its activation buffer")
-    return y
+def _unpickle(path: str, emulated: bool) -> Kernels:
+    return get(path, emulate=emulated)
 
 
-def dequantize(qtype_id: int, blocks: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The float32 matrix [out_features, in_features] of checked, contiguous blocks (see `run`)."""
-    w = torch.empty(out_features, in_features, dtype=torch.float32)
-    _lib.lamina_dequantize(qtype_id, blocks.data_ptr(), out_features, in_features, w.data_ptr())
-    return w
+def qmatmul(
+    x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features: int, path: str | None = None
+) -> torch.Tensor:
+    """`Kernels.qmatmul` on the kernels of `path` (None: the best this CPU runs). A direct call (about 10 us of
+    Python around the kernel); compiled code reaches the same function through torch.ops.lamina.qmatmul."""
+    return get(path).qmatmul(x, blocks, qtype, out_features)
 
 
-def decode(
-    model: DecodeModel, h: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor | None
-) -> None:
-    """decode.c's lamina_decode: one step for h.shape[0] sequences; h [B, dim] float32 (the new tokens' embeddings)
-    becomes their final normalised hidden states, and `logits` [B, vocab] (when given, and `model` has an output
-    projection) their logits. tables: int64 [B, width], each sequence's cache blocks; positions: int64 [B]; both
-    checked by the caller against the cache (lamina.engine.native); every tensor behind `model` must stay alive."""
-    out = None if logits is None else logits.data_ptr()
-    B, width = tables.shape
-    if _lib.lamina_decode(ctypes.byref(model), B, h.data_ptr(), tables.data_ptr(), width, positions.data_ptr(), out):
-        raise MemoryError("lamina_decode could not allocate its working buffers")
+def _qmatmul_op(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features: int, path: str) -> torch.Tensor:
+    return get(path or None).qmatmul(x, blocks, qtype, out_features)
 
 
 # The operator for torch.compile: an opaque call in the graph. Defined with the low-level Library API rather than
 # torch.library.custom_op, whose Python wrapper costs ~50 us a call (more than the kernel on a small matrix).
 _LIBRARY = torch.library.Library("lamina", "DEF")
-_LIBRARY.define("qmatmul(Tensor x, Tensor blocks, str qtype, int out_features) -> Tensor")
-_LIBRARY.impl("qmatmul", qmatmul, "CPU")
+_LIBRARY.define("qmatmul(Tensor x, Tensor blocks, str qtype, int out_features, str path) -> Tensor")
+_LIBRARY.impl("qmatmul", _qmatmul_op, "CPU")
 
 
 @torch.library.register_fake("lamina::qmatmul", lib=_LIBRARY)
-def _(x, blocks, qtype, out_features):
+def _(x, blocks, qtype, out_features, path):
     return x.new_empty(x.shape[0], out_features)

@@ -54,7 +54,7 @@ static void quantize_stage(const float *x, int64_t K, const float *norm, double 
             for (int i = 0; i < QK; i++) tmp[i] = (xb[i] * r) * norm[j * QK + i];
             xb = tmp;
         }
-        lamina_quantize_block(xb, q + u * QK, d + u, s + u);
+        lamina_quantize_block(xb, q + u * QK, d + SCALE_AT(b, j, nb), s + SCALE_AT(b, j, nb));
     }
 }
 
@@ -65,7 +65,7 @@ static void swiglu_stage(const float *gu, int64_t F, int64_t lo, int64_t hi, int
     for (int64_t u = lo; u < hi; u++) {
         const float *gate = gu + u / nb * 2 * F + u % nb * QK, *up = gate + F;
         for (int i = 0; i < QK; i++) tmp[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-        lamina_quantize_block(tmp, q + u * QK, d + u, s + u);
+        lamina_quantize_block(tmp, q + u * QK, d + SCALE_AT(u / nb, u % nb, nb), s + SCALE_AT(u / nb, u % nb, nb));
     }
 }
 
@@ -128,7 +128,8 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
     float *rot = malloc(sizeof(float) * (size_t)(B * D)); /* per sequence: cos [D/2], sin [D/2] */
     float *scores = malloc(sizeof(float) * (size_t)(threads * longest));
     int16_t *q = malloc(sizeof(int16_t) * (size_t)(B * widest));
-    float *qd = malloc(sizeof(float) * (size_t)(B * widest / QK)), *qs = malloc(sizeof(float) * (size_t)(B * widest / QK));
+    float *qd = calloc((size_t)(SCALE_ROWS(B) * widest / QK), sizeof(float));
+    float *qs = calloc((size_t)(SCALE_ROWS(B) * widest / QK), sizeof(float));
     if (!qkv || !att || !gu || !rot || !scores || !q || !qd || !qs) {
         free(qkv); free(att); free(gu); free(rot); free(scores); free(q); free(qd); free(qs);
         return -1;

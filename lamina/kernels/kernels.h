@@ -3,6 +3,30 @@
 #pragma once
 #include <stdint.h>
 
+/* The instruction set a build targets, from its compiler flags (lamina/kernels/__init__.py builds one library per
+ * path: portable C, AVX2, AVX-512 with VNNI). LAMINA_SIMDE builds the AVX-512 source over SIMDe's portable versions
+ * of its intrinsics, so that the tests check that path's arithmetic on machines without AVX-512. */
+#if defined(LAMINA_SIMDE)
+#include <immintrin.h>
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#define LAMINA_AVX512 1
+#define LAMINA_AVX2 1
+#define LAMINA_PATH "avx512 (SIMDe)"
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) &&         \
+    defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define LAMINA_AVX512 1
+#define LAMINA_AVX2 1
+#define LAMINA_PATH "avx512"
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define LAMINA_AVX2 1
+#define LAMINA_PATH "avx2"
+#else
+#define LAMINA_PATH "portable"
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #else
@@ -14,10 +38,17 @@ static inline int omp_get_max_threads(void) { return 1; }
 #define QK 32 /* weights (and activations) per block */
 #define NR 4  /* weight rows handled together for a single activation row; row ranges are split in multiples of it */
 
+/* Where the scale (and sum) of block b of activation row m lies in the d and s arrays: rows in groups of 4, each
+ * group's scales transposed ([group][block][row in group]), so that one vector load takes a block's four. The arrays
+ * hold SCALE_ROWS(M) * nb floats; a caller allocates them zeroed (calloc), so the rows past M of the last group are
+ * finite. */
+#define SCALE_AT(m, b, nb) ((((m) / 4) * (nb) + (b)) * 4 + (m) % 4)
+#define SCALE_ROWS(M) (((M) + 3) / 4 * 4)
+
 /* One block of 32 floats -> int16 q, scale d (x ~= d * q) and d * sum(q). */
 void lamina_quantize_block(const float *x, int16_t *q, float *d, float *s);
 
-/* x [M, K] float -> per block of 32: int16 q, scale d (x ~= d * q) and d * sum(q). */
+/* x [M, K] float -> per block of 32: int16 q, scale d (x ~= d * q) and d * sum(q), the last two at SCALE_AT. */
 void lamina_quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, float *d, float *s);
 
 /* Rows n0..n1-1 of y [M, N] = x @ W^T, W [N, K] in `wtype` blocks (0: Q4_1, 1: Q8_0), x quantized by

@@ -63,6 +63,69 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Ten
     return picked.flatten(-3, -2)[..., :length, :]
 
 
+def _fresh_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Fresh sequences (by index into `lengths`) grouped for one padded attention call each: sorted by length, a
+    group grows while padding every member to its longest costs at most twice the scores they need, so many short
+    prompts share a call and one long prompt never pads the short ones to its length."""
+    groups: list[list[int]] = []
+    need = 0
+    for j in sorted(range(len(lengths)), key=lengths.__getitem__):
+        T = lengths[j]
+        if groups and (len(groups[-1]) + 1) * T * T <= 2 * (need + T * T):
+            groups[-1].append(j)
+            need += T * T
+        else:
+            groups.append([j])
+            need = T * T
+    return groups
+
+
+def _prefill_attention(q, k, v, batch: Prefill, k_cache, v_cache) -> torch.Tensor:
+    """Each packed sequence's queries [T, H, D] against its own keys causally (and a later chunk's also against its
+    cached start), nothing spent on cross-sequence pairs: fresh sequences of similar length in one padded call
+    (`_fresh_groups`), each later chunk in its own. Returns [N, H, D] in packed order."""
+    starts = batch.starts or (0,) * len(batch.seq_lens)
+    qs, ks, vs = q.split(batch.seq_lens), k.split(batch.seq_lens), v.split(batch.seq_lens)
+    outs: list[torch.Tensor | None] = [None] * len(qs)
+    fresh = [j for j, start in enumerate(starts) if start == 0]
+    for group in _fresh_groups([batch.seq_lens[j] for j in fresh]):
+        members = [fresh[i] for i in group]
+        if len(members) == 1:  # alone: causal over its own keys, no mask to build
+            j = members[0]
+            o = F.scaled_dot_product_attention(
+                qs[j].transpose(0, 1)[None],
+                ks[j].transpose(0, 1)[None],
+                vs[j].transpose(0, 1)[None],
+                is_causal=True,
+                enable_gqa=True,
+            )
+            outs[j] = o[0].transpose(0, 1)
+            continue
+        lengths = torch.tensor([batch.seq_lens[j] for j in members], device=q.device)
+        T = int(lengths.max())
+        pad = [nn.utils.rnn.pad_sequence([x[j] for j in members], batch_first=True) for x in (qs, ks, vs)]
+        pos = torch.arange(T, device=q.device)
+        # Causal, and only a sequence's own keys: padded keys never count; padded queries are computed and dropped.
+        mask = (pos[None, :] <= pos[:, None])[None] & (pos < lengths[:, None])[:, None, :]  # [S, T, T]
+        o = F.scaled_dot_product_attention(  # [S, H, T, D]
+            *(x.transpose(1, 2) for x in pad), attn_mask=mask[:, None], enable_gqa=True
+        )
+        for i, j in enumerate(members):
+            outs[j] = o[i, :, : batch.seq_lens[j]].transpose(0, 1)
+    for j, start in enumerate(starts):
+        if start == 0:
+            continue
+        T = qs[j].shape[0]  # a later chunk: the cached positions before it, then its own, causally
+        keys = _gather(k_cache, batch.tables[j], start + T)
+        values = _gather(v_cache, batch.tables[j], start + T)
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+        o = F.scaled_dot_product_attention(
+            qs[j].transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, enable_gqa=True
+        )
+        outs[j] = o[0].transpose(0, 1)
+    return torch.cat(outs)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, *, device=None, dtype=None):
         super().__init__()
@@ -101,30 +164,7 @@ class Attention(nn.Module):
         v_cache[batch.blocks, :, batch.offsets] = v
 
         if isinstance(batch, Prefill):
-            # Each sequence attends causally to its own keys (and a later chunk to its cached start); nothing is spent
-            # on cross-sequence pairs.
-            outs = []
-            starts = batch.starts or (0,) * len(batch.seq_lens)
-            for j, (qs, ks, vs, start) in enumerate(
-                zip(q.split(batch.seq_lens), k.split(batch.seq_lens), v.split(batch.seq_lens), starts, strict=True)
-            ):
-                T = qs.shape[0]
-                if start == 0:  # fresh: causal over its own keys
-                    keys, values, mask = ks.transpose(0, 1), vs.transpose(0, 1), None
-                else:  # a later chunk: the cached positions before it, then its own, causally
-                    keys = _gather(k_cache, batch.tables[j], start + T)
-                    values = _gather(v_cache, batch.tables[j], start + T)
-                    mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
-                o = F.scaled_dot_product_attention(  # [1, H, T, D]
-                    qs.transpose(0, 1)[None],
-                    keys[None],
-                    values[None],
-                    attn_mask=mask,
-                    is_causal=mask is None,
-                    enable_gqa=True,
-                )
-                outs.append(o[0].transpose(0, 1))  # [T, H, D]
-            out = torch.cat(outs)
+            out = _prefill_attention(q, k, v, batch, k_cache, v_cache)
         else:
             # Attend over the filled part of each sequence's cache row only, masked to its own length.
             if batch.contiguous:

@@ -2,8 +2,11 @@
 
 On the CPU a product with few rows (decode: one row per running sequence) goes to lamina's native kernel, which reads
 each block once and multiplies in integers (lamina.kernels); a product with many rows (prefill) is compute-bound, so the
-weight is dequantized once for the call and multiplied by PyTorch's float GEMM. Without the native kernel (no
-compiler, or CUDA) every product dequantizes: correct, and slower.
+weight is dequantized once for the call and multiplied by PyTorch's GEMM: in bfloat16 on CPUs with AMX or AVX-512
+BF16 (oneDNN runs it on the tiles / `vdpbf16ps`, 4x float32's rate on a Sapphire Rapids), in float32 elsewhere
+(bfloat16 is emulated without them). A float32 model's residual stream stays float32 either way; only the product's
+inputs and output are rounded (tests bound the cost). Without the native kernel (no compiler, or CUDA) every product
+dequantizes: correct, and slower.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from lamina.quant import ggml
 NATIVE_MAX_ROWS = 32
 
 
+def default_prefill_dtype() -> torch.dtype:
+    """The GEMM dtype of a float32 model's many-row products on this CPU: bfloat16 where the CPU multiplies it
+    natively (AMX or AVX-512 BF16), else float32."""
+    return torch.bfloat16 if kernels.cpu_features() & {"amx_bf16", "avx512_bf16"} else torch.float32
+
+
 class QLinear(nn.Module):
     """y = x @ W.T with W [out_features, in_features] held as `qtype` blocks (uint8 [out, in/32 * block bytes])."""
 
@@ -31,8 +40,15 @@ class QLinear(nn.Module):
             raise ValueError(f"{qtype} blocks {tuple(blocks.shape)} do not hold rows of {in_features} weights")
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
         self.register_buffer("blocks", blocks.contiguous())
-        self.native = blocks.device.type == "cpu" and kernels.available()
+        # The native kernels' best path for this CPU (None: no native kernel here); `use_kernels` picks another.
+        self.kernels = kernels.get() if blocks.device.type == "cpu" and kernels.available() else None
+        # A float32 input's many-row products run in this dtype (see default_prefill_dtype; lamina.quant.use_kernels)
+        self.prefill_dtype = default_prefill_dtype() if blocks.device.type == "cpu" else torch.float32
         self._qtype_id = kernels.QTYPES[qtype]
+
+    @property
+    def native(self) -> bool:
+        return self.kernels is not None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, qtype: str) -> "QLinear":
@@ -40,23 +56,29 @@ class QLinear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.native and not torch.compiler.is_compiling():
-            return kernels.dequantize(self._qtype_id, self.blocks, self.out_features, self.in_features).to(dtype)
+            direct = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+            w = self.kernels.dequantize(self._qtype_id, self.blocks, self.out_features, self.in_features, direct)
+            return w.to(dtype)
         return ggml.dequantize(self.blocks, self.qtype, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self.native and x2.shape[0] <= NATIVE_MAX_ROWS:
             if torch.compiler.is_compiling():  # compiled graphs hold the kernel as one opaque operator
-                y = torch.ops.lamina.qmatmul(x2.float(), self.blocks, self.qtype, self.out_features)
+                y = torch.ops.lamina.qmatmul(x2.float(), self.blocks, self.qtype, self.out_features, self.kernels.path)
             else:  # eager calls go straight to it: every microsecond counts at one token a step
-                y = kernels.run(self._qtype_id, self.blocks, self.out_features, x2.float().contiguous())
+                y = self.kernels.run(self._qtype_id, self.blocks, self.out_features, x2.float().contiguous())
             y = y.to(x.dtype)
+        elif x.dtype == torch.float32 and self.prefill_dtype != torch.float32:
+            y = F.linear(x2.to(self.prefill_dtype), self.dequantized(self.prefill_dtype)).to(x.dtype)
         else:
             y = F.linear(x2, self.dequantized(x.dtype))
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        native = "native" if self.native else "dequantize"
+        native = f"native {self.kernels.path}" if self.native else "dequantize"
+        if self.prefill_dtype != torch.float32:
+            native += f", prefill {str(self.prefill_dtype).removeprefix('torch.')}"
         return f"{self.in_features} -> {self.out_features}, {self.qtype}, {native}"
 
 

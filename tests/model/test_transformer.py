@@ -29,6 +29,28 @@ def test_packed_prefill_equals_one_at_a_time(llama):
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
 
 
+def test_many_short_prompts_share_attention_calls_and_equal_the_reference(llama, reference):
+    """Fresh prompts of similar length attend in one padded call (lamina.model.transformer._fresh_groups); each
+    prompt's logits still equal Meta's model run on that prompt alone."""
+    from lamina.model.transformer import _fresh_groups
+
+    lengths = [3, 14, 7, 7, 2, 11, 9, 40, 5, 12, 8, 6]
+    groups = _fresh_groups(lengths)
+    assert sorted(j for g in groups for j in g) == list(range(len(lengths)))
+    assert len(groups) < len(lengths) - 4 and [7] in groups  # shared calls; the long prompt padded no one
+    for g in groups:  # padding to a group's longest costs at most twice the scores its members need
+        assert len(g) * max(lengths[j] for j in g) ** 2 <= 2 * sum(lengths[j] ** 2 for j in g)
+    prompts = _prompts(lengths, seed=4)
+    runner = ModelRunner(llama.model, llama.config, num_blocks=24, block_size=8)
+    free = iter(range(24))
+    tables = [[next(free) for _ in range(-(-n // 8))] for n in lengths]
+    with torch.inference_mode():
+        ours = llama.model.logits(runner.prefill(prompts, tables)).split(lengths)
+        for rows, prompt in zip(ours, prompts):  # every position of every prompt
+            theirs = reference.forward(torch.tensor([prompt]), 0)[0]
+            torch.testing.assert_close(rows, theirs, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "block_size, tables",
     [

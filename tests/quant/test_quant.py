@@ -83,28 +83,6 @@ def test_kernel_equals_float_matmul_of_the_same_weights(qtype, rows, n, k):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
-@needs_kernel
-@needs_kernel
-def test_portable_c_path_equals_float_matmul(tmp_path):
-    """The kernel's plain C loops (machines without AVX2), built with AVX2 turned off, in a fresh process."""
-    code = (
-        "import torch, torch.nn.functional as F; from lamina import kernels; from lamina.quant import QLinear; "
-        "g = torch.Generator().manual_seed(0); "
-        "errs = []\n"
-        "for qt in ('Q4_1', 'Q8_0'):\n"
-        "    for rows in (1, 5):\n"
-        "        l = QLinear.from_float(torch.randn(24, 96, generator=g), qt); x = torch.randn(rows, 96, generator=g)\n"
-        "        ref = F.linear(x, l.dequantized())\n"
-        "        errs.append(((kernels.qmatmul(x, l.blocks, qt, 24) - ref).abs().max() / ref.abs().max()).item())\n"
-        "print(max(errs))"
-    )
-    env = dict(os.environ, LAMINA_KERNEL_CFLAGS="-mno-avx2 -mno-fma -mno-f16c", LAMINA_CACHE_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert float(out.stdout) < 1e-4
-    assert len(list(tmp_path.glob("lamina-kernels-*.so"))) == 1  # built there, for those flags
-
-
 def test_layer_native_and_dequantized_paths_agree(monkeypatch):
     layer = QLinear.from_float(_weights(64, 128), "Q4_1")
     assert layer.native

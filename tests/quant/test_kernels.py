@@ -1,0 +1,233 @@
+"""lamina's kernel paths (lamina.kernels: portable C, AVX2, AVX-512 VNNI) and the prefill dtype (float32 or bfloat16),
+each against float32 arithmetic on the same weights: every path this CPU runs natively, and the AVX-512 path's own
+source built over SIMDe (portable versions of its intrinsics) on CPUs without AVX-512, so its arithmetic is checked
+everywhere. Tolerances are stated per path where they are asserted."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lamina
+from lamina import kernels
+from lamina.engine.runner import ModelRunner
+from lamina.errors import ConfigError
+from lamina.quant import QLinear, kernel_path, use_kernels
+
+from .test_quant import PASSAGE
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"no native kernel: {kernels.unavailable_reason()}")
+
+
+def _paths() -> list[tuple[str, bool]]:
+    """(path, emulated) for every path this machine can run: natively, or over SIMDe for AVX-512 on AVX2 CPUs."""
+    found = [(path, False) for path in kernels.supported_paths()]
+    if "avx512" not in kernels.supported_paths() and "avx2" in kernels.cpu_features():
+        found.append(("avx512", True))
+    return found
+
+
+PATHS = _paths()
+IDS = [f"{p}{'-simde' if e else ''}" for p, e in PATHS]
+
+
+def _kernels(path, emulated) -> kernels.Kernels:
+    return kernels.get(path, emulate=emulated)
+
+
+def test_the_cpu_is_asked_and_the_best_path_is_chosen():
+    paths = kernels.supported_paths()
+    assert paths[0] == "portable" and kernels.best_path() == paths[-1]
+    assert kernels.get().path == kernels.best_path()
+    flags = open("/proc/cpuinfo").read() if kernels.X86 else ""
+    # cpuid agrees with what Linux reports (it clears the AVX flags when it does not save their registers)
+    assert ("avx2" in kernels.cpu_features()) == (" avx2" in flags and " fma" in flags and " f16c" in flags)
+    assert ("avx512" in kernels.cpu_features()) == (" avx512bw" in flags and " avx512_vnni" in flags)
+    assert ("amx_bf16" in kernels.cpu_features()) == (" amx_bf16" in flags and " amx_tile" in flags)
+
+
+@pytest.mark.parametrize("path, emulated", PATHS, ids=IDS)
+def test_each_library_is_built_for_its_path(path, emulated):
+    built = _kernels(path, emulated).lib.lamina_path().decode()
+    assert built == (f"{path} (SIMDe)" if emulated else path)
+
+
+@pytest.mark.skipif(not kernels.X86, reason="x86 paths")
+def test_every_x86_path_builds_here(tmp_path, monkeypatch):
+    """The compiler takes every path's flags on any x86 machine (the library is built, not run, where the CPU lacks
+    the path), so a machine with AVX-512 never meets a path that no machine of ours has compiled."""
+    monkeypatch.setenv("LAMINA_CACHE_DIR", str(tmp_path))
+    for path in kernels.PATHS:
+        built = kernels._compile(f"kernels-{path}", kernels.SOURCES, (*kernels.BASE_FLAGS, *kernels.PATH_FLAGS[path]))
+        assert built.is_file() and built.parent == tmp_path
+
+
+def test_a_path_the_cpu_lacks_is_refused_not_run():
+    with pytest.raises(ValueError, match="unknown kernel path 'avx9'"):
+        kernels.get("avx9")
+    missing = [p for p in kernels.PATHS if p not in kernels.supported_paths()]
+    if missing:
+        with pytest.raises(RuntimeError, match=f"this CPU cannot run the {missing[-1]} kernels"):
+            kernels.get(missing[-1])
+        with pytest.raises(ConfigError, match=f"kernel_path='{missing[-1]}'"):
+            lamina.load(kernel_path=missing[-1])
+    with pytest.raises(ConfigError, match="prefill_dtype must be"):
+        lamina.load(prefill_dtype="float16")
+    with pytest.raises(ConfigError, match="apply to GGML-block weights"):
+        lamina.load(quantize="none", kernel_path="portable")
+
+
+def _weights(n, k, seed):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    w[0, :5] = 3.0  # a large weight: the block's scale follows it
+    return w
+
+
+@pytest.mark.parametrize("path, emulated", PATHS, ids=IDS)
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("n,k", [(12, 96), (13, 64), (40, 1536)])
+def test_products_equal_float32_on_the_same_blocks(path, emulated, qtype, n, k):
+    """Every register-tile shape: 1-5 rows (one tile and its edges), 17 and 64 (several tiles of rows), an odd
+    number of weight rows (the edge after the last whole tile). Bound: int16 activations per block of 32 carry
+    ~3e-5 of each block's largest value, so 1e-4 of the output's scale on every path."""
+    kern = _kernels(path, emulated)
+    layer = QLinear.from_float(_weights(n, k, seed=n), qtype)
+    for rows in (1, 2, 3, 4, 5, 17, 64):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        x[:, 3] = 40.0  # an outlier, as activations after SwiGLU have
+        if rows > 2:
+            x[1] = 0.0  # an all-zero row
+        expected = F.linear(x, layer.dequantized())
+        out = kern.qmatmul(x, layer.blocks, qtype, n)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_activation_quantization_is_identical_on_every_path():
+    x = torch.randn(9, 96, generator=torch.Generator().manual_seed(3)) * 5
+    x[2] = 0.0
+    x[4, 7] = -1e4
+    reference = kernels.get("portable").quantize(x)
+    for path, emulated in PATHS:
+        for ours, theirs in zip(_kernels(path, emulated).quantize(x), reference):
+            assert torch.equal(ours, theirs), path
+
+
+@pytest.mark.parametrize("path, emulated", PATHS, ids=IDS)
+def test_dequantize_to_bfloat16_rounds_as_torch(path, emulated):
+    layer = QLinear.from_float(_weights(16, 64, seed=5), "Q4_1")
+    kern = _kernels(path, emulated)
+    f32 = kern.dequantize(0, layer.blocks, 16, 64)
+    assert torch.equal(kern.dequantize(0, layer.blocks, 16, 64, torch.bfloat16), f32.to(torch.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def default():
+    return lamina.load(device="cpu", dtype="float32", max_seq_len=512)
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    return lamina.load(device="cpu", dtype="float32", max_seq_len=512, quantize="none")
+
+
+def _on_path(llama, path, emulated):
+    """The default model's weights with every block projection on one kernel path, in a runner of its own."""
+    kern = _kernels(path, emulated)
+    for module in llama.model.modules():
+        if isinstance(module, QLinear):
+            module.kernels = kern
+    return ModelRunner(llama.model, llama.config)
+
+
+@pytest.mark.parametrize("path, emulated", PATHS, ids=IDS)
+def test_decode_step_on_each_path_equals_the_pytorch_forward(default, path, emulated):
+    """The whole C decode step built for the path against the PyTorch forward (float32 GEMM on dequantized blocks
+    for prefill, the portable path's products for decode), on the default model: logits within 1e-4 of scale."""
+    try:
+        runner = _on_path(default, path, emulated)
+        assert runner.native is not None and runner.native.kernels.path == path
+        reference = ModelRunner(default.model, default.config, native=False)
+        for module in default.model.modules():
+            if isinstance(module, QLinear):
+                module.kernels = kernels.get("portable")
+        prompts = [[1, 504, 3458, 282, 4649, 314], [1, 378, 1429], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+        tables = [[0], [1], [2]]
+        with torch.inference_mode():
+            runner.prefill(prompts, tables)
+            reference.prefill(prompts, tables)
+            tokens, positions = [28, 29, 30], [len(p) for p in prompts]
+            for _ in range(3):
+                logits = runner.native(tokens, tables, positions)
+                expected = reference.decode(tokens, tables, positions)
+                torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+                tokens = expected.argmax(-1).tolist()
+                positions = [p + 1 for p in positions]
+    finally:
+        use_kernels(default.model)
+
+
+DIALOGS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Count from one to ten."}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name three primary colors."}],
+]
+
+
+def test_greedy_chat_is_the_same_on_every_exact_path(fp32):
+    """The int16 paths (all of them) give the float32 model's greedy replies on the default model's chat prompts."""
+    expected = fp32.chat_completion(DIALOGS, temperature=0, max_gen_len=20)
+    for path, emulated in PATHS:
+        if emulated:  # not through lamina.load: the emulated library is only the tests'
+            continue
+        llama = lamina.load(device="cpu", dtype="float32", max_seq_len=512, kernel_path=path, prefill_dtype="float32")
+        assert kernel_path(llama.model) == path and llama.runner.native.kernels.path == path
+        assert llama.chat_completion(DIALOGS, temperature=0, max_gen_len=20) == expected, path
+
+
+def _prompt_logprobs(llama, ids) -> list[float]:
+    (_,), (lps,) = llama.generate([ids], 0, logprobs=True, echo=True)
+    return lps[1:]
+
+
+def test_bfloat16_prefill_costs_within_bounds(fp32):
+    """The bfloat16 GEMM for many-row products (the default where the CPU has AMX or AVX-512 BF16), measured against
+    float32 prefill on the same blocks: the held passage's perplexity within 1%, its log-probabilities 0.05 nats
+    apart on average and 0.25 at most, the top token the same at 97% of positions or more, and the greedy chat
+    replies unchanged. (Measured on the default model: perplexity 7.877 against 7.907, mean 0.021 nats, max 0.154,
+    top token 99.2% the same.)"""
+    bf16 = lamina.load(device="cpu", dtype="float32", max_seq_len=512, prefill_dtype="bfloat16")
+    f32 = lamina.load(device="cpu", dtype="float32", max_seq_len=512, prefill_dtype="float32")
+    assert all(m.prefill_dtype == torch.bfloat16 for m in bf16.model.modules() if isinstance(m, QLinear))
+    ids = f32.tokenizer.encode(PASSAGE, bos=f32.tokenizer.add_bos, eos=False)
+    assert len(ids) > 2 * 32  # scored in one chunk of many rows: the GEMM path
+    ours, theirs = _prompt_logprobs(bf16, ids), _prompt_logprobs(f32, ids)
+    ppl = [math.exp(-sum(lps) / len(lps)) for lps in (ours, theirs)]
+    assert abs(ppl[0] / ppl[1] - 1) < 0.01, ppl
+    gaps = [abs(a - b) for a, b in zip(ours, theirs)]
+    assert sum(gaps) / len(gaps) < 0.05 and max(gaps) < 0.25, (sum(gaps) / len(gaps), max(gaps))
+    agree = _top_token_agreement(bf16, f32, ids)
+    assert agree >= 0.97, agree
+    prompts = [[{"role": "user", "content": PASSAGE[:600] + "\n\nSummarize this in one sentence."}], *DIALOGS]
+    assert bf16.chat_completion(prompts, temperature=0, max_gen_len=16) == fp32.chat_completion(
+        prompts, temperature=0, max_gen_len=16
+    )
+
+
+def _top_token_agreement(a, b, ids) -> float:
+    from lamina.model.transformer import Prefill
+
+    tops = []
+    for llama in (a, b):
+        cache = [
+            (torch.zeros(1, c.shape[1], len(ids), c.shape[3]), torch.zeros(1, c.shape[1], len(ids), c.shape[3]))
+            for c, _ in llama.runner.cache.layers
+        ]
+        n = len(ids)
+        batch = Prefill(torch.zeros(n, dtype=torch.long), torch.arange(n), torch.arange(n), (n,))
+        with torch.inference_mode():
+            h = llama.model(torch.tensor(ids), batch, cache)
+            tops.append(llama.model.logits(h).argmax(-1))
+    return (tops[0] == tops[1]).float().mean().item()
