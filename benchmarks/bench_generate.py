@@ -5,7 +5,15 @@ min-max, and every lamina figure is printed as a ratio to each peer.
     python benchmarks/bench_generate.py [--model FILE.gguf] [--runs 3] [--streams 1,4,16,64] [--prefill 128,512,2048]
 
 Measured: decode tokens/s for 1 and N concurrent streams (aggregate), prefill tokens/s for a prompt of L tokens, time
-to first token of a 128-token prompt, peak RSS. Engines that are not installed are reported as skipped.
+to first token of a 128-token prompt, peak RSS. The first line names the CPU (model and the instruction sets that
+matter here), the commit, and lamina's kernel path and prefill dtype (`--kernel-path`, `--prefill-dtype` force them).
+Engines that are not installed are reported as skipped.
+
+llama.cpp: the installed llama-cpp-python (`--llama-cpp installed`, the default when it imports), or one built from
+source for this machine into benchmarks/.llama-cpp/ (`--llama-cpp build`; ~10-20 minutes once, then reused). Where its
+AMX code stops with an illegal instruction (llama-cpp-python 0.3.36 does on Sapphire Rapids: `tilezero` in
+ggml_backend_amx_mul_mat), the benchmark says so and runs a build without AMX (-mno-amx-tile -mno-amx-int8
+-mno-amx-bf16), so the peer is at its best that works.
 """
 
 from __future__ import annotations
@@ -15,13 +23,77 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 DECODE_PROMPT = 16  # tokens in each decode prompt
+LLAMA_CPP_VERSION = "0.3.36"
+LLAMA_CPP_BUILDS = Path(__file__).with_name(".llama-cpp")
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def cpu_line() -> str:
+    """The CPU's model name and the instruction sets lamina's paths and its peers care about."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in (platform.processor(), platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
+    return f"{model} ({' '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def gemm_rate(dtype: str, dim: int, hidden: int) -> float:
+    """GFLOP/s of PyTorch's own GEMM (oneDNN / MKL: AMX tiles for bfloat16 where the CPU has them) on a prefill-shaped
+    product, [512, dim] x [dim, hidden], in `dtype`: the rate this CPU reaches for the instruction set that dtype
+    runs on, which lamina's prefill is compared against."""
+    import torch
+    import torch.nn.functional as F
+
+    x, w = torch.randn(512, dim, dtype=getattr(torch, dtype)), torch.randn(hidden, dim, dtype=getattr(torch, dtype))
+    F.linear(x, w)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        F.linear(x, w)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 512 * dim * hidden / best / 1e9
+
+
+def build_llama_cpp(variant: str) -> Path:
+    """llama-cpp-python built from source for this machine into benchmarks/.llama-cpp/<variant> (reused once there):
+    "native" (-DGGML_NATIVE=ON: every instruction set the CPU has, AMX included), "no-amx" (the same without AMX)."""
+    target = LLAMA_CPP_BUILDS / f"{variant}-{LLAMA_CPP_VERSION}"
+    if (target / "llama_cpp").is_dir():
+        return target
+    flags = "-DGGML_NATIVE=ON" + (
+        f" -DCMAKE_C_FLAGS='{NO_AMX}' -DCMAKE_CXX_FLAGS='{NO_AMX}'" if variant == "no-amx" else ""
+    )
+    print(f"building llama-cpp-python {LLAMA_CPP_VERSION} ({variant}) into {target} ...", file=sys.stderr, flush=True)
+    env = dict(os.environ, CMAKE_ARGS=flags, FORCE_CMAKE="1")
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-binary", "llama-cpp-python", "--no-deps", "--target"]
+    subprocess.run([*cmd, str(target), f"llama-cpp-python=={LLAMA_CPP_VERSION}"], env=env, check=True)
+    return target
 
 
 def worker(args) -> dict:
@@ -32,6 +104,7 @@ def worker(args) -> dict:
     out: dict = {"engine": args.worker}
     engine = {"lamina": LaminaEngine, "llama.cpp": LlamaCppEngine, "transformers": TransformersEngine}[args.worker]
     e = engine(args)
+    out.update(getattr(e, "info", {}))
     ids = e.token_ids("The quick brown fox jumps over the lazy dog. " * 400)
     for name, fn in [("decode", e.decode), ("prefill", e.prefill), ("ttft", e.ttft)]:
         sizes = args.streams if name == "decode" else args.prefill if name == "prefill" else [128]
@@ -60,8 +133,26 @@ class LaminaEngine:
             quantize=args.quantize,
             compile=args.compile,
             max_seq_len=max(max(args.prefill) + 8, DECODE_PROMPT + args.tokens + 8),
+            kernel_path=args.kernel_path,
+            prefill_dtype=args.prefill_dtype,
         )
         self.tokens = args.tokens
+        from lamina.quant import QLinear, kernel_path
+
+        prefill = {str(m.prefill_dtype) for m in self.llama.model.modules() if isinstance(m, QLinear)}
+        self.info = {
+            "kernel_path": kernel_path(self.llama.model) or "none (PyTorch)",
+            "prefill_dtype": ",".join(prefill),
+        }
+        c = self.llama.model.config
+        # Prefill arithmetic per token: 2 flops per weight of the layers' projections (the logits of one token are
+        # negligible), plus attention's 4 * H * D per (query, key) pair, causal: about L / 2 keys a query.
+        layers = self.llama.model.layers.modules()
+        self.info["flops_per_token"] = 2 * sum(
+            m.in_features * m.out_features for m in layers if hasattr(m, "in_features")
+        )
+        self.info["attention_flops"] = 4 * c.n_layers * c.n_heads * c.head_dim / 2  # times L^2
+        self.info["gemm_peak"] = gemm_rate(next(iter(prefill)).removeprefix("torch."), c.dim, c.hidden_dim)
 
     def token_ids(self, text):
         return self.llama.tokenizer.encode(text, bos=False, eos=False)
@@ -172,6 +263,44 @@ class TransformersEngine:
         return (time.perf_counter() - start) * 1000
 
 
+llama_cpp_note = ""
+
+
+def run_engine(engine: str, cmd: list[str], args) -> subprocess.CompletedProcess:
+    """One engine's worker process; llama.cpp from the build asked for, and again without AMX where AMX crashes."""
+    global llama_cpp_note
+    if engine != "llama.cpp":
+        return subprocess.run(cmd, capture_output=True, text=True)
+    choice = args.llama_cpp or ("installed" if _imports("llama_cpp") else "build")
+    env = dict(os.environ)
+    if choice == "build":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(build_llama_cpp("native")), env.get("PYTHONPATH")]))
+    llama_cpp_note = f", llama.cpp {'installed' if choice == 'installed' else 'built here (native)'}"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode in (-signal.SIGILL, 128 + signal.SIGILL) and "amx_tile" in cpu_line() + _flags():
+        print(
+            "  llama.cpp stopped with an illegal instruction (its AMX code); running a build without AMX",
+            file=sys.stderr,
+        )
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(build_llama_cpp("no-amx")), os.environ.get("PYTHONPATH")])
+        )
+        llama_cpp_note = ", llama.cpp built here without AMX (its AMX build crashed: SIGILL)"
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return proc
+
+
+def _imports(module: str) -> bool:
+    return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def _flags() -> str:
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""
+
+
 def summarize(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
@@ -190,6 +319,13 @@ def main() -> int:
         "--quantize", default=None, help="lamina's weight storage (none, gguf, int8, int4; default: lamina's choice)"
     )
     parser.add_argument("--compile", action="store_true", help="compile lamina's decode step")
+    parser.add_argument(
+        "--kernel-path", default=None, help="lamina's kernel path (portable, avx2, avx512; default: best)"
+    )
+    parser.add_argument("--prefill-dtype", default=None, help="lamina's prefill GEMM dtype (float32, bfloat16)")
+    parser.add_argument(
+        "--llama-cpp", default=None, choices=["installed", "build"], help="llama-cpp-python as installed, or built here"
+    )
     parser.add_argument("--hf-dtype", default="bf16", help="transformers' dtype: bf16 or fp32")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -229,19 +365,23 @@ def main() -> int:
             + (["--dtype", args.dtype] if args.dtype else [])
             + (["--quantize", args.quantize] if args.quantize else [])
             + (["--compile"] if args.compile else [])
+            + (["--kernel-path", args.kernel_path] if args.kernel_path else [])
+            + (["--prefill-dtype", args.prefill_dtype] if args.prefill_dtype else [])
         )
         print(f"running {engine} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = run_engine(engine, cmd, args)
         if proc.returncode != 0:
             print(f"  {engine} skipped: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}", file=sys.stderr)
             continue
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
 
+    ours = results.get("lamina", {})
     print(
-        f"# {platform.processor() or platform.machine()}, {args.threads} threads, {date.today()}, "
+        f"# {cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}, "
         f"model {os.path.basename(args.model)}, lamina dtype {args.dtype or 'default'}, "
         f"lamina weights {args.quantize or 'default'}{', compiled decode' if args.compile else ''}, "
-        f"transformers {args.hf_dtype}, median (min-max) of {args.runs} runs"
+        f"lamina kernel path {ours.get('kernel_path', '-')}, prefill GEMM {ours.get('prefill_dtype', '-')}, "
+        f"transformers {args.hf_dtype}{llama_cpp_note}, median (min-max) of {args.runs} runs"
     )
     metrics = sorted(
         {k for r in results.values() for k in r if "@" in k}, key=lambda k: (k.split("@")[0], int(k.split("@")[1]))
@@ -275,6 +415,19 @@ def main() -> int:
         + " |"
         + " |" * len(peers)
     )
+    if "flops_per_token" in ours:
+        for m in metrics:
+            kind, size = m.split("@")
+            if kind == "prefill" and m in ours:
+                L = int(size)
+                flops = L * ours["flops_per_token"] + L * L * ours["attention_flops"]
+                rate = summarize(ours[m])[0] / L * flops / 1e9
+                print(
+                    f"| lamina prefill, {L} tokens (GFLOP/s) | {rate:.0f} ({rate / ours['gemm_peak']:.0%} of this "
+                    f"CPU's {ours['prefill_dtype'].removeprefix('torch.')} GEMM, {ours['gemm_peak']:.0f}) |"
+                    + " |"
+                    * (len(results) - 1 + len(peers))
+                )
     print(
         "| peak RSS (MB) | "
         + " | ".join(f"{results[e]['peak_rss_mb']:.0f}" for e in results)

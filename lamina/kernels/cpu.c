@@ -1,4 +1,4 @@
-/* What the CPU and the OS let lamina's kernels use, read with cpuid and xgetbv. Built for the baseline of the
+/* What the CPU and the OS let lamina's kernels (and oneDNN's bfloat16 GEMM) use, read with cpuid and xgetbv. Built for the baseline of the
  * architecture (no -m flags) into its own library, so asking never runs an instruction the CPU may lack. */
 #include <stdint.h>
 
@@ -6,13 +6,27 @@ enum {
     LAMINA_CPU_AVX2 = 1,        /* AVX2 + FMA + F16C, and the OS saves the 256-bit registers */
     LAMINA_CPU_AVX512 = 2,      /* AVX-512 F/BW/VL/DQ + VNNI, and the OS saves the 512-bit and mask registers */
     LAMINA_CPU_AVX512_BF16 = 4, /* AVX-512 BF16 (vdpbf16ps), with the above */
-    LAMINA_CPU_AMX_BF16 = 8,    /* AMX tiles with BF16, and the OS has tile state in XCR0 (a process must still ask
-                                 * for it with arch_prctl before a tile instruction) */
+    LAMINA_CPU_AMX_BF16 = 8,    /* AMX tiles with BF16, the OS has tile state in XCR0, and granted it to this
+                                 * process (asked here: oneDNN asks again before its own tile code) */
     LAMINA_CPU_AMX_INT8 = 16,
 };
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+/* Linux gives a process AMX's tile state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
+ * a tile instruction before that is SIGILL. Asking is harmless and lasts for the process. */
+static int amx_permitted(void) {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
 
 static uint64_t xgetbv0(void) {
     uint32_t lo, hi;
@@ -38,7 +52,7 @@ int lamina_cpu_features(void) {
         features |= LAMINA_CPU_AVX512;
         if ((a71 >> 5) & 1) features |= LAMINA_CPU_AVX512_BF16;
     }
-    if (((d7 >> 24) & 1) && (xcr0 & 0x60000) == 0x60000) {
+    if (((d7 >> 24) & 1) && (xcr0 & 0x60000) == 0x60000 && amx_permitted()) {
         if ((d7 >> 22) & 1) features |= LAMINA_CPU_AMX_BF16;
         if ((d7 >> 25) & 1) features |= LAMINA_CPU_AMX_INT8;
     }
