@@ -23,6 +23,7 @@ import torch
 from lamina.engine import EngineConfig, EngineCore, Request, RequestOutput, SamplingParams
 from lamina.engine.config import resolve_device, resolve_dtype
 from lamina.engine.runner import ModelRunner
+from lamina import parallel
 from lamina.errors import CapacityError, ConfigError, RequestError, TokenizerError, WeightsError
 from lamina.model import Transformer, build_transformer
 from lamina.tokenizer import ChatFormat, ChatTemplate, Dialog, Llama3Tokenizer, Tokenizer
@@ -139,20 +140,24 @@ class Llama:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> "Llama":
-        """Load a Meta checkpoint (`params.json` + `consolidated.*.pth`, shards merged) and a Llama 3
+        """Load a Meta checkpoint (`params.json` + `consolidated.*.pth`, any number of shards) and a Llama 3
         `tokenizer.model`, with Meta's signature. device: CUDA when available, else CPU; dtype: bfloat16 on CUDA,
-        float32 on CPU. `model_parallel_size` is accepted for compatibility; only 1 (one process) is supported.
+        float32 on CPU. `model_parallel_size` > 1 (None: the launch's WORLD_SIZE, as Meta's) runs the model across
+        that many processes started by torchrun, tensor-parallel (lamina.parallel: gloo on CPU, NCCL on CUDA), each
+        rank holding its share of the weights and heads; every rank returns the same results, as the reference does.
         The KV cache is Meta's: a row of max_seq_len positions for each of max_batch_size sequences."""
-        if model_parallel_size not in (None, 1):
-            raise ConfigError(f"model_parallel_size={model_parallel_size}: lamina runs a model in one process here")
         check_seed(seed, ConfigError)
-        device = resolve_device(device)
+        tp, device = parallel.setup(model_parallel_size, resolve_device(device))
         config = EngineConfig(max_seq_len, max_batch_size, device, resolve_dtype(dtype, device))
         if not Path(ckpt_dir).is_dir():  # say so before the tokenizer is checked, and the weights read
             raise WeightsError(f"checkpoint directory not found: {ckpt_dir}")
         tokenizer = Llama3Tokenizer(tokenizer_path)
         model_config, state_dict = load_meta_checkpoint(ckpt_dir)
+        if tp is not None:
+            model_config, state_dict = parallel.shard(model_config, state_dict, tp)
         model = build_transformer(model_config, state_dict, device=config.device, dtype=config.dtype)
+        if tp is not None:
+            parallel.parallelize(model, tp)
         return Llama(model, tokenizer, config, seed=seed)
 
     # ----------------------------------------------------------------------------------------------------------

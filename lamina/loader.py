@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from lamina import kernels
+from lamina import kernels, parallel
 from lamina.engine.config import EngineConfig, check_limits, resolve_device, resolve_dtype
 from lamina.errors import ConfigError, TokenizerError, WeightsError
 from lamina.llama import Llama, check_seed
@@ -89,6 +89,7 @@ def load(
     max_step_tokens: int = 512,
     kernel_path: str | None = None,
     prefill_dtype: str | torch.dtype | None = None,
+    tensor_parallel_size: int | None = None,
     progress: Progress | None = None,
 ) -> Llama:
     """Load a model from a Meta directory, a Hugging Face directory or a GGUF file (None: the default model).
@@ -106,6 +107,8 @@ def load(
     Block weights on the CPU: `kernel_path` forces one of lamina.kernels.PATHS that this CPU runs (None: its best),
     `prefill_dtype` ("float32" or "bfloat16"; None: bfloat16 where the CPU has AMX or AVX-512 BF16) the GEMM of
     many-row products (lamina.quant.use_kernels).
+    `tensor_parallel_size` > 1 runs the model across that many processes started by torchrun (None: as many as the
+    launch has, 1 outside one), each rank holding its share of the heads and hidden units (lamina.parallel).
     `progress(done, total)` is called while weights are read."""
     if path is None:
         path = default_model_path()
@@ -120,7 +123,7 @@ def load(
         kv_cache_memory=kv_cache_memory,
         max_step_tokens=max_step_tokens,
     )
-    device = resolve_device(device)
+    tp, device = parallel.setup(tensor_parallel_size, resolve_device(device))
     if quantize is not None and quantize not in QUANT_MODES:
         raise ConfigError(f"unknown quantization {quantize!r}; expected one of {', '.join(QUANT_MODES)} or None")
     if quantize is None:
@@ -165,8 +168,13 @@ def load(
         kv_cache_memory=kv_cache_memory,
         max_step_tokens=max_step_tokens,
     )
-    model = build_model(config, state, quantize, device=device, dtype=dtype)
+    local = config
+    if tp is not None:
+        local, state = parallel.shard(config, state, tp)
+    model = build_model(local, state, quantize, device=device, dtype=dtype)
     del state
+    if tp is not None:
+        parallel.parallelize(model, tp)
     if kernel_path is not None or prefill_dtype is not None:
         use_kernels(model, kernel_path, prefill_dtype)
     return Llama(model, tokenizer, engine, formatter=formatter, seed=seed)

@@ -17,6 +17,7 @@ RANKS = {
     "tokenizer": 1,
     "quant": 2,
     "weights": 3,
+    "parallel": 3,
     "engine": 4,
     "llama": 5,
     "loader": 6,
