@@ -375,12 +375,12 @@ def main() -> int:
             continue
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
 
-    ours = results.get("lamina", {})
+    mine = results.get("lamina", {})
     print(
         f"# {cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}, "
         f"model {os.path.basename(args.model)}, lamina dtype {args.dtype or 'default'}, "
         f"lamina weights {args.quantize or 'default'}{', compiled decode' if args.compile else ''}, "
-        f"lamina kernel path {ours.get('kernel_path', '-')}, prefill GEMM {ours.get('prefill_dtype', '-')}, "
+        f"lamina kernel path {mine.get('kernel_path', '-')}, prefill GEMM {mine.get('prefill_dtype', '-')}, "
         f"transformers {args.hf_dtype}{llama_cpp_note}, median (min-max) of {args.runs} runs"
     )
     metrics = sorted(
@@ -415,16 +415,16 @@ def main() -> int:
         + " |"
         + " |" * len(peers)
     )
-    if "flops_per_token" in ours:
+    if "flops_per_token" in mine:
         for m in metrics:
             kind, size = m.split("@")
-            if kind == "prefill" and m in ours:
+            if kind == "prefill" and m in mine:
                 L = int(size)
-                flops = L * ours["flops_per_token"] + L * L * ours["attention_flops"]
-                rate = summarize(ours[m])[0] / L * flops / 1e9
+                flops = L * mine["flops_per_token"] + L * L * mine["attention_flops"]
+                rate = summarize(mine[m])[0] / L * flops / 1e9
                 print(
-                    f"| lamina prefill, {L} tokens (GFLOP/s) | {rate:.0f} ({rate / ours['gemm_peak']:.0%} of this "
-                    f"CPU's {ours['prefill_dtype'].removeprefix('torch.')} GEMM, {ours['gemm_peak']:.0f}) |"
+                    f"| lamina prefill, {L} tokens (GFLOP/s) | {rate:.0f} ({rate / mine['gemm_peak']:.0%} of this "
+                    f"CPU's {mine['prefill_dtype'].removeprefix('torch.')} GEMM, {mine['gemm_peak']:.0f}) |"
                     + " |"
                     * (len(results) - 1 + len(peers))
                 )

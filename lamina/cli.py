@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -41,6 +42,12 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="compile the decode step with torch.compile: minutes of compiling first, faster decode after",
+    )
+    p.add_argument(
+        "--kernel-path",
+        choices=["portable", "avx2", "avx512"],
+        default=None,
+        help="force the CPU kernel path for GGML-block weights (default: the best this CPU runs)",
     )
     p.add_argument(
         "--quantize",
@@ -149,17 +156,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="positions per KV-cache block (default 16)",
     )
     serve.add_argument("--served-model-name", default=None, help="the model id clients name (default: the file's)")
+    serve.add_argument(
+        "--tensor-parallel-size",
+        type=_checked(int, lambda v: v > 0, "an integer > 0"),
+        default=None,
+        help="split the model across N processes started here (torch.distributed's launcher on this host; under "
+        "torchrun the launch decides)",
+    )
     info = sub.add_parser("info", help="describe a model")
     _model_options(info)
     return parser
 
 
+def _rank() -> int:
+    """This process's rank in a torchrun launch (0 outside one). Only rank 0 writes the command's output."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if _rank() > 0:  # every rank runs the same command; rank 0 alone answers on stdout
+        sys.stdout = open(os.devnull, "w")
     try:
         return {"generate": _generate, "chat": _chat, "serve": _serve, "info": _info}[args.command](args)
     except LaminaError as e:
-        print(f"lamina: error: {e}", file=sys.stderr)
+        where = f"[rank {_rank()}] " if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
+        print(f"lamina: error: {where}{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -174,8 +197,10 @@ def _load(args, show_progress: bool):
 
     import lamina
 
-    # The process's thread count is the command's to set, not the library's.
-    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    # The process's thread count is the command's to set, not the library's: under torchrun each rank takes its
+    # share of the cores this machine's ranks may run on.
+    ranks_here = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    torch.set_num_threads(args.threads or max(len(os.sched_getaffinity(0)) // ranks_here, 1))
     progress = _ProgressBar("loading") if show_progress and sys.stderr.isatty() else None
     try:
         return lamina.load(
@@ -188,6 +213,7 @@ def _load(args, show_progress: bool):
             block_size=getattr(args, "block_size", 16),
             quantize=args.quantize,
             compile=args.compile,
+            kernel_path=args.kernel_path,
             progress=progress,
         )
     finally:
@@ -235,12 +261,11 @@ def _chat(args) -> int:
     if llama.formatter is None:
         raise LaminaError("this model has no chat template; use `lamina generate` instead")
     history = [{"role": "system", "content": args.system}] if args.system else []
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin.isatty() and _rank() == 0
     seed = args.seed
     while True:
-        try:
-            line = input("> " if interactive else "")
-        except (EOFError, KeyboardInterrupt):
+        line = _read_line("> " if interactive else "")
+        if line is None:
             if interactive:
                 print()
             return 0
@@ -266,6 +291,24 @@ def _chat(args) -> int:
         seed = None if seed is None else seed + 1
 
 
+def _read_line(prompt: str) -> str | None:
+    """The user's next line (None at the end of input). Under torchrun rank 0 reads it and every rank gets it, so all
+    ranks run the same turn."""
+    import torch.distributed as dist
+
+    line = None
+    if _rank() == 0:
+        try:
+            line = input(prompt)
+        except (EOFError, KeyboardInterrupt):
+            line = None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [line]
+        dist.broadcast_object_list(box, src=0)
+        line = box[0]
+    return line
+
+
 def _fit_history(llama, history: list[dict]) -> list[int] | None:
     """Encode the conversation, dropping the oldest exchanges (never the system message) until it leaves room to
     answer. Returns None when even the last message alone does not fit."""
@@ -281,24 +324,121 @@ def _fit_history(llama, history: list[dict]) -> list[int] | None:
 
 
 def _serve(args) -> int:
+    from lamina import parallel
+    from lamina.parallel import launched_ranks
+
+    tp_size = args.tensor_parallel_size
+    if tp_size is not None and launched_ranks() > 1 and tp_size != launched_ranks():
+        raise LaminaError(f"--tensor-parallel-size {tp_size} under a launch of {launched_ranks()} processes")
+    followers = _spawn_followers(tp_size, args.argv) if tp_size and tp_size > 1 and launched_ranks() == 1 else None
+    try:
+        llama = _load(args, show_progress=True)
+        tp = parallel.current()
+        if tp is not None and tp.rank > 0:  # a following rank: run rank 0's forward passes until it stops
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it stops this rank
+            try:
+                parallel.follow(llama.runner, tp)
+            except RuntimeError as e:  # rank 0 gone, or a collective timed out
+                raise LaminaError(f"lost the tensor-parallel group: {str(e).splitlines()[0][:300]}") from None
+            return 0
+        return _serve_rank0(args, llama, tp, followers)
+    finally:
+        if followers is not None:
+            _reap(followers)
+
+
+def _serve_rank0(args, llama, tp, followers) -> int:
     import uvicorn
 
+    from lamina import parallel
     from lamina.loader import default_model_path
     from lamina.serve.app import create_app
 
-    llama = _load(args, show_progress=True)
+    if tp is not None:
+        parallel.drive(llama.runner, tp)
     name = args.served_model_name or Path(args.model or default_model_path()).name
     app = create_app(llama, model_name=name, api_key=args.api_key, max_queue=args.max_queue)
-    print(f"serving {name} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+    failed: list[str] = []
+    if tp is not None:  # a rank gone: its requests were failed (5xx); say which, and stop
+
+        def stop(error: Exception) -> None:
+            gone = [f"rank {r} (pid {p.pid}) exited with status {p.poll()}" for r, p in _exited(followers)]
+            failed.append("; ".join(gone) or f"a collective failed: {error}")
+            print(f"lamina: error: the tensor-parallel group failed: {failed[-1]}", file=sys.stderr)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        app.state.engine_loop.on_step_error = stop
+    ranks = f" across {tp.world_size} processes" if tp is not None else ""
+    print(f"serving {name}{ranks} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
     # Ctrl-C / SIGTERM: stop accepting, let in-flight requests finish for up to 30 s, then cancel them.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
-    return 0
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    finally:
+        if tp is not None and not failed:
+            try:
+                parallel.release(tp)
+            except RuntimeError:
+                failed.append("a rank was gone at shutdown")
+    return 1 if failed else 0
+
+
+def _spawn_followers(world: int, argv: list[str]) -> list:
+    """`lamina serve --tensor-parallel-size N` outside torchrun: this process becomes rank 0 and starts ranks
+    1..N-1 as the same command on this host (in their own sessions: a Ctrl-C reaches rank 0 alone, which stops
+    them), meeting on a free loopback port, as torchrun would set them up."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    group = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
+    group["LOCAL_WORLD_SIZE"] = str(world)
+    os.environ.update(group, RANK="0", LOCAL_RANK="0")
+    command = [sys.executable, "-m", "lamina", *argv]
+    return [
+        subprocess.Popen(
+            command,
+            env={**os.environ, **group, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for r in range(1, world)
+    ]
+
+
+def _exited(followers) -> list:
+    return [(r, p) for r, p in enumerate(followers or [], start=1) if p.poll() is not None]
+
+
+def _reap(followers) -> None:
+    """Wait for the following ranks to end (they return once rank 0 says stop); end any that do not in 30 s."""
+    import subprocess
+
+    for p in followers:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _decode_path(llama) -> str:
     if llama.runner.native is not None:
         return "native C (one call a step: lamina/kernels/decode.c)"
     return "PyTorch, compiled" if llama.config.compile else "PyTorch, eager"
+
+
+def _kernel_path(llama) -> str:
+    from lamina.kernels import cpu_features
+    from lamina.quant import QLinear, kernel_path
+
+    path = kernel_path(llama.model)
+    if path is None:
+        return "none (no GGML-block weights on the CPU)"
+    prefill = {str(m.prefill_dtype).removeprefix("torch.") for m in llama.model.modules() if isinstance(m, QLinear)}
+    features = ", ".join(sorted(cpu_features())) or "baseline only"
+    return f"{path} (CPU: {features}); prefill GEMM in {', '.join(sorted(prefill))}"
 
 
 def _info(args) -> int:
@@ -327,6 +467,7 @@ def _info(args) -> int:
         ("dtype", str(llama.config.dtype).removeprefix("torch.")),
         ("weights", describe(llama.model)),
         ("decode step", _decode_path(llama)),
+        ("kernel path", _kernel_path(llama)),
         ("device", str(llama.config.device)),
         ("max_seq_len", llama.config.max_seq_len),
         ("tokenizer", type(llama.tokenizer).__name__),

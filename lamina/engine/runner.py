@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -62,6 +62,9 @@ class ModelRunner:
         self.native = (
             NativeDecode(model, self.cache) if native and not compile and not unsupported(model, self.cache) else None
         )
+        # Called with ("prefill" | "decode", the call's arguments) before each forward pass: under tensor parallelism
+        # the driving rank hands every forward's inputs to the other ranks first (lamina.parallel.drive).
+        self.before_forward: Callable[[str, tuple], None] | None = None
 
     def execute(self, chunks: Sequence[Chunk]) -> Forward:
         """Run a scheduled step: the one-token chunks of running requests in one decode step, every other chunk (a
@@ -109,6 +112,8 @@ class ModelRunner:
         given; a later chunk attends to the positions its blocks already hold), cached in the blocks of `tables[j]`.
 
         Returns the final hidden states of every token run, packed in order: [sum of lengths, dim]."""
+        if self.before_forward is not None:
+            self.before_forward("prefill", (prompts, tables, starts))
         device, bs = self.config.device, self.block_size
         lens = [len(p) for p in prompts]
         starts = list(starts) if starts is not None else [0] * len(prompts)
@@ -136,6 +141,8 @@ class ModelRunner:
 
         When each sequence is exactly row b (block b, a whole row), attention slices the cache; otherwise it gathers
         the blocks it needs, a copy of the filled part of each."""
+        if self.before_forward is not None:
+            self.before_forward("decode", (tokens, tables, positions))
         if self.native is not None:
             return self.native(tokens, tables, positions)
         device, bs = self.config.device, self.block_size

@@ -78,7 +78,7 @@ def setup(world_size: int | None, device: torch.device) -> tuple[TensorParallel 
     world = launched_ranks() if world_size is None else world_size
     if not isinstance(world, int) or isinstance(world, bool) or world < 1:
         raise ConfigError(f"tensor parallel size must be a positive integer, got {world_size!r}")
-    if world == 1 and launched_ranks() == 1:
+    if world == 1:  # one process (also when a launch runs several, each with the whole model)
         return None, device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -96,7 +96,9 @@ def _check(config: ModelConfig, world: int) -> None:
         config.n_kv_heads % world == 0 or world % config.n_kv_heads == 0,
         f"nor is it a multiple of the model's {config.n_kv_heads} key/value heads (wk, wv rows)",
     )
-    need(config.hidden_dim % world == 0, f"the feed-forward's {config.hidden_dim} hidden units (w1, w3 rows, w2 columns)")
+    need(
+        config.hidden_dim % world == 0, f"the feed-forward's {config.hidden_dim} hidden units (w1, w3 rows, w2 columns)"
+    )
 
 
 def local_config(config: ModelConfig, world: int) -> ModelConfig:
@@ -185,4 +187,65 @@ def parallelize(model: nn.Module, tp: TensorParallel) -> nn.Module:
     return model
 
 
-__all__ = ["AllReduce", "TensorParallel", "init", "launched_ranks", "local_config", "parallelize", "setup", "shard"]
+# One scheduler: where only rank 0 runs the engine (the server), the other ranks follow it. Before each forward pass
+# rank 0's runner hands the pass's inputs (token ids, positions, block tables: a few KB) to every rank, which runs
+# the same pass on its shard; the all-reduces inside keep the ranks in step. Rank 0 alone samples.
+
+
+def _plain(value):
+    """The inputs of a forward pass as plain lists and ints (no request objects travel)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def drive(runner, tp: TensorParallel) -> None:
+    """Make `runner` (rank 0's ModelRunner) announce each forward pass to the other ranks before it runs it."""
+
+    def announce(op: str, args: tuple) -> None:
+        dist.broadcast_object_list([(op, _plain(args))], src=0, group=tp.group)
+
+    runner.before_forward = announce
+
+
+def follow(runner, tp: TensorParallel) -> None:
+    """A following rank: run every forward pass rank 0 announces on this rank's shard, until it says stop. Raises
+    what a failed collective raises (rank 0 gone, or a timeout)."""
+    with torch.inference_mode():
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=tp.group)
+            op, args = box[0]
+            if op == "stop":
+                return
+            if op not in ("prefill", "decode"):
+                raise RuntimeError(f"rank 0 announced an unknown step {op!r}")
+            getattr(runner, op)(*args)
+
+
+def release(tp: TensorParallel) -> None:
+    """Rank 0: tell the following ranks to return from `follow`."""
+    dist.broadcast_object_list([("stop", ())], src=0, group=tp.group)
+
+
+def current() -> TensorParallel | None:
+    """The group this process joined (`setup`), or None outside one."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return TensorParallel(dist.get_rank(), dist.get_world_size())
+
+
+__all__ = [
+    "current",
+    "drive",
+    "follow",
+    "release",
+    "AllReduce",
+    "TensorParallel",
+    "init",
+    "launched_ranks",
+    "local_config",
+    "parallelize",
+    "setup",
+    "shard",
+]

@@ -34,6 +34,9 @@ class EngineLoop:
         self._stopping = False
         self._threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name="lamina-engine", daemon=True)
+        # Called after a failed step's requests have been failed: where a failure cannot be recovered from (a rank of
+        # a tensor-parallel group gone), the server sets it to stop itself.
+        self.on_step_error: Callable[[Exception], None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -130,6 +133,8 @@ class EngineLoop:
                         self.engine.step()
                     except Exception as e:  # noqa: BLE001 (a bug must not take the server down: fail what ran)
                         self.engine.fail(e)
+                        if self.on_step_error is not None:
+                            self.on_step_error(e)
             if not busy:
                 self._wake.wait(0.1)
                 self._wake.clear()

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,5 +152,198 @@ def test_blocks_split_by_columns_only_in_whole_blocks():
     w = Blocks("Q4_1", torch.zeros(4, 3 * 20, dtype=torch.uint8), 96)
     tp = parallel.TensorParallel(rank=1, world_size=2)
     config = ModelConfig(dim=96, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=10, hidden_dim=96)
-    with pytest.raises(ConfigError, match=r"layers.0.feed_forward.w2.weight: Q4_1 blocks of 32 columns cannot be split 2"):
+    with pytest.raises(
+        ConfigError, match=r"layers.0.feed_forward.w2.weight: Q4_1 blocks of 32 columns cannot be split 2"
+    ):
         parallel.shard(config, {"layers.0.feed_forward.w2.weight": w}, tp)
+
+
+def test_cli_under_torchrun_prints_once_and_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 3 -m lamina generate ...`: the default GGUF split 3 ways, the answer printed once
+    (rank 0), the same greedy tokens as one process."""
+    args = ["generate", "The capital of France is", "--temperature", "0", "-n", "8", "--json", "--max-seq-len", "64"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    one = subprocess.run([sys.executable, "-m", "lamina", *args], capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-addr", "127.0.0.1"]
+    cmd += ["--master-port", str(_port()), "-m", "lamina", *args]
+    three = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert three.returncode == 0, three.stderr[-3000:]
+    lines = [line for line in three.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    assert json.loads(lines[0])["ids"] == json.loads(one.stdout)["ids"]
+
+
+def test_cli_refuses_a_launch_that_cannot_work(tmp_path):
+    """Two ranks cannot split SmolLM2's 9 heads: every rank says so in one line and the launch fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    cmd += ["--master-port", str(_port()), "-m", "lamina", "generate", "hi", "-n", "2", "--max-seq-len", "64"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    assert "lamina: error: [rank 0] tensor parallel size 2 does not divide the model's 9 attention heads" in proc.stderr
+    assert "lamina: error: [rank 1] tensor parallel size 2" in proc.stderr
+
+
+def test_server_across_three_processes(tmp_path):
+    """`lamina serve --tensor-parallel-size 3`: rank 0 runs the scheduler, the sampler and the HTTP server, the other
+    two follow each forward pass. The openai client gets offline greedy's tokens, a stream, concurrent requests; a
+    Ctrl-C stops every rank."""
+    import signal
+
+    import httpx
+    from openai import OpenAI
+
+    one = lamina.load(device="cpu", dtype="float32", max_seq_len=128)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    expected = [
+        one.tokenizer.decode(t)
+        for t in one.generate([one.tokenizer.encode(p, bos=False, eos=False) for p in prompts], 12, temperature=0)[0]
+    ]
+    port = _port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "lamina", "serve", "--tensor-parallel-size", "3", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, "--max-seq-len", "128", "--max-batch-size", "4"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        model = client.models.list().data[0].id
+        got = client.completions.create(model=model, prompt=prompts, max_tokens=12, temperature=0)
+        assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == expected
+        stream = client.completions.create(model=model, prompt=prompts[1], max_tokens=12, temperature=0, stream=True)
+        assert "".join(chunk.choices[0].text for chunk in stream) == expected[1]
+        followers = _children(proc.pid)
+        assert len(followers) == 2
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: rank 0 stops serving, then stops the ranks it started
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+        assert not _children(proc.pid) and all(not _alive(pid) for pid in followers)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return (
+        subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()[:1] != "Z"
+    )
+
+
+def test_a_rank_killed_mid_stream_fails_the_request_and_stops_the_server():
+    """A following rank dies while a stream runs: the stream ends in an error, the server says which rank went, and
+    every process is gone within 30 s, rank 0 with a non-zero status."""
+    import signal
+
+    import httpx
+
+    port = _port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "lamina", "serve", "--tensor-parallel-size", "3", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, "--max-seq-len", "512"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        followers = _children(proc.pid)
+        body = {"prompt": "Count to a thousand:", "max_tokens": 400, "stream": True, "ignore_eos": True}
+        events = []
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            events.append(next(line for line in lines if line.startswith("data:")))
+            os.kill(followers[0], signal.SIGKILL)
+            start = time.monotonic()
+            try:
+                events += [line for line in lines if line.startswith("data:")]
+            except httpx.HTTPError:
+                pass  # the connection may close with the server
+        assert not any('"finish_reason": "length"' in e for e in events)  # never presented as a complete answer
+        assert proc.wait(timeout=30) != 0
+        assert time.monotonic() - start < 30
+        err = proc.stderr.read()
+        assert f"rank 1 (pid {followers[0]}) exited" in err, err[-3000:]
+        time.sleep(1)
+        assert all(not _alive(pid) for pid in followers)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_two_nodes_on_loopback(tmp_path, tiny_ckpt, tokenizer_path, single):
+    """Two torchrun commands, one rank each, meeting through torchrun's c10d rendezvous on 127.0.0.1 (as two hosts
+    would with --rdzv-endpoint HOST:PORT): the same results as one process."""
+    out = tmp_path / "out"
+    out.mkdir()
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps({**_spec(tiny_ckpt, tokenizer_path), "world": 2, "out": str(out)}))
+    endpoint = f"127.0.0.1:{_port()}"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "lamina-test",
+                "--node-rank",
+                str(node),
+                str(WORKER),
+                str(spec_path),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for node in range(2)
+    ]
+    try:
+        for node in nodes:
+            _, err = node.communicate(timeout=300)
+            assert node.returncode == 0, err[-3000:]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    tokens, logprobs, sampled = single
+    _check_ranks([json.loads((out / f"rank{r}.json").read_text()) for r in range(2)], tokens, logprobs, sampled)

@@ -15,12 +15,23 @@ def main() -> None:
 
     if spec["kind"] == "meta":
         llama = lamina.Llama.build(
-            spec["ckpt"], spec["tokenizer"], spec["max_seq_len"], spec["max_batch_size"],
-            model_parallel_size=spec["world"], device="cpu", dtype="float32",
+            spec["ckpt"],
+            spec["tokenizer"],
+            spec["max_seq_len"],
+            spec["max_batch_size"],
+            model_parallel_size=spec["world"],
+            device="cpu",
+            dtype="float32",
         )
     else:
-        llama = lamina.load(spec.get("path"), device="cpu", dtype="float32", max_seq_len=spec["max_seq_len"],
-                            max_batch_size=spec["max_batch_size"], tensor_parallel_size=spec["world"])
+        llama = lamina.load(
+            spec.get("path"),
+            device="cpu",
+            dtype="float32",
+            max_seq_len=spec["max_seq_len"],
+            max_batch_size=spec["max_batch_size"],
+            tensor_parallel_size=spec["world"],
+        )
     tokens, logprobs = llama.generate(spec["prompts"], spec["max_gen_len"], temperature=0, logprobs=True)
     sampled, _ = llama.generate(spec["prompts"], spec["max_gen_len"], temperature=0.8, top_p=0.9, seed=7)
     c = llama.model.config
