@@ -147,7 +147,11 @@ class Llama:
         rank holding its share of the weights and heads; every rank returns the same results, as the reference does.
         The KV cache is Meta's: a row of max_seq_len positions for each of max_batch_size sequences."""
         check_seed(seed, ConfigError)
-        tp, device = parallel.setup(model_parallel_size, resolve_device(device))
+        device = resolve_device(device)
+        try:
+            tp, device = parallel.setup(model_parallel_size, device)
+        except ConfigError as e:
+            raise ConfigError(f"model_parallel_size={model_parallel_size}: {e}") from None
         config = EngineConfig(max_seq_len, max_batch_size, device, resolve_dtype(dtype, device))
         if not Path(ckpt_dir).is_dir():  # say so before the tokenizer is checked, and the weights read
             raise WeightsError(f"checkpoint directory not found: {ckpt_dir}")

@@ -123,7 +123,11 @@ def load(
         kv_cache_memory=kv_cache_memory,
         max_step_tokens=max_step_tokens,
     )
-    tp, device = parallel.setup(tensor_parallel_size, resolve_device(device))
+    device = resolve_device(device)
+    try:
+        tp, device = parallel.setup(tensor_parallel_size, device)
+    except ConfigError as e:
+        raise ConfigError(f"tensor_parallel_size={tensor_parallel_size}: {e}") from None
     if quantize is not None and quantize not in QUANT_MODES:
         raise ConfigError(f"unknown quantization {quantize!r}; expected one of {', '.join(QUANT_MODES)} or None")
     if quantize is None:
