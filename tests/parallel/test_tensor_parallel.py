@@ -347,3 +347,26 @@ def test_two_nodes_on_loopback(tmp_path, tiny_ckpt, tokenizer_path, single):
                 node.kill()
     tokens, logprobs, sampled = single
     _check_ranks([json.loads((out / f"rank{r}.json").read_text()) for r in range(2)], tokens, logprobs, sampled)
+
+
+def test_hugging_face_checkpoint_sharded_safetensors(tmp_path):
+    """A Hugging Face directory (a random Llama written by transformers in two safetensors shards, SmolLM2's
+    tokenizer beside it) split 2 ways: the same greedy tokens, logprobs within 1e-4 and seeded samples as one process."""
+    from transformers import AutoTokenizer
+
+    from lamina.loader import default_model_path
+
+    from ..weights.test_hf import make_hf_llama
+
+    gguf = default_model_path()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    path = tmp_path / "hf"
+    path.mkdir()
+    tok.save_pretrained(path)
+    make_hf_llama(path, tie=False, shard=True, vocab_size=len(tok))
+    one = lamina.load(path, device="cpu", dtype="float32", max_seq_len=64)
+    prompts = [[1, 504, 3458, 282], [1, 378, 1429, 30, 31, 32, 33]]
+    tokens, logprobs = one.generate(prompts, 8, temperature=0, logprobs=True)
+    sampled, _ = one.generate(prompts, 8, temperature=0.8, top_p=0.9, seed=7)
+    spec = {"kind": "path", "path": str(path), "max_seq_len": 64, "max_batch_size": 2, "prompts": prompts}
+    _check_ranks(torchrun(tmp_path, 2, {**spec, "max_gen_len": 8}), tokens, logprobs, sampled)
