@@ -158,6 +158,7 @@ class Llama:
         tokenizer = Llama3Tokenizer(tokenizer_path)
         model_config, state_dict = load_meta_checkpoint(ckpt_dir)
         if tp is not None:
+            parallel.agree(tp, "the model", (str(Path(ckpt_dir).resolve()), str(config.dtype), model_config))
             model_config, state_dict = parallel.shard(model_config, state_dict, tp)
         model = build_transformer(model_config, state_dict, device=config.device, dtype=config.dtype)
         if tp is not None:

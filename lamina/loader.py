@@ -174,6 +174,7 @@ def load(
     )
     local = config
     if tp is not None:
+        parallel.agree(tp, "the model", (str(path.resolve()), quantize, str(dtype), config))
         local, state = parallel.shard(config, state, tp)
     model = build_model(local, state, quantize, device=device, dtype=dtype)
     del state

@@ -86,6 +86,16 @@ def setup(world_size: int | None, device: torch.device) -> tuple[TensorParallel 
     return init(world, device), device
 
 
+def agree(tp: TensorParallel, what: str, value) -> None:
+    """Every rank must hold the same `value` (the model it loads, its shapes): a launch whose ranks disagree is an
+    error on every rank, naming the first rank that differs from rank 0, instead of a silently wrong model."""
+    values = [None] * tp.world_size
+    dist.all_gather_object(values, value, group=tp.group)
+    for rank, other in enumerate(values):
+        if other != values[0]:
+            raise ConfigError(f"the ranks disagree on {what}: rank 0 has {values[0]!r}, rank {rank} has {other!r}")
+
+
 def _check(config: ModelConfig, world: int) -> None:
     def need(ok: bool, what: str) -> None:
         if not ok:
@@ -241,6 +251,7 @@ __all__ = [
     "follow",
     "release",
     "AllReduce",
+    "agree",
     "TensorParallel",
     "init",
     "launched_ranks",

@@ -370,3 +370,32 @@ def test_hugging_face_checkpoint_sharded_safetensors(tmp_path):
     sampled, _ = one.generate(prompts, 8, temperature=0.8, top_p=0.9, seed=7)
     spec = {"kind": "path", "path": str(path), "max_seq_len": 64, "max_batch_size": 2, "prompts": prompts}
     _check_ranks(torchrun(tmp_path, 2, {**spec, "max_gen_len": 8}), tokens, logprobs, sampled)
+
+
+def test_ranks_that_load_different_models_are_refused(tmp_path):
+    """Rank 0 and rank 1 given different files of the same shapes: an error naming both, not a wrong model."""
+    import shutil
+
+    from lamina.loader import default_model_path
+
+    copy = tmp_path / "copy.gguf"
+    shutil.copy(default_model_path(), copy)
+    spec = {
+        "kind": "path",
+        "per_rank_paths": [str(default_model_path()), str(copy), str(default_model_path())],
+        "max_seq_len": 64,
+        "max_batch_size": 1,
+        "prompts": [[1, 2, 3]],
+        "max_gen_len": 2,
+    }
+    out = tmp_path / "out"
+    out.mkdir()
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps({**spec, "world": 3, "out": str(out)}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-addr", "127.0.0.1"]
+    cmd += ["--master-port", str(_port()), str(WORKER), str(spec_path)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    assert "the ranks disagree on the model: rank 0 has" in proc.stderr and "rank 1 has" in proc.stderr
+    assert str(copy) in proc.stderr

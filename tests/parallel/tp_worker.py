@@ -13,6 +13,8 @@ def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
     import lamina
 
+    if spec.get("per_rank_paths"):  # a launch whose ranks name different models
+        spec["path"] = spec["per_rank_paths"][int(os.environ["RANK"])]
     if spec["kind"] == "meta":
         llama = lamina.Llama.build(
             spec["ckpt"],
