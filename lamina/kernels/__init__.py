@@ -49,6 +49,7 @@ PATH_FLAGS = {  # what each path's library is compiled for
         "-mprefer-vector-width=512",
     ),
 }
+NEEDS = {"avx2": "AVX2 with FMA and F16C", "avx512": "AVX-512 F/BW/VL/DQ with VNNI"}  # in words, for errors
 FEATURES = {"avx2": 1, "avx512": 2, "avx512_bf16": 4, "amx_bf16": 8, "amx_int8": 16}  # cpu.c's bits
 QTYPES = {"Q4_1": 0, "Q8_0": 1}  # the block formats the kernel reads, by GGML name
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # bytes per block of 32 weights: the C structs' sizes
@@ -170,8 +171,8 @@ def get(path: str | None = None, *, emulate: bool = False) -> "Kernels":
         raise RuntimeError(f"the {path} path can be emulated only on an x86 CPU with AVX2, and not for portable")
     if not emulate and path not in supported_paths():
         raise RuntimeError(
-            f"this CPU cannot run the {path} kernels (it has {', '.join(supported_paths())}; "
-            f"{path} needs {' '.join(f for f in PATH_FLAGS[path] if f.startswith('-mavx'))})"
+            f"this CPU cannot run the {path} kernels: they need {NEEDS[path]} (this CPU's paths: "
+            f"{', '.join(supported_paths())})"
         )
     key = (path, emulate)
     if key not in _kernels:
