@@ -191,7 +191,6 @@ def test_server_across_three_processes(tmp_path):
     Ctrl-C stops every rank."""
     import signal
 
-    import httpx
     from openai import OpenAI
 
     one = lamina.load(device="cpu", dtype="float32", max_seq_len=128)
@@ -201,23 +200,8 @@ def test_server_across_three_processes(tmp_path):
         for t in one.generate([one.tokenizer.encode(p, bos=False, eos=False) for p in prompts], 12, temperature=0)[0]
     ]
     port = _port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    cmd = [sys.executable, "-m", "lamina", "serve", "--tensor-parallel-size", "3", "--port", str(port)]
-    proc = subprocess.Popen(
-        [*cmd, "--max-seq-len", "128", "--max-batch-size", "4"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
+    proc = _serve_three(port, "--max-seq-len", "128", "--max-batch-size", "4")
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         model = client.models.list().data[0].id
         got = client.completions.create(model=model, prompt=prompts, max_tokens=12, temperature=0)
@@ -232,6 +216,25 @@ def test_server_across_three_processes(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _serve_three(port: int, *options: str) -> subprocess.Popen:
+    """`lamina serve --tensor-parallel-size 3` in a session of its own, once it answers /health."""
+    import httpx
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "lamina", "serve", "--tensor-parallel-size", "3", "--port", str(port), *options]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"the server did not come up: {proc.stderr.read()[-3000:]}")
 
 
 def _children(pid: int) -> list[int]:
@@ -257,23 +260,8 @@ def test_a_rank_killed_mid_stream_fails_the_request_and_stops_the_server():
     import httpx
 
     port = _port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    cmd = [sys.executable, "-m", "lamina", "serve", "--tensor-parallel-size", "3", "--port", str(port)]
-    proc = subprocess.Popen(
-        [*cmd, "--max-seq-len", "512"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
+    proc = _serve_three(port, "--max-seq-len", "512")
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         followers = _children(proc.pid)
         body = {"prompt": "Count to a thousand:", "max_tokens": 400, "stream": True, "ignore_eos": True}
         events = []
