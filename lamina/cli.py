@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="split the model across N processes started here (torch.distributed's launcher on this host; under "
         "torchrun the launch decides)",
     )
+    serve.add_argument(
+        "--distributed-timeout",
+        type=_checked(float, lambda v: v > 0, "seconds > 0"),
+        default=300.0,
+        help="across processes: how long a rank may wait on the others before the server stops (default 300 s)",
+    )
     info = sub.add_parser("info", help="describe a model")
     _model_options(info)
     return parser
@@ -332,6 +338,10 @@ def _serve(args) -> int:
         raise LaminaError(f"--tensor-parallel-size {tp_size} under a launch of {launched_ranks()} processes")
     followers = _spawn_followers(tp_size, args.argv) if tp_size and tp_size > 1 and launched_ranks() == 1 else None
     try:
+        if launched_ranks() > 1:  # join the group first, with the server's timeout
+            from lamina.engine.config import resolve_device
+
+            parallel.init(launched_ranks(), resolve_device(args.device), timeout_s=args.distributed_timeout)
         llama = _load(args, show_progress=True)
         tp = parallel.current()
         if tp is not None and tp.rank > 0:  # a following rank: run rank 0's forward passes until it stops
@@ -362,12 +372,14 @@ def _serve_rank0(args, llama, tp, followers) -> int:
     if tp is not None:  # a rank gone: its requests were failed (5xx); say which, and stop
 
         def stop(error: Exception) -> None:
+            app.state.engine_loop.on_idle = None  # once is enough
             gone = [f"rank {r} (pid {p.pid}) exited with status {p.poll()}" for r, p in _exited(followers)]
             failed.append("; ".join(gone) or f"a collective failed: {error}")
             print(f"lamina: error: the tensor-parallel group failed: {failed[-1]}", file=sys.stderr)
             os.kill(os.getpid(), signal.SIGTERM)
 
         app.state.engine_loop.on_step_error = stop
+        app.state.engine_loop.on_idle = parallel.heartbeat(tp, every_s=args.distributed_timeout / 3)
     ranks = f" across {tp.world_size} processes" if tp is not None else ""
     print(f"serving {name}{ranks} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
     # Ctrl-C / SIGTERM: stop accepting, let in-flight requests finish for up to 30 s, then cancel them.

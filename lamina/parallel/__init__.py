@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -218,6 +219,20 @@ def drive(runner, tp: TensorParallel) -> None:
     runner.before_forward = announce
 
 
+def heartbeat(tp: TensorParallel, every_s: float):
+    """A callable for rank 0's idle moments: at most every `every_s` seconds it tells the following ranks it is alive
+    (they wait for the next step in a collective, which fails after the group's timeout), and it raises when a rank
+    is gone, so an idle server notices a dead rank too."""
+    last = [time.monotonic()]
+
+    def beat() -> None:
+        if time.monotonic() - last[0] >= every_s:
+            dist.broadcast_object_list([("ping", ())], src=0, group=tp.group)
+            last[0] = time.monotonic()
+
+    return beat
+
+
 def follow(runner, tp: TensorParallel) -> None:
     """A following rank: run every forward pass rank 0 announces on this rank's shard, until it says stop. Raises
     what a failed collective raises (rank 0 gone, or a timeout)."""
@@ -228,6 +243,8 @@ def follow(runner, tp: TensorParallel) -> None:
             op, args = box[0]
             if op == "stop":
                 return
+            if op == "ping":
+                continue
             if op not in ("prefill", "decode"):
                 raise RuntimeError(f"rank 0 announced an unknown step {op!r}")
             getattr(runner, op)(*args)
@@ -249,6 +266,7 @@ __all__ = [
     "current",
     "drive",
     "follow",
+    "heartbeat",
     "release",
     "AllReduce",
     "agree",

@@ -37,6 +37,9 @@ class EngineLoop:
         # Called after a failed step's requests have been failed: where a failure cannot be recovered from (a rank of
         # a tensor-parallel group gone), the server sets it to stop itself.
         self.on_step_error: Callable[[Exception], None] | None = None
+        # Called on the engine thread about every 0.1 s while there is no work (a tensor-parallel server's heartbeat
+        # to its other ranks); what it raises goes to on_step_error.
+        self.on_idle: Callable[[], None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -136,5 +139,11 @@ class EngineLoop:
                         if self.on_step_error is not None:
                             self.on_step_error(e)
             if not busy:
+                if self.on_idle is not None:
+                    try:
+                        self.on_idle()
+                    except Exception as e:  # noqa: BLE001 (reported like a failed step)
+                        if self.on_step_error is not None:
+                            self.on_step_error(e)
                 self._wake.wait(0.1)
                 self._wake.clear()

@@ -237,6 +237,29 @@ def _serve_three(port: int, *options: str) -> subprocess.Popen:
     raise AssertionError(f"the server did not come up: {proc.stderr.read()[-3000:]}")
 
 
+def test_an_idle_server_keeps_its_ranks():
+    """Following ranks wait for the next step in a collective that fails after the group's timeout; rank 0's heartbeat
+    keeps them waiting through an idle spell longer than that (here a 3 s timeout, 7 s idle)."""
+    import signal
+
+    from openai import OpenAI
+
+    port = _port()
+    proc = _serve_three(port, "--max-seq-len", "64", "--distributed-timeout", "3")
+    try:
+        followers = _children(proc.pid)
+        time.sleep(7)
+        assert proc.poll() is None and all(_alive(pid) for pid in followers)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        model = client.models.list().data[0].id
+        assert client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0).choices[0].text
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
     return [int(x) for x in out.stdout.split()]
