@@ -263,19 +263,16 @@ class TransformersEngine:
         return (time.perf_counter() - start) * 1000
 
 
-llama_cpp_note = ""
-
-
-def run_engine(engine: str, cmd: list[str], args) -> subprocess.CompletedProcess:
-    """One engine's worker process; llama.cpp from the build asked for, and again without AMX where AMX crashes."""
-    global llama_cpp_note
+def run_engine(engine: str, cmd: list[str], args) -> tuple[subprocess.CompletedProcess, str]:
+    """One engine's worker process, and a note on which llama.cpp build ran: the one asked for, and again without AMX
+    where its AMX code crashes."""
     if engine != "llama.cpp":
-        return subprocess.run(cmd, capture_output=True, text=True)
+        return subprocess.run(cmd, capture_output=True, text=True), ""
     choice = args.llama_cpp or ("installed" if _imports("llama_cpp") else "build")
     env = dict(os.environ)
     if choice == "build":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(build_llama_cpp("native")), env.get("PYTHONPATH")]))
-    llama_cpp_note = f", llama.cpp {'installed' if choice == 'installed' else 'built here (native)'}"
+    note = f", llama.cpp {'installed' if choice == 'installed' else 'built here (native)'}"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode in (-signal.SIGILL, 128 + signal.SIGILL) and "amx_tile" in cpu_line() + _flags():
         print(
@@ -285,9 +282,9 @@ def run_engine(engine: str, cmd: list[str], args) -> subprocess.CompletedProcess
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(build_llama_cpp("no-amx")), os.environ.get("PYTHONPATH")])
         )
-        llama_cpp_note = ", llama.cpp built here without AMX (its AMX build crashed: SIGILL)"
+        note = ", llama.cpp built here without AMX (its AMX build crashed: SIGILL)"
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    return proc
+    return proc, note
 
 
 def _imports(module: str) -> bool:
@@ -339,7 +336,7 @@ def main() -> int:
         print(json.dumps(worker(args)))
         return 0
 
-    results = {}
+    results, llama_cpp_note = {}, ""
     for engine in args.engines.split(","):
         cmd = (
             [
@@ -369,7 +366,8 @@ def main() -> int:
             + (["--prefill-dtype", args.prefill_dtype] if args.prefill_dtype else [])
         )
         print(f"running {engine} ...", file=sys.stderr, flush=True)
-        proc = run_engine(engine, cmd, args)
+        proc, note = run_engine(engine, cmd, args)
+        llama_cpp_note += note
         if proc.returncode != 0:
             print(f"  {engine} skipped: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}", file=sys.stderr)
             continue

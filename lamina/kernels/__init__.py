@@ -129,15 +129,18 @@ def simde_include() -> str | None:
         return "/usr/include" if Path("/usr/include/simde/x86/avx512.h").is_file() else None
 
 
+def build_flags(path: str, emulate: bool = False) -> tuple[str, tuple[str, ...]]:
+    """The cache name and compiler flags of a path's library (`emulate`: its source over SIMDe, see `get`)."""
+    if not emulate:
+        return f"kernels-{path}", (*BASE_FLAGS, *PATH_FLAGS[path])
+    include = simde_include()
+    if include is None:
+        raise RuntimeError("SIMDe's headers are not installed (pip install simde-py)")
+    return f"kernels-{path}-simde", (*BASE_FLAGS, *PATH_FLAGS["avx2"], "-DLAMINA_SIMDE", f"-I{include}")
+
+
 def _load(path: str, emulate: bool) -> "Kernels":
-    if emulate:  # the path's intrinsics from SIMDe, in portable code over AVX2: the tests' way to run its arithmetic
-        include = simde_include()
-        if include is None:
-            raise RuntimeError("SIMDe's headers are not installed (pip install simde-py)")
-        flags = (*BASE_FLAGS, *PATH_FLAGS["avx2"], "-DLAMINA_SIMDE", f"-I{include}")
-        name = f"kernels-{path}-simde"
-    else:
-        flags, name = (*BASE_FLAGS, *PATH_FLAGS[path]), f"kernels-{path}"
+    name, flags = build_flags(path, emulate)
     lib = ctypes.CDLL(str(_compile(name, SOURCES, flags)))
     lib.lamina_path.restype = ctypes.c_char_p
     fn = lib.lamina_qmatmul
@@ -341,12 +344,8 @@ def _unpickle(path: str, emulated: bool) -> Kernels:
 def qmatmul(
     x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features: int, path: str | None = None
 ) -> torch.Tensor:
-    """`Kernels.qmatmul` on the kernels of `path` (None: the best this CPU runs). A direct call (about 10 us of
+    """`Kernels.qmatmul` on the kernels of `path` (None or "": the best this CPU runs). A direct call (about 10 us of
     Python around the kernel); compiled code reaches the same function through torch.ops.lamina.qmatmul."""
-    return get(path).qmatmul(x, blocks, qtype, out_features)
-
-
-def _qmatmul_op(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features: int, path: str) -> torch.Tensor:
     return get(path or None).qmatmul(x, blocks, qtype, out_features)
 
 
@@ -354,7 +353,7 @@ def _qmatmul_op(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features:
 # torch.library.custom_op, whose Python wrapper costs ~50 us a call (more than the kernel on a small matrix).
 _LIBRARY = torch.library.Library("lamina", "DEF")
 _LIBRARY.define("qmatmul(Tensor x, Tensor blocks, str qtype, int out_features, str path) -> Tensor")
-_LIBRARY.impl("qmatmul", _qmatmul_op, "CPU")
+_LIBRARY.impl("qmatmul", qmatmul, "CPU")
 
 
 @torch.library.register_fake("lamina::qmatmul", lib=_LIBRARY)

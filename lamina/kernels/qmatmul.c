@@ -115,9 +115,7 @@ void lamina_quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, floa
  * m * s for the four rows in one more multiply-add. */
 #define TM 4
 #if defined(LAMINA_AVX2)
-#ifndef TR
 #define TR 2
-#endif
 typedef struct { __m256i lo, hi; } vblock; /* a block's 32 int16, 0-15 and 16-31 */
 static inline vblock unpack_q4_1(const block_q4_1 *b) {
     const __m128i raw = _mm_loadu_si128((const __m128i *)b->qs), low = _mm_set1_epi8(0x0f);

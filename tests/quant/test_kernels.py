@@ -61,7 +61,8 @@ def test_every_x86_path_builds_here(tmp_path, monkeypatch):
     the path), so a machine with AVX-512 never meets a path that no machine of ours has compiled."""
     monkeypatch.setenv("LAMINA_CACHE_DIR", str(tmp_path))
     for path in kernels.PATHS:
-        built = kernels._compile(f"kernels-{path}", kernels.SOURCES, (*kernels.BASE_FLAGS, *kernels.PATH_FLAGS[path]))
+        name, flags = kernels.build_flags(path)
+        built = kernels._compile(name, kernels.SOURCES, flags)
         assert built.is_file() and built.parent == tmp_path
 
 
