@@ -3,7 +3,8 @@
 On the CPU a product with few rows (decode: one row per running sequence) goes to lamina's native kernel, which reads
 each block once and multiplies in integers (lamina.kernels); a product with many rows (prefill) is compute-bound, so the
 weight is dequantized once for the call and multiplied by PyTorch's GEMM: in bfloat16 on CPUs with AMX or AVX-512
-BF16 (oneDNN runs it on the tiles / `vdpbf16ps`, 4x float32's rate on a Sapphire Rapids), in float32 elsewhere
+BF16 (oneDNN runs it on the tiles / `vdpbf16ps`: ~990 against ~246 GFLOP/s for float32 at 512 rows on a 2-core
+Sapphire Rapids, per shared/PERF-NOTES.md, not measured by lamina's own benchmark yet), in float32 elsewhere
 (bfloat16 is emulated without them). A float32 model's residual stream stays float32 either way; only the product's
 inputs and output are rounded (tests bound the cost). Without the native kernel (no compiler, or CUDA) every product
 dequantizes: correct, and slower.
