@@ -4,10 +4,10 @@ embedding), same machine, same run.
 
     python benchmarks/bench_tp.py [--preset llama3.2-1b] [--layers 8] [--sizes 1,2] [--keep FILE.gguf]
 
-Measured per size: decode tokens/s of 1 and 8 streams, prefill tokens/s of a 256-token prompt, and every rank's peak
-RSS against W/N (W: the file's tensor bytes). One process runs lamina's C decode step; under tensor parallelism the
-PyTorch forward runs (the C step is not sharded), so one process is also measured on that forward, the like-for-like
-baseline of the parallel plan. The ratios are against one process on the same forward.
+Measured per size, on each decode path (lamina's C step, sharded under tensor parallelism, and the PyTorch forward):
+decode tokens/s of 1 and 8 streams, prefill tokens/s of a 256-token prompt (prefill runs in PyTorch either way), and
+every rank's peak RSS against W/N (W: the file's tensor bytes) plus the RSS the rank had before loading (the
+runtime: Python, PyTorch, torch.distributed). The ratios are against one process on the same path.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def worker(args) -> None:
 
     import lamina
 
+    before_mb = _rss_mb()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(max(len(os.sched_getaffinity(0)) // world, 1))
     llama = lamina.load(args.model, max_seq_len=PROMPT + 64, max_batch_size=8, tensor_parallel_size=world)
@@ -61,8 +62,14 @@ def worker(args) -> None:
         fn()  # warm-up
         out[name] = sorted(fn() for _ in range(args.runs))[args.runs // 2]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["runtime_rss_mb"] = before_mb
     rank = int(os.environ.get("RANK", "0"))
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(out))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run(args, world: int, no_native: bool, out: Path) -> list[dict]:
@@ -107,28 +114,45 @@ def main() -> int:
 
         weights_mb = sum(t.data.nbytes for t in read_gguf_file(path).tensors.values()) / 1e6
         sizes = [int(s) for s in args.sizes.split(",")]
-        results = {"1, C step": run(args, 1, False, Path(tmp) / "c")}
+        results = {}
         for n in sizes:
-            results[f"{n}, PyTorch"] = run(args, n, True, Path(tmp) / f"tp{n}")
+            for path, no_native in (("C step", False), ("PyTorch", True)):
+                results[f"{n}, {path}"] = run(args, n, no_native, Path(tmp) / f"tp{n}-{path[0]}")
     print(
         f"# {cpu_line()}, {len(os.sched_getaffinity(0))} cores shared out among the ranks, {date.today()}, commit "
         f"{commit()}, random {args.preset} shapes with {args.layers} layers ({weights_mb:.0f} MB of tensors), "
         f"median of {args.runs} runs, {platform.python_version()}"
     )
     names = list(results)
-    base = "1, PyTorch"
-    print("| metric | " + " | ".join(f"TP={n}" for n in names) + " | " + " | ".join(f"TP={n} / TP={base}" for n in names[2:]) + " |")
-    print("|" + "---|" * (1 + len(names) + len(names[2:])))
+    ratios = [n for n in names if not n.startswith("1, ")]
+    base = {n: "1, " + n.split(", ")[1] for n in ratios}
+    print(
+        "| metric | "
+        + " | ".join(f"TP={n}" for n in names)
+        + " | "
+        + " | ".join(f"TP={n} / TP={base[n]}" for n in ratios)
+        + " |"
+    )
+    print("|" + "---|" * (1 + len(names) + len(ratios)))
     for metric in ("decode@1", "decode@8", "prefill@256"):
         kind, size = metric.split("@")
         label = f"decode, {size} stream(s) (tok/s)" if kind == "decode" else f"prefill, {size} tokens (tok/s)"
         row = [f"{results[n][0][metric]:.1f}" for n in names]
-        row += [f"{results[n][0][metric] / results[base][0][metric]:.2f}x" for n in names[2:]]
+        row += [f"{results[n][0][metric] / results[base[n]][0][metric]:.2f}x" for n in ratios if base[n] in results]
         print(f"| {label} | " + " | ".join(row) + " |")
-    row = [" / ".join(f"{r['peak_rss_mb']:.0f}" for r in results[n]) for n in names]
-    print("| peak RSS per rank (MB) | " + " | ".join(row) + " |" + " |" * len(names[2:]))
-    row = [f"{weights_mb / int(n.split(',')[0]):.0f}" for n in names]
-    print("| W / N (MB) | " + " | ".join(row) + " |" + " |" * len(names[2:]))
+    blank = " |" * len(ratios)
+    for label, value in (
+        ("peak RSS per rank (MB)", lambda r: r["peak_rss_mb"]),
+        ("RSS before loading (MB)", lambda r: r["runtime_rss_mb"]),
+        ("peak RSS above it (MB)", lambda r: r["peak_rss_mb"] - r["runtime_rss_mb"]),
+    ):
+        print(
+            f"| {label} | "
+            + " | ".join(" / ".join(f"{value(r):.0f}" for r in results[n]) for n in names)
+            + " |"
+            + blank
+        )
+    print("| W / N (MB) | " + " | ".join(f"{weights_mb / int(n.split(',')[0]):.0f}" for n in names) + " |" + blank)
     return 0
 
 

@@ -10,6 +10,7 @@ cut it, and bad input raises a ValueError (RequestError) before any work is done
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import operator
@@ -156,13 +157,18 @@ class Llama:
         if not Path(ckpt_dir).is_dir():  # say so before the tokenizer is checked, and the weights read
             raise WeightsError(f"checkpoint directory not found: {ckpt_dir}")
         tokenizer = Llama3Tokenizer(tokenizer_path)
-        model_config, state_dict = load_meta_checkpoint(ckpt_dir)
+        select = None
+        if tp is not None:  # every rank loads the same checkpoint, and reads only its part of each weight
+            parallel.agree(tp, "the model", (str(Path(ckpt_dir).resolve()), str(config.dtype)))
+            select = functools.partial(parallel.span, tp=tp)
+        model_config, state_dict = load_meta_checkpoint(ckpt_dir, select)
+        local = model_config
         if tp is not None:
-            parallel.agree(tp, "the model", (str(Path(ckpt_dir).resolve()), str(config.dtype), model_config))
-            model_config, state_dict = parallel.shard(model_config, state_dict, tp)
-        model = build_transformer(model_config, state_dict, device=config.device, dtype=config.dtype)
+            parallel.agree(tp, "the model's configuration", model_config)
+            local = parallel.build_config(model_config, tp)
+        model = build_transformer(local, state_dict, device=config.device, dtype=config.dtype)
         if tp is not None:
-            parallel.parallelize(model, tp)
+            parallel.parallelize(model, tp, model_config.vocab_size)
         return Llama(model, tokenizer, config, seed=seed)
 
     # ----------------------------------------------------------------------------------------------------------

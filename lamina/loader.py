@@ -3,6 +3,7 @@ front end over the engine core). Nothing below imports this module."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 from pathlib import Path
@@ -135,22 +136,26 @@ def load(
     dtype = resolve_dtype(dtype, device, blocks=quantize != "none")
     check_seed(seed, ConfigError)
     prefill_dtype = _check_kernels(kernel_path, prefill_dtype, native=quantize != "none" and device.type == "cpu")
+    select = None
+    if tp is not None:  # every rank loads the same model, and reads only its part of each weight
+        parallel.agree(tp, "the model", (str(path.resolve()), quantize, str(dtype)))
+        select = functools.partial(parallel.span, tp=tp)
     if fmt == "meta":
         tokenizer_path = path / "tokenizer.model"
         if not tokenizer_path.is_file():
             raise TokenizerError(f"{path} has no tokenizer.model (Meta checkpoints ship the Llama 3 tokenizer there)")
         tokenizer = Llama3Tokenizer(tokenizer_path)
-        config, state = load_meta_checkpoint(path)
+        config, state = load_meta_checkpoint(path, select)
         formatter = None  # Llama 3's built-in chat format
     elif fmt == "hf":
         tokenizer = HFTokenizer.from_dir(path)
-        config, state = load_hf_checkpoint(path, progress)
+        config, state = load_hf_checkpoint(path, progress, select)
         tokenizer_config = read_tokenizer_config(path)
         formatter = _template(
             _hf_chat_template(path, tokenizer_config), tokenizer, special_token_strings(tokenizer_config)
         )
     else:
-        config, state, fields = load_gguf(path, progress, dtype=dtype, keep=quantize != "none")
+        config, state, fields = load_gguf(path, progress, dtype=dtype, keep=quantize != "none", select=select)
         tokenizer = tokenizer_from_gguf(fields)
         tokens = fields.get("tokenizer.ggml.tokens") or []
         special = {
@@ -172,14 +177,14 @@ def load(
         kv_cache_memory=kv_cache_memory,
         max_step_tokens=max_step_tokens,
     )
-    local = config
     if tp is not None:
-        parallel.agree(tp, "the model", (str(path.resolve()), quantize, str(dtype), config))
-        local, state = parallel.shard(config, state, tp)
-    model = build_model(local, state, quantize, device=device, dtype=dtype)
+        parallel.agree(tp, "the model's configuration", config)
+    model = build_model(
+        config if tp is None else parallel.build_config(config, tp), state, quantize, device=device, dtype=dtype
+    )
     del state
     if tp is not None:
-        parallel.parallelize(model, tp)
+        parallel.parallelize(model, tp, config.vocab_size)
     if kernel_path is not None or prefill_dtype is not None:
         use_kernels(model, kernel_path, prefill_dtype)
     return Llama(model, tokenizer, engine, formatter=formatter, seed=seed)

@@ -3,11 +3,13 @@
 It computes what `Transformer.forward` computes for a `Decode` batch (same blocks, same int16 activation
 quantization, float32 throughout) without PyTorch's per-operation dispatch, which at one token a step costs about as
 much as reading the weights. The runner uses it where it applies (see `unsupported`) and the PyTorch forward
-everywhere else; prefill always runs in PyTorch.
+everywhere else; prefill always runs in PyTorch. Under tensor parallelism (lamina.parallel) each rank runs it on
+its shard, and the C step calls back into torch.distributed for the two sums of each layer.
 """
 
 from __future__ import annotations
 
+import ctypes
 from typing import Sequence
 
 import torch
@@ -15,7 +17,13 @@ import torch
 from lamina import kernels
 from lamina.engine.kv_cache import KVCache, padded_tables
 from lamina.model import Transformer
+from lamina.parallel import AllReduce
 from lamina.quant import QLinear
+
+
+def _inner(p):
+    """A projection without its tensor-parallel sum (the C step sums itself)."""
+    return p.inner if isinstance(p, AllReduce) else p
 
 
 def unsupported(model: Transformer, cache: KVCache) -> str | None:
@@ -28,7 +36,9 @@ def unsupported(model: Transformer, cache: KVCache) -> str | None:
     if first.attention_norm.weight.dtype != torch.float32 or cache.layers[0][0].dtype != torch.float32:
         return "the model or the KV cache is not float32"
     for i, layer in enumerate(model.layers):
-        projections = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
+        projections = tuple(
+            _inner(p) for p in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
+        )
         if not all(isinstance(p, QLinear) and p.native for p in projections):
             return f"layer {i}'s projections are not all fused GGML blocks (quantize='gguf', 'int8' or 'int4')"
         if len({p.kernels.path for p in projections} | {first.attention.wqkv.kernels.path}) > 1:
@@ -54,9 +64,9 @@ class NativeDecode:
             attention, ffn = layer.attention, layer.feed_forward
             for name, qtype, p in (
                 ("wqkv", "qkv_type", attention.wqkv),
-                ("wo", "o_type", attention.wo),
+                ("wo", "o_type", _inner(attention.wo)),
                 ("w13", "w13_type", ffn.w13),
-                ("w2", "w2_type", ffn.w2),
+                ("w2", "w2_type", _inner(ffn.w2)),
             ):
                 setattr(table, name, p.blocks.data_ptr())
                 setattr(table, qtype, kernels.QTYPES[p.qtype])
@@ -94,8 +104,36 @@ class NativeDecode:
             output=output.blocks.data_ptr() if output is not None else None,
             vocab_size=c.vocab_size,
             output_type=kernels.QTYPES[output.qtype] if output is not None else 0,
+            reduce=self._reduce_callback(model.layers[0].attention.wo),
         )
         self._logits_in_c = output is not None
+
+    def _reduce_callback(self, wo):
+        """The C step's sum over the ranks (a null pointer outside tensor parallelism). An exception in it (a rank
+        gone, a timeout) is kept and raised once the C step has stopped."""
+        self._failure: BaseException | None = None
+        if not isinstance(wo, AllReduce):
+            return kernels.REDUCE()
+
+        def reduce(address: int, n: int) -> int:
+            try:
+                wo.reduce(torch.frombuffer((ctypes.c_float * n).from_address(address), dtype=torch.float32))
+                return 0
+            except BaseException as e:  # noqa: BLE001 - it must not unwind through C; raised after the step
+                self._failure = e
+                return 1
+
+        self._reduce = kernels.REDUCE(reduce)  # kept alive as long as the table that points to it
+        return self._reduce
+
+    def _decode(self, *args) -> None:
+        try:
+            self.kernels.decode(self._table, *args)
+        except RuntimeError:
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure from None
+            raise
 
     def __call__(
         self, tokens: Sequence[int], tables: Sequence[Sequence[int]], positions: Sequence[int]
@@ -116,8 +154,8 @@ class NativeDecode:
             )
         h = self.model.tok_embeddings(packed[0]).float().contiguous()
         if not self._logits_in_c:
-            self.kernels.decode(self._table, h, padded, packed[1].contiguous(), None)
+            self._decode(h, padded, packed[1].contiguous(), None)
             return self.model.logits(h)
         logits = torch.empty(len(tokens), self.vocab_size, dtype=torch.float32)
-        self.kernels.decode(self._table, h, padded, packed[1].contiguous(), logits)
+        self._decode(h, padded, packed[1].contiguous(), logits)
         return logits

@@ -62,8 +62,9 @@ class ModelRunner:
         self.native = (
             NativeDecode(model, self.cache) if native and not compile and not unsupported(model, self.cache) else None
         )
-        # Called with ("prefill" | "decode", the call's arguments) before each forward pass: under tensor parallelism
-        # the driving rank hands every forward's inputs to the other ranks first (lamina.parallel.drive).
+        # Called with ("prefill" | "decode" | "logits", the call's arguments) before each forward pass and projection
+        # to logits: under tensor parallelism the driving rank hands their inputs to the other ranks first
+        # (lamina.parallel.drive).
         self.before_forward: Callable[[str, tuple], None] | None = None
 
     def execute(self, chunks: Sequence[Chunk]) -> Forward:
@@ -100,6 +101,8 @@ class ModelRunner:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [n, dim] -> logits [n, vocab] (float32)."""
+        if self.before_forward is not None:
+            self.before_forward("logits", (hidden,))
         return self.model.logits(hidden)
 
     def prefill(

@@ -201,8 +201,13 @@ class DecodeLayer(ctypes.Structure):
     ]
 
 
+# decode.c's reduce: sums float x [n] over the tensor-parallel ranks in place; 0 when it worked.
+REDUCE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64)
+
+
 class DecodeModel(ctypes.Structure):
-    """decode.c's lamina_model: the shapes and the per-layer tables of a model, by address."""
+    """decode.c's lamina_model: the shapes and the per-layer tables of a model, by address (and, under tensor
+    parallelism, the sum over the ranks it calls between stages)."""
 
     _fields_ = [
         *(
@@ -225,6 +230,7 @@ class DecodeModel(ctypes.Structure):
         ("output", ctypes.c_void_p),
         ("vocab_size", ctypes.c_int64),
         ("output_type", ctypes.c_int32),
+        ("reduce", REDUCE),
     ]
 
 
@@ -331,10 +337,13 @@ class Kernels:
         must stay alive."""
         out = None if logits is None else logits.data_ptr()
         B, width = tables.shape
-        if self.lib.lamina_decode(
+        rc = self.lib.lamina_decode(
             ctypes.byref(model), B, h.data_ptr(), tables.data_ptr(), width, positions.data_ptr(), out
-        ):
+        )
+        if rc == -1:
             raise MemoryError("lamina_decode could not allocate its working buffers")
+        if rc:
+            raise RuntimeError("lamina_decode stopped: the sum over the tensor-parallel ranks failed")
 
 
 def _unpickle(path: str, emulated: bool) -> Kernels:

@@ -29,6 +29,10 @@ typedef struct {
     const void *output;    /* blocks [vocab_size, dim] of the output projection, or NULL (hidden states only) */
     int64_t vocab_size;
     int32_t output_type;
+    /* Tensor parallelism (NULL: one process): the model holds one rank's heads and hidden units, and the output
+     * and down projections give partial sums; reduce(x, n) sums x [n] over the ranks in place (called by one thread
+     * at a time, the caller's), returning 0, or non-zero when it failed. */
+    int (*reduce)(float *x, int64_t n);
 } lamina_model;
 
 static float inverse_rms(const float *x, int64_t n, double eps) {
@@ -107,11 +111,35 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
     }
 }
 
+/* h [B, N] += the product of the quantized rows (q, qd, qs) of K columns with `w` [N, K]: in place, or, under
+ * tensor parallelism, through `part` [B, N], summed over the ranks first. Called by every thread of the team; sets
+ * *failed (and adds nothing) when the sum failed. */
+static void residual_product(const lamina_model *m, int32_t qtype, const void *w, int64_t N, int64_t K,
+                             const int16_t *q, const float *qd, const float *qs, int64_t B, float *h, float *part,
+                             volatile int *failed) {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    int64_t lo, hi;
+    lamina_split(N, NR, tid, nth, &lo, &hi);
+    if (!m->reduce) {
+        lamina_matmul_rows(qtype, w, N, K, q, qd, qs, B, h, lo, hi, 1);
+        return;
+    }
+    lamina_matmul_rows(qtype, w, N, K, q, qd, qs, B, part, lo, hi, 0);
+#pragma omp barrier
+#pragma omp master
+    if (m->reduce(part, B * N)) *failed = 1;
+#pragma omp barrier
+    if (*failed) return;
+    lamina_split(B * N, 1, tid, nth, &lo, &hi);
+    for (int64_t u = lo; u < hi; u++) h[u] += part[u];
+}
+
 /* One decode step for B sequences: h [B, dim] holds the new tokens' embeddings on entry and their final normalised
  * hidden states on return; token b is at `positions[b]` of the sequence whose blocks row b of `tables` [B, width]
  * lists (the caller checks that every block a position needs is there and < num_blocks). Every layer's keys and
  * values for the new tokens are written to the caches. With an output projection in `m` and `logits` not NULL,
- * logits [B, vocab_size] are computed too. Returns 0, or -1 when out of memory (nothing is written then). */
+ * logits [B, vocab_size] are computed too. Returns 0, -1 when out of memory (nothing is written then), or -2 when a
+ * sum over the ranks failed (the step stopped there). */
 int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tables, int64_t width,
                   const int64_t *positions, float *logits) {
     const int64_t dim = m->dim, F = m->hidden_dim, H = m->n_heads, KVH = m->n_kv_heads, D = m->head_dim;
@@ -130,10 +158,12 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
     int16_t *q = malloc(sizeof(int16_t) * (size_t)(B * widest));
     float *qd = calloc((size_t)(SCALE_ROWS(B) * widest / QK), sizeof(float));
     float *qs = calloc((size_t)(SCALE_ROWS(B) * widest / QK), sizeof(float));
-    if (!qkv || !att || !gu || !rot || !scores || !q || !qd || !qs) {
-        free(qkv); free(att); free(gu); free(rot); free(scores); free(q); free(qd); free(qs);
+    float *part = m->reduce ? malloc(sizeof(float) * (size_t)(B * dim)) : NULL;
+    if (!qkv || !att || !gu || !rot || !scores || !q || !qd || !qs || (m->reduce && !part)) {
+        free(qkv); free(att); free(gu); free(rot); free(scores); free(q); free(qd); free(qs); free(part);
         return -1;
     }
+    volatile int failed = 0;
     for (int64_t b = 0; b < B; b++) /* angles as lamina.model.rope: float32 position times float32 frequency */
         for (int64_t i = 0; i < D / 2; i++) {
             const float angle = (float)positions[b] * m->inv_freq[i];
@@ -177,8 +207,8 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
             SPLIT(B * H * D / QK, 1);
             quantize_stage(att, H * D, NULL, 0.0, lo, hi, q, qd, qs);
 #pragma omp barrier
-            SPLIT(dim, NR);
-            lamina_matmul_rows(L->o_type, L->wo, dim, H * D, q, qd, qs, B, h, lo, hi, 1); /* h += attention */
+            residual_product(m, L->o_type, L->wo, dim, H * D, q, qd, qs, B, h, part, &failed); /* h += attention */
+            if (failed) break;
 #pragma omp barrier
             SPLIT(B * dim / QK, 1);
             quantize_stage(h, dim, L->ffn_norm, m->norm_eps, lo, hi, q, qd, qs);
@@ -189,25 +219,27 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
             SPLIT(B * F / QK, 1);
             swiglu_stage(gu, F, lo, hi, q, qd, qs);
 #pragma omp barrier
-            SPLIT(dim, NR);
-            lamina_matmul_rows(L->w2_type, L->w2, dim, F, q, qd, qs, B, h, lo, hi, 1); /* h += feed-forward */
+            residual_product(m, L->w2_type, L->w2, dim, F, q, qd, qs, B, h, part, &failed); /* h += feed-forward */
+            if (failed) break;
 #pragma omp barrier
         }
-        SPLIT(B, 1);
-        for (int64_t b = lo; b < hi; b++) {
-            const float r = inverse_rms(h + b * dim, dim, m->norm_eps);
-            for (int64_t i = 0; i < dim; i++) h[b * dim + i] = (h[b * dim + i] * r) * m->norm[i];
-        }
-        if (m->output && logits) {
+        if (!failed) { /* the final norm, and the logits */
+            SPLIT(B, 1);
+            for (int64_t b = lo; b < hi; b++) {
+                const float r = inverse_rms(h + b * dim, dim, m->norm_eps);
+                for (int64_t i = 0; i < dim; i++) h[b * dim + i] = (h[b * dim + i] * r) * m->norm[i];
+            }
+            if (m->output && logits) {
 #pragma omp barrier
-            SPLIT(B * dim / QK, 1);
-            quantize_stage(h, dim, NULL, 0.0, lo, hi, q, qd, qs);
+                SPLIT(B * dim / QK, 1);
+                quantize_stage(h, dim, NULL, 0.0, lo, hi, q, qd, qs);
 #pragma omp barrier
-            SPLIT(m->vocab_size, NR);
-            lamina_matmul_rows(m->output_type, m->output, m->vocab_size, dim, q, qd, qs, B, logits, lo, hi, 0);
+                SPLIT(m->vocab_size, NR);
+                lamina_matmul_rows(m->output_type, m->output, m->vocab_size, dim, q, qd, qs, B, logits, lo, hi, 0);
+            }
         }
 #undef SPLIT
     }
-    free(qkv); free(att); free(gu); free(rot); free(scores); free(q); free(qd); free(qs);
-    return 0;
+    free(qkv); free(att); free(gu); free(rot); free(scores); free(q); free(qd); free(qs); free(part);
+    return failed ? -2 : 0;
 }

@@ -3,13 +3,19 @@ holding its share of the attention heads and of the feed-forward's hidden units 
 only its own key/value heads), with one all-reduce after the attention output and one after the feed-forward, as in
 Megatron-LM, gpt-fast's tp.py and vLLM's Column/RowParallelLinear.
 
-The plan works on a state dict before the model is built (`shard`), so each rank builds a smaller model of the same
-code: a local ModelConfig with its heads and hidden units, and weights sliced by output rows (wq, wk, wv, w1, w3:
-"column parallel") or by input columns (wo, w2: "row parallel"; `parallelize` wraps them in `AllReduce`). The model
-file has no parallel code. GGML blocks are sliced along rows, and along columns in whole blocks of 32. Embeddings, the
-output projection and the norms are replicated: the output projection split by vocabulary would need an all-gather
-of every step's logits, and every rank samples from the same full logits, so every rank computes the same tokens
-(the all-reduced hidden states are bitwise equal on every rank) and returns what Meta's reference returns on each.
+The plan is applied as the weights are read (`span`: each loader reads only a rank's part of each weight, so no rank
+ever holds the whole model), and each rank builds a smaller model of the same code: a local ModelConfig with its
+heads and hidden units, and weights sliced by output rows (wq, wk, wv, w1, w3: "column parallel") or by input
+columns (wo, w2: "row parallel"; `parallelize` wraps them in `AllReduce`). The model file has no parallel code. GGML
+blocks are sliced along rows, and along columns in whole blocks of 32.
+
+Embeddings and the output projection are split by vocabulary, as vLLM's VocabParallelEmbedding / ParallelLMHead: a
+rank looks up only the token ids in its rows (the others give zeros; one all-reduce sums them) and computes only
+its rows' logits, which one all-gather joins. Replicating them instead costs each rank the whole table (on Llama 3
+shapes, 128,256 x dim: a quarter of a 1B model's weights, twice that untied), so a rank would hold far more than
+its 1/N. Every rank gets the whole logits and samples from them with the same generator, so every rank computes
+the same tokens (the all-reduced hidden states are bitwise equal on every rank) and returns what Meta's reference
+returns on each. Norms are replicated.
 
 Key/value heads: with as many ranks as KV heads or fewer, each rank takes n_kv_heads / world of them; with more, each
 KV head is replicated on world / n_kv_heads ranks, which hold the query heads that read it.
@@ -17,6 +23,7 @@ KV head is replicated on world / n_kv_heads ranks, which hold the query heads th
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import os
@@ -70,7 +77,15 @@ def init(world_size: int | None, device: torch.device, timeout_s: float = 300.0)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        atexit.register(_leave)
     return TensorParallel(dist.get_rank(), dist.get_world_size())
+
+
+def _leave() -> None:
+    """At exit, leave the group we joined: its connections closed by us, not torn down with the process (a peer
+    that sees them vanish mid-flight may abort)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def setup(world_size: int | None, device: torch.device) -> tuple[TensorParallel | None, torch.device]:
@@ -124,6 +139,14 @@ def local_config(config: ModelConfig, world: int) -> ModelConfig:
     )
 
 
+def vocab_rows(vocab_size: int, tp: TensorParallel) -> tuple[int, int]:
+    """The vocabulary rows (of the embedding and the output projection) this rank holds: ceil(vocab / world) each,
+    the last rank's fewer where the world size does not divide the vocabulary."""
+    per = -(-vocab_size // tp.world_size)
+    lo = min(tp.rank * per, vocab_size)
+    return lo, min(lo + per, vocab_size)
+
+
 def _span(kind: str, config: ModelConfig, tp: TensorParallel) -> tuple[int, int]:
     """The range of rows (column-parallel weights) or columns (row-parallel ones) of a full weight this rank keeps."""
     r, W, D = tp.rank, tp.world_size, config.head_dim
@@ -138,6 +161,27 @@ def _span(kind: str, config: ModelConfig, tp: TensorParallel) -> tuple[int, int]
         return head * D, (head + 1) * D
     n = config.hidden_dim // W  # w1, w3, w2
     return r * n, (r + 1) * n
+
+
+def span(config: ModelConfig, name: str, tp: TensorParallel) -> tuple[int, int, int] | None:
+    """The part of the full model's weight `name` (lamina's names) this rank holds, as (dim, lo, hi): rows of the
+    column-parallel weights and of the vocabulary tables, columns of the row-parallel ones; None: all of it (norms).
+    Raises ConfigError when the world size does not divide the model's heads or hidden units. The loaders take it
+    as their `select` (lamina.weights.common.Select), so a rank reads only its part of each weight."""
+    _check(config, tp.world_size)
+    if name in ("tok_embeddings.weight", "output.weight"):
+        return (0, *vocab_rows(config.vocab_size, tp))
+    kind = name.split(".")[-2] if name.startswith("layers.") and name.endswith(".weight") else ""
+    if kind in COLUMN or kind in ROW:
+        return (0 if kind in COLUMN else 1, *_span(kind, config, tp))
+    return None
+
+
+def build_config(config: ModelConfig, tp: TensorParallel) -> ModelConfig:
+    """The shapes the model a rank builds has: its heads, hidden units and vocabulary rows (`parallelize` then makes
+    the model whole again towards its caller: full-vocabulary ids in, full-vocabulary logits out)."""
+    lo, hi = vocab_rows(config.vocab_size, tp)
+    return dataclasses.replace(local_config(config, tp.world_size), vocab_size=hi - lo)
 
 
 def _take(name: str, w, dim: int, lo: int, hi: int, world: int):
@@ -158,49 +202,98 @@ def _take(name: str, w, dim: int, lo: int, hi: int, world: int):
 def shard(
     config: ModelConfig, state: dict[str, torch.Tensor | Blocks], tp: TensorParallel
 ) -> tuple[ModelConfig, dict[str, torch.Tensor | Blocks]]:
-    """This rank's model shapes and weights: column-parallel weights cut by rows, row-parallel ones by columns, the
-    rest as they are. `state` holds the full model's weights in lamina's names (tensors or GGML blocks)."""
-    local = local_config(config, tp.world_size)
+    """This rank's model shapes (`build_config`) and weights, cut from a full model's state dict held in memory (the
+    loaders cut them as they read instead, through `span`)."""
     out = {}
     for name, w in state.items():
-        kind = name.split(".")[-2] if name.startswith("layers.") and name.endswith(".weight") else ""
-        if kind in COLUMN or kind in ROW:
-            lo, hi = _span(kind, config, tp)
-            out[name] = _take(name, w, 0 if kind in COLUMN else 1, lo, hi, tp.world_size)
-        else:
-            out[name] = w
-    return local, out
+        part = span(config, name, tp)
+        out[name] = w if part is None else _take(name, w, *part, tp.world_size)
+    return build_config(config, tp), out
+
+
+def _all_reduce(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """The sum of `x` over the group (gloo reduces float32 only: a CPU bfloat16 tensor is summed in float32)."""
+    if x.device.type == "cpu" and x.dtype != torch.float32:
+        total = x.float()
+        dist.all_reduce(total, group=tp.group)
+        return total.to(x.dtype)
+    dist.all_reduce(x, group=tp.group)
+    return x
 
 
 class AllReduce(nn.Module):
     """A row-parallel projection: this rank's columns of the weight against its share of the input, summed over the
-    group. gloo reduces float32 (a bfloat16 output is summed in float32 and cast back)."""
+    group. `reduce` is the sum alone (lamina.engine.native calls it between the stages of its C step)."""
 
     def __init__(self, inner: nn.Module, tp: TensorParallel):
         super().__init__()
         self.inner, self.tp = inner, tp
 
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(x, self.tp)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.inner(x)
-        if y.device.type == "cpu" and y.dtype != torch.float32:
-            total = y.float()
-            dist.all_reduce(total, group=self.tp.group)
-            return total.to(y.dtype)
-        dist.all_reduce(y, group=self.tp.group)
-        return y
+        return _all_reduce(self.inner(x), self.tp)
 
 
-def parallelize(model: nn.Module, tp: TensorParallel) -> nn.Module:
-    """Wrap each layer's row-parallel projections (attention output, feed-forward down) in an all-reduce."""
+class VocabParallelEmbedding(nn.Module):
+    """An embedding table of which this rank holds rows lo..hi-1: ids outside them look up zeros, and the sum over
+    the group is every id's row (exactly: one term of each sum is not zero)."""
+
+    def __init__(self, inner: nn.Module, lo: int, hi: int, tp: TensorParallel):
+        super().__init__()
+        self.inner, self.lo, self.hi, self.tp = inner, lo, hi, tp
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.lo
+        mine = (local >= 0) & (local < self.hi - self.lo)
+        rows = self.inner(local.clamp(0, self.hi - self.lo - 1))
+        return _all_reduce(rows * mine.unsqueeze(-1).to(rows.dtype), self.tp)
+
+
+class VocabParallelLogits(nn.Module):
+    """The output projection of which this rank holds the rows (logits) lo..hi-1 of `vocab_size`: each rank
+    computes its logits and one all-gather gives every rank all of them, in order."""
+
+    def __init__(self, inner: nn.Module, vocab_size: int, tp: TensorParallel):
+        super().__init__()
+        self.inner, self.vocab_size, self.tp = inner, vocab_size, tp
+        self.per = -(-vocab_size // tp.world_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        mine = self.inner(h).float()  # [n, rows of this rank]
+        if mine.shape[-1] < self.per:  # the last rank's short share, padded so every rank sends as much
+            mine = torch.nn.functional.pad(mine, (0, self.per - mine.shape[-1]))
+        parts = [torch.empty_like(mine) for _ in range(self.tp.world_size)]
+        dist.all_gather(parts, mine.contiguous(), group=self.tp.group)
+        return torch.cat(parts, dim=-1)[..., : self.vocab_size]
+
+
+def parallelize(model: nn.Module, tp: TensorParallel, vocab_size: int) -> nn.Module:
+    """Make a rank's model (built from `build_config`'s shapes) a part of the whole: each layer's row-parallel
+    projections (attention output, feed-forward down) summed over the group, the embedding and the output
+    projection over the whole vocabulary of `vocab_size` ids (a tied output projection reads the embedding's rows).
+    The model's config then says the full vocabulary and this rank's heads."""
     for layer in model.layers:
         layer.attention.wo = AllReduce(layer.attention.wo, tp)
         layer.feed_forward.w2 = AllReduce(layer.feed_forward.w2, tp)
+    lo, hi = vocab_rows(vocab_size, tp)
+    table = model.tok_embeddings
+    if model.output is None:  # tied: the logits of this rank's rows of the embedding table
+        output = nn.Linear(table.weight.shape[1], hi - lo, bias=False, device="meta")
+        output.weight = table.weight
+        model.output = output
+    model.output = VocabParallelLogits(model.output, vocab_size, tp)
+    model.tok_embeddings = VocabParallelEmbedding(table, lo, hi, tp)
+    model.config = dataclasses.replace(model.config, vocab_size=vocab_size)
     return model
 
 
 # One scheduler: where only rank 0 runs the engine (the server), the other ranks follow it. Before each forward pass
 # rank 0's runner hands the pass's inputs (token ids, positions, block tables: a few KB) to every rank, which runs
-# the same pass on its shard; the all-reduces inside keep the ranks in step. Rank 0 alone samples.
+# the same pass on its shard; the all-reduces inside keep the ranks in step. Before it projects hidden states to
+# logits outside a decode step (a prompt's last token, prompt logprobs) it hands them over too: each rank computes
+# its share of the vocabulary. Rank 0 alone samples.
 
 
 def _plain(value):
@@ -214,6 +307,8 @@ def drive(runner, tp: TensorParallel) -> None:
     """Make `runner` (rank 0's ModelRunner) announce each forward pass to the other ranks before it runs it."""
 
     def announce(op: str, args: tuple) -> None:
+        if op == "logits":  # hidden states, from the CPU (each rank moves them to its device)
+            args = (args[0].cpu(),)
         dist.broadcast_object_list([(op, _plain(args))], src=0, group=tp.group)
 
     runner.before_forward = announce
@@ -245,6 +340,9 @@ def follow(runner, tp: TensorParallel) -> None:
                 return
             if op == "ping":
                 continue
+            if op == "logits":  # hidden states rank 0 projects (each rank computes its share of the vocabulary)
+                runner.logits(args[0].to(runner.config.device))
+                continue
             if op not in ("prefill", "decode"):
                 raise RuntimeError(f"rank 0 announced an unknown step {op!r}")
             getattr(runner, op)(*args)
@@ -269,7 +367,10 @@ __all__ = [
     "heartbeat",
     "release",
     "AllReduce",
+    "VocabParallelEmbedding",
+    "VocabParallelLogits",
     "agree",
+    "build_config",
     "TensorParallel",
     "init",
     "launched_ranks",
@@ -277,4 +378,6 @@ __all__ = [
     "parallelize",
     "setup",
     "shard",
+    "span",
+    "vocab_rows",
 ]

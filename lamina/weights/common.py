@@ -19,6 +19,20 @@ def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
 
 Progress = Callable[[int, int], None]  # progress(done, total), called while weights are read
 
+# A part of a weight: (dim, lo, hi) keeps indices lo..hi-1 along dimension `dim`.
+Span = tuple[int, int, int]
+# select(config, name) -> the part of weight `name` to read (None: all of it); tensor parallelism passes one so that
+# each rank reads only its slice of each weight (lamina.parallel.span), never the whole model at once.
+Select = Callable[[ModelConfig, str], Span | None]
+
+
+def cut(t: torch.Tensor, span: Span | None) -> torch.Tensor:
+    """The part `span` of a tensor, copied, so that the full tensor (or the file it maps) can go; as it is for None."""
+    if span is None:
+        return t
+    dim, lo, hi = span
+    return t.narrow(dim, lo, hi - lo).clone()
+
 
 def target_name(name: str, global_names: Mapping[str, str], layer_re: re.Pattern, layer_names: Mapping[str, str]):
     """A checkpoint's tensor name in lamina's scheme (`layers.N.attention.wq.weight`, ...), or None if unknown.

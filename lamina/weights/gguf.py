@@ -14,7 +14,7 @@ from lamina.errors import ConfigError, WeightsError
 from lamina.model import ModelConfig, RopeScaling
 from lamina.model.rope import inverse_frequencies
 from lamina.quant import Blocks, ggml
-from lamina.weights.common import Progress, check_shapes, target_name
+from lamina.weights.common import Progress, Select, Span, check_shapes, cut, target_name
 from lamina.weights.gguf_file import read_gguf_file
 
 _GLOBAL_NAMES = {
@@ -38,7 +38,12 @@ _ROPE_FREQS = "rope_freqs.weight"
 
 
 def load_gguf(
-    path: str | Path, progress: Progress | None = None, *, dtype: torch.dtype = torch.float32, keep: bool = False
+    path: str | Path,
+    progress: Progress | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    keep: bool = False,
+    select: Select | None = None,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor | Blocks], dict]:
     """Read a llama GGUF: (config, state dict in `dtype`, metadata). Every GGML type the `gguf` package can
     dequantize is accepted (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...). With `keep`, matrices
@@ -46,7 +51,8 @@ def load_gguf(
 
     The configuration is read and every tensor's name and shape checked against it before any weight is unpacked;
     tensors are then dequantized one at a time straight to `dtype`, so a float32 copy of the model never exists
-    when a smaller dtype is asked for."""
+    when a smaller dtype is asked for. With `select`, only the part of each weight it names is read (blocks split
+    along columns only in whole blocks)."""
     gf = read_gguf_file(path)
     fields = gf.metadata
     if fields.get("general.architecture") != "llama":
@@ -75,21 +81,50 @@ def load_gguf(
             if progress:
                 progress(i, len(todo))
             t = gf.tensors[name]
+            span = select(config, names[name]) if select else None
             if keep and t.qtype in ggml.BLOCK_BYTES and len(t.shape) == 2:
-                state[names[name]] = Blocks(t.qtype, _read(f, t).view(t.shape[0], -1), t.shape[1])
+                state[names[name]] = _read_blocks(f, t, names[name], span)
+            elif span is not None and span[0] == 0:  # whole rows: only their bytes are unpacked
+                rows = t.data.nbytes // t.shape[0]
+                data = t.data[span[1] * rows : span[2] * rows]
+                state[names[name]] = dequantize(data, t.qtype, (span[2] - span[1], *t.shape[1:]), name).to(dtype)
             else:
-                state[names[name]] = dequantize(t.data, t.qtype, t.shape, name).to(dtype)
+                state[names[name]] = cut(dequantize(t.data, t.qtype, t.shape, name).to(dtype), span)
     if progress:
         progress(len(todo), len(todo))
     return config, state, fields
 
 
-def _read(f, t) -> torch.Tensor:
-    """A tensor's bytes read from the file into a new buffer, not copied out of the mapping: copying would make the
-    mapped file pages resident in this process too, doubling its memory while the model loads."""
-    data = torch.empty(t.data.nbytes, dtype=torch.uint8)
-    f.seek(t.offset)
-    if f.readinto(data.numpy()) != t.data.nbytes:
+def _read_blocks(f, t, name: str, span: Span | None) -> Blocks:
+    """A block matrix (or the part `span` of it) read from the file into a new buffer, not copied out of the mapping:
+    copying would make the mapped file pages resident in this process too. Columns are cut in whole blocks, a few MB
+    of rows at a time, so a column slice never holds the whole matrix either."""
+    rows, cols = t.shape
+    row_bytes = t.data.nbytes // rows
+    dim, lo, hi = span if span is not None else (0, 0, rows)
+    if dim == 0:
+        return Blocks(t.qtype, _read(f, t, lo * row_bytes, (hi - lo) * row_bytes).view(hi - lo, row_bytes), cols)
+    if lo % ggml.QK or hi % ggml.QK:
+        raise ConfigError(
+            f"{name}: {t.qtype} blocks of {ggml.QK} columns cannot be cut to columns {lo}..{hi - 1} of {cols}: "
+            "dimension 1 must divide into whole blocks per rank"
+        )
+    size = ggml.BLOCK_BYTES[t.qtype]
+    first, last = lo // ggml.QK * size, hi // ggml.QK * size
+    out = torch.empty(rows, last - first, dtype=torch.uint8)
+    step = max((4 << 20) // row_bytes, 1)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        out[r : r + n] = _read(f, t, r * row_bytes, n * row_bytes).view(n, row_bytes)[:, first:last]
+    return Blocks(t.qtype, out, hi - lo)
+
+
+def _read(f, t, start: int = 0, size: int | None = None) -> torch.Tensor:
+    """`size` bytes of a tensor from byte `start` (default: all of it), read from the file into a new buffer."""
+    size = t.data.nbytes - start if size is None else size
+    data = torch.empty(size, dtype=torch.uint8)
+    f.seek(t.offset + start)
+    if f.readinto(data.numpy()) != size:
         raise WeightsError(f"{f.name}: tensor {t.name} is cut short")
     return data
 

@@ -11,7 +11,7 @@ import torch
 
 from lamina.errors import ConfigError, WeightsError
 from lamina.model import ModelConfig
-from lamina.weights.common import Progress, check_state_dict, target_name
+from lamina.weights.common import Progress, Select, check_shapes, target_name
 
 _GLOBAL_NAMES = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -66,19 +66,18 @@ def safetensors_files(root: Path) -> list[Path]:
 
 
 def load_hf_checkpoint(
-    ckpt_dir: str | Path, progress: Progress | None = None
+    ckpt_dir: str | Path, progress: Progress | None = None, select: Select | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a Hugging Face Llama checkpoint directory into (config, state dict in the checkpoint's dtype)."""
+    """Read a Hugging Face Llama checkpoint directory into (config, state dict in the checkpoint's dtype). Names and
+    shapes are checked before any tensor is read; with `select`, only the part of each weight it names is read."""
     from safetensors import SafetensorError, safe_open
 
     root = Path(ckpt_dir)
     config = ModelConfig.from_hf(read_hf_config(root))
     files = safetensors_files(root)
-    state: dict[str, torch.Tensor] = {}
-    for i, file in enumerate(files):
-        if progress:
-            progress(i, len(files))
-        try:
+    where: dict[str, tuple[Path, str, tuple[int, ...]]] = {}  # lamina name -> (file, its name there, full shape)
+    try:
+        for file in files:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     if _IGNORED.fullmatch(name):
@@ -86,14 +85,31 @@ def load_hf_checkpoint(
                     target = _target_name(name)
                     if target is None:
                         raise WeightsError(f"{file} holds tensor {name!r}, which a Llama model does not have")
-                    state[target] = _from_hf_layout(target, f.get_tensor(name), config)
+                    where[target] = (file, name, tuple(f.get_slice(name).get_shape()))
+    except SafetensorError as e:
+        raise WeightsError(f"cannot read {file}: {e}") from None
+    if config.tie_embeddings:
+        where.pop("output.weight", None)  # some tied checkpoints store the shared matrix twice
+    check_shapes(config, {target: shape for target, (_, _, shape) in where.items()}, str(root))
+
+    state: dict[str, torch.Tensor] = {}
+    for i, file in enumerate(files):
+        if progress:
+            progress(i, len(files))
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for target, (_, name, shape) in [(t, w) for t, w in where.items() if w[0] == file]:
+                    span = select(config, target) if select else None
+                    if span is None:
+                        t = f.get_tensor(name)
+                    else:  # only this part is read from the file
+                        dim, lo, hi = span
+                        t = f.get_slice(name)[(slice(None),) * dim + (slice(lo, hi),)]
+                    state[target] = _from_hf_layout(target, t, config)
         except SafetensorError as e:
             raise WeightsError(f"cannot read {file}: {e}") from None
     if progress:
         progress(len(files), len(files))
-    if config.tie_embeddings:
-        state.pop("output.weight", None)  # some tied checkpoints store the shared matrix twice
-    check_state_dict(config, state, str(root))
     return config, state
 
 
@@ -103,14 +119,9 @@ def _target_name(name: str) -> str | None:
 
 def _from_hf_layout(name: str, t: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Hugging Face rotates the two halves of each head (rotate_half); Meta rotates adjacent pairs. Reorder the
-    rows of wq/wk so that HF row i of a head's first half and row i of its second half become pair (2i, 2i+1)."""
-    if name.endswith("attention.wq.weight"):
-        n_heads = config.n_heads
-    elif name.endswith("attention.wk.weight"):
-        n_heads = config.n_kv_heads
-    else:
+    rows of wq/wk so that HF row i of a head's first half and row i of its second half become pair (2i, 2i+1).
+    `t` may hold any whole heads of the weight (a tensor-parallel rank's rows)."""
+    if not name.endswith(("attention.wq.weight", "attention.wk.weight")):
         return t
-    if t.shape[0] != n_heads * config.head_dim:
-        return t  # the shape check reports it
     D = config.head_dim
-    return t.view(n_heads, 2, D // 2, -1).transpose(1, 2).reshape(n_heads * D, -1)
+    return t.view(t.shape[0] // D, 2, D // 2, -1).transpose(1, 2).reshape(t.shape[0], -1)

@@ -133,6 +133,75 @@ def test_default_gguf_blocks_sharded(tmp_path):
     assert [r["local_heads"] for r in ranks] == [[3, 1, 512]] * 3
 
 
+def test_default_gguf_c_step_sharded_and_each_rank_holds_its_share(tmp_path):
+    """Under tensor parallelism each rank runs lamina's C decode step on its shard (the two sums of each layer called
+    back into torch.distributed): greedy tokens equal one process's, and so do those of the PyTorch forward under
+    tensor parallelism. Logprobs within 2e-3: int16 activations turn a last-bit change of a sum (summed in another
+    order) into a quantization step, as between the C step and the PyTorch forward in one process (~6e-4 here).
+    Each rank holds a third of the weights: vocabulary tables split too, nothing replicated but the norms."""
+    one = lamina.load(device="cpu", dtype="float32", max_seq_len=128)
+    assert one.runner.native is not None
+    prompts = [one.tokenizer.encode(p, bos=False, eos=False) for p in ("The capital of France is", "def add(a, b):")]
+    tokens, logprobs = one.generate(prompts, 8, temperature=0, logprobs=True)
+    whole = sum(t.numel() * t.element_size() for t in [*one.model.parameters(), *one.model.buffers()])
+    spec = {"kind": "gguf", "max_seq_len": 128, "max_batch_size": 2, "prompts": prompts, "max_gen_len": 8}
+    ranks = torchrun(tmp_path, 3, {**spec, "pytorch_too": True})
+    for r in ranks:
+        assert r["c_step"]
+        assert r["tokens"] == tokens and r["pytorch_tokens"] == tokens
+        for ours, theirs in zip(r["logprobs"] + r["pytorch_logprobs"], logprobs + logprobs):
+            assert ours == pytest.approx(theirs, abs=2e-3)
+        norms = one.model.config.dim * 4 * (2 * one.model.config.n_layers + 1)  # replicated on every rank
+        assert r["weight_bytes"] == pytest.approx((whole - norms) / 3 + norms, rel=0.01)
+
+
+def test_loaders_read_each_rank_its_part(tmp_path, tiny_ckpt):
+    """What a loader reads through `select` (a rank's part of each weight) equals the same part cut from the whole
+    model: GGUF blocks by rows and whole-block columns, Meta checkpoints of 1 and 2 shards (pieces overlapped or
+    merged), Hugging Face safetensors (q/k rows permuted per head)."""
+    import functools
+
+    from llama_models.checkpoint import reshard_mp
+
+    from lamina.weights import load_gguf, load_hf_checkpoint, load_meta_checkpoint
+
+    from ..weights.test_hf import make_hf_llama
+
+    def same(a, b):
+        if isinstance(a, lamina.quant.Blocks):
+            return a.qtype == b.qtype and a.cols == b.cols and torch.equal(a.data, b.data)
+        return torch.equal(a, b)
+
+    def check(load, world):
+        config, whole = load(None)[:2]
+        for rank in range(world):
+            tp = parallel.TensorParallel(rank, world)
+            got = load(functools.partial(parallel.span, tp=tp))[1]
+            _, want = parallel.shard(config, whole, tp)
+            assert got.keys() == want.keys()
+            assert all(same(got[n], want[n]) for n in want), [n for n in want if not same(got[n], want[n])]
+
+    gguf = lamina.loader.default_model_path()
+    check(lambda select: load_gguf(gguf, keep=True, select=select), 3)
+    check(lambda select: load_gguf(gguf, keep=False, select=select), 3)
+    check(lambda select: load_meta_checkpoint(tiny_ckpt, select), 2)
+    full = torch.load(Path(tiny_ckpt) / "consolidated.00.pth", weights_only=True)
+    two = save_meta_checkpoint(tmp_path / "two", TINY_PARAMS, [reshard_mp([full], size=2, rank=r) for r in range(2)])
+    check(lambda select: load_meta_checkpoint(two, select), 2)
+    check(lambda select: load_meta_checkpoint(two, select), 4)
+    hf = tmp_path / "hf"
+    make_hf_llama(hf, tie=False, shard=True)
+    check(lambda select: load_hf_checkpoint(hf, None, select), 2)
+
+
+def test_vocabulary_rows_cover_every_id_once():
+    for vocab, world in [(128256, 3), (49152, 3), (10, 4), (7, 2)]:
+        rows = [parallel.vocab_rows(vocab, parallel.TensorParallel(r, world)) for r in range(world)]
+        assert rows[0][0] == 0 and rows[-1][1] == vocab
+        assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+        assert max(hi - lo for lo, hi in rows) == -(-vocab // world)
+
+
 def test_launches_that_cannot_work():
     config = ModelConfig(dim=576, n_layers=1, n_heads=9, n_kv_heads=3, vocab_size=10, hidden_dim=1536)
     with pytest.raises(ConfigError, match="tensor parallel size 2 does not divide the model's 9 attention heads"):

@@ -45,7 +45,14 @@ def main() -> None:
         "local_heads": [c.n_heads, c.n_kv_heads, c.hidden_dim],
         "cache_heads": llama.runner.cache.layers[0][0].shape[1],
         "threads": torch.get_num_threads(),
+        "c_step": llama.runner.native is not None,
+        "weight_bytes": sum(t.numel() * t.element_size() for t in [*llama.model.parameters(), *llama.model.buffers()]),
     }
+    if spec.get("pytorch_too") and llama.runner.native is not None:  # the same prompts on the PyTorch forward
+        llama.runner.native = None
+        out["pytorch_tokens"], out["pytorch_logprobs"] = llama.generate(
+            spec["prompts"], spec["max_gen_len"], temperature=0, logprobs=True
+        )
     with open(os.path.join(spec["out"], f"rank{out['rank']}.json"), "w") as f:
         json.dump(out, f)
 
