@@ -6,8 +6,9 @@ embedding), same machine, same run.
 
 Measured per size, on each decode path (lamina's C step, sharded under tensor parallelism, and the PyTorch forward):
 decode tokens/s of 1 and 8 streams, prefill tokens/s of a 256-token prompt (prefill runs in PyTorch either way), and
-every rank's peak RSS against W/N (W: the file's tensor bytes) plus the RSS the rank had before loading (the
-runtime: Python, PyTorch, torch.distributed). The ratios are against one process on the same path.
+every rank's RSS once loaded and at its peak against W/N (W: the file's tensor bytes) plus the RSS the rank had
+before loading (the runtime: Python, PyTorch); the peak adds the work's transients (a prefill's dequantized weights
+and activations, the KV cache). The ratios are against one process on the same path.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def worker(args) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(max(len(os.sched_getaffinity(0)) // world, 1))
     llama = lamina.load(args.model, max_seq_len=PROMPT + 64, max_batch_size=8, tensor_parallel_size=world)
+    loaded_mb = _rss_mb()
     if args.no_native:
         llama.runner.native = None
     ids = llama.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 80, bos=False, eos=False)
@@ -63,6 +65,7 @@ def worker(args) -> None:
         out[name] = sorted(fn() for _ in range(args.runs))[args.runs // 2]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["runtime_rss_mb"] = before_mb
+    out["loaded_rss_mb"] = loaded_mb
     rank = int(os.environ.get("RANK", "0"))
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(out))
 
@@ -144,6 +147,7 @@ def main() -> int:
     for label, value in (
         ("peak RSS per rank (MB)", lambda r: r["peak_rss_mb"]),
         ("RSS before loading (MB)", lambda r: r["runtime_rss_mb"]),
+        ("loaded: RSS above it (MB)", lambda r: r["loaded_rss_mb"] - r["runtime_rss_mb"]),
         ("peak RSS above it (MB)", lambda r: r["peak_rss_mb"] - r["runtime_rss_mb"]),
     ):
         print(
