@@ -50,6 +50,12 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         help="force the CPU kernel path for GGML-block weights (default: the best this CPU runs)",
     )
     p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt in full (default: reuse the cached KV blocks that begin a prompt)",
+    )
+    p.add_argument(
         "--quantize",
         choices=["none", "gguf", "int8", "int4"],
         default=None,
@@ -220,6 +226,7 @@ def _load(args, show_progress: bool):
             quantize=args.quantize,
             compile=args.compile,
             kernel_path=args.kernel_path,
+            prefix_caching=args.prefix_caching,
             progress=progress,
         )
     finally:

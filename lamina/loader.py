@@ -91,6 +91,7 @@ def load(
     kernel_path: str | None = None,
     prefill_dtype: str | torch.dtype | None = None,
     tensor_parallel_size: int | None = None,
+    prefix_caching: bool = True,
     progress: Progress | None = None,
 ) -> Llama:
     """Load a model from a Meta directory, a Hugging Face directory or a GGUF file (None: the default model).
@@ -104,7 +105,8 @@ def load(
     compile: compile the decode step with torch.compile (the first steps take minutes; later ones are faster).
     The one KV cache (for offline calls and serving alike): blocks of `block_size` positions (None: a row of
     max_seq_len a sequence) from `kv_cache_memory` bytes (None: room for max_batch_size sequences of max_seq_len);
-    `max_step_tokens`: tokens one engine step runs at most (prompts are cut into chunks that fit).
+    `max_step_tokens`: tokens one engine step runs at most (prompts are cut into chunks that fit). `prefix_caching`:
+    a prompt that begins as an earlier one did reuses its cached KV blocks (lamina.engine.blocks).
     Block weights on the CPU: `kernel_path` forces one of lamina.kernels.PATHS that this CPU runs (None: its best),
     `prefill_dtype` ("float32" or "bfloat16"; None: bfloat16 where the CPU has AMX or AVX-512 BF16) the GEMM of
     many-row products (lamina.quant.use_kernels).
@@ -176,6 +178,7 @@ def load(
         block_size=block_size,
         kv_cache_memory=kv_cache_memory,
         max_step_tokens=max_step_tokens,
+        prefix_caching=bool(prefix_caching),
     )
     if tp is not None:
         parallel.agree(tp, "the model's configuration", config)

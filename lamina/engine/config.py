@@ -74,7 +74,7 @@ class EngineConfig:
     The KV cache is allocated once: blocks of `block_size` positions (None: one block of max_seq_len a sequence,
     Meta's layout) from `kv_cache_memory` bytes (None: room for max_batch_size sequences of max_seq_len). Each step
     runs at most `max_step_tokens` tokens (decode tokens plus prompt chunks); at most `max_waiting` requests queue
-    beyond the running batch."""
+    beyond the running batch. `prefix_caching`: a request reuses the cached full blocks that begin its tokens."""
 
     max_seq_len: int
     max_batch_size: int
@@ -85,6 +85,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     max_step_tokens: int = 512
     max_waiting: int = 256
+    prefix_caching: bool = True  # reuse the cached blocks that begin a prompt (lamina.engine.blocks)
 
     def __post_init__(self):
         check_limits(

@@ -41,7 +41,7 @@ class KVCache:
         shape = (num_blocks, config.n_kv_heads, block_size, config.head_dim)
         return cls(
             [
-                (_zeros(shape, device=device, dtype=dtype), _zeros(shape, device=device, dtype=dtype))
+                (lazy_zeros(shape, device=device, dtype=dtype), lazy_zeros(shape, device=device, dtype=dtype))
                 for _ in range(config.n_layers)
             ]
         )
@@ -59,7 +59,8 @@ def padded_tables(tables: Sequence[Sequence[int]]) -> torch.Tensor:
     return torch.tensor([list(t) + [t[0]] * (width - len(t)) for t in tables], dtype=torch.long)
 
 
-def _zeros(shape: tuple[int, ...], *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def lazy_zeros(shape: tuple[int, ...], *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor whose CPU pages become resident only when written (see below)."""
     if device.type != "cpu":
         return torch.zeros(shape, device=device, dtype=dtype)
     # torch.zeros writes every byte; numpy's zeros is calloc, whose large blocks are fresh zero pages from the OS,

@@ -140,6 +140,12 @@ class NativeDecode:
     ) -> torch.Tensor:
         """Token b goes to `positions[b]` of the sequence whose cache blocks `tables[b]` lists; returns the logits
         [B, vocab] (float32), as `Transformer.logits(Transformer.forward(...))` would."""
+        return self.step(tokens, tables, positions)[1]
+
+    def step(
+        self, tokens: Sequence[int], tables: Sequence[Sequence[int]], positions: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As the call, returning (final hidden states [B, dim], logits [B, vocab])."""
         if not (len(tokens) == len(tables) == len(positions)):
             raise ValueError(f"{len(tokens)} tokens, {len(tables)} block tables and {len(positions)} positions")
         padded = padded_tables(tables)
@@ -155,7 +161,7 @@ class NativeDecode:
         h = self.model.tok_embeddings(packed[0]).float().contiguous()
         if not self._logits_in_c:
             self._decode(h, padded, packed[1].contiguous(), None)
-            return self.model.logits(h)
+            return h, self.model.logits(h)
         logits = torch.empty(len(tokens), self.vocab_size, dtype=torch.float32)
         self._decode(h, padded, packed[1].contiguous(), logits)
-        return logits
+        return h, logits

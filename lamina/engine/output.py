@@ -64,7 +64,16 @@ class OutputProcessor:
             request.reported_prompt = True
         completion = len(request.output)
         return RequestOutput(
-            request.request_id, token, text, logprob, top, reason, len(request.prompt), completion, prompt_logprobs
+            request.request_id,
+            token,
+            text,
+            logprob,
+            top,
+            reason,
+            len(request.prompt),
+            completion,
+            prompt_logprobs,
+            cached_tokens=request.cached_tokens or 0,
         )
 
     @staticmethod

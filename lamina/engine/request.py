@@ -42,6 +42,7 @@ class RequestOutput:
     completion_tokens: int
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
     error: BaseException | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass(eq=False)
@@ -66,6 +67,11 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     preemptions: int = 0
+    # prefix caching: keys of its full blocks of tokens (blocks.block_keys), how many of its blocks are published,
+    # and how many prompt tokens its first admission found cached
+    block_keys: list[int] = field(default_factory=list)
+    published: int = 0
+    cached_tokens: int | None = None
     # the sampler's
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None  # [V] output token counts, for presence/frequency penalties
@@ -94,8 +100,9 @@ class Request:
         return self.num_tokens - self.computed
 
     def scored_positions(self, start: int, length: int) -> range:
-        """Positions among start..start+length-1 whose hidden states score the next prompt token and are not scored
-        yet (none unless the request asks for prompt logprobs)."""
+        """Positions up to start+length-1 whose hidden states score the next prompt token and are not scored yet
+        (none unless the request asks for prompt logprobs). Those before `start` were not run by this request: their
+        blocks came from the prefix cache, which keeps their hidden states too."""
         if self.params.prompt_logprobs is None:
             return range(0)
-        return range(max(start, len(self.prompt_logprobs)), min(start + length, len(self.prompt) - 1))
+        return range(len(self.prompt_logprobs), min(start + length, len(self.prompt) - 1))

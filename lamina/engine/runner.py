@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from lamina.engine.config import EngineConfig
-from lamina.engine.kv_cache import KVCache, padded_tables
+from lamina.engine.kv_cache import KVCache, lazy_zeros, padded_tables
 from lamina.engine.native import NativeDecode, unsupported
 from lamina.engine.request import Request
 from lamina.engine.scheduler import Chunk
@@ -42,6 +42,7 @@ class ModelRunner:
         native: bool = True,
         num_blocks: int | None = None,
         block_size: int | None = None,
+        keep_hidden: bool = False,
     ):
         self.model = model
         self.config = config
@@ -62,6 +63,13 @@ class ModelRunner:
         self.native = (
             NativeDecode(model, self.cache) if native and not compile and not unsupported(model, self.cache) else None
         )
+        # With prefix caching, every position's final hidden state beside its keys and values ([blocks, block_size,
+        # dim]): a request that asks for prompt logprobs and takes cached blocks scores their positions from here.
+        self.hidden = (
+            lazy_zeros((num_blocks, self.block_size, model.config.dim), device=config.device, dtype=config.dtype)
+            if keep_hidden
+            else None
+        )
         # Called with ("prefill" | "decode" | "logits", the call's arguments) before each forward pass and projection
         # to logits: under tensor parallelism the driving rank hands their inputs to the other ranks first
         # (lamina.parallel.drive).
@@ -81,9 +89,14 @@ class ModelRunner:
             )
             ends = list(itertools.accumulate(c.length for c, _ in prefill))
             for (c, positions), end in zip(prefill, ends):
-                if positions:
-                    first = end - c.length + positions.start - c.start
-                    scored.append((c.request, positions, hidden[first : first + len(positions)]))
+                if not positions:
+                    continue
+                run = range(max(positions.start, c.start), positions.stop)  # positions this pass ran
+                first = end - c.length + run.start - c.start
+                states = hidden[first : first + len(run)]
+                if positions.start < c.start:  # positions whose blocks came from the prefix cache
+                    states = torch.cat([self.cached_hidden(c.request.blocks, positions.start, c.start), states])
+                scored.append((c.request, positions, states))
             wanted = [(c, end - 1) for (c, _), end in zip(prefill, ends) if c.samples]
             if wanted:
                 logits.append(self.logits(hidden[[i for _, i in wanted]]))
@@ -98,6 +111,16 @@ class ModelRunner:
         if not logits:
             return Forward(torch.empty(0, device=self.config.device), [], scored)
         return Forward(logits[0] if len(logits) == 1 else torch.cat(logits), sampling, scored)
+
+    def cached_hidden(self, table: Sequence[int], start: int, stop: int) -> torch.Tensor:
+        """The final hidden states [stop - start, dim] of positions start..stop-1 of the sequence whose blocks
+        `table` lists, as the passes that computed them left them (prefix caching only)."""
+        if self.hidden is None:
+            raise RuntimeError("hidden states are kept only with prefix caching")
+        bs = self.block_size
+        positions = torch.arange(start, stop)
+        blocks = torch.tensor(list(table), dtype=torch.long)[positions // bs]
+        return self.hidden[blocks.to(self.hidden.device), (positions % bs).to(self.hidden.device)]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [n, dim] -> logits [n, vocab] (float32)."""
@@ -136,7 +159,10 @@ class ModelRunner:
             starts=tuple(starts) if later else None,
             tables=tuple(torch.tensor(list(t), dtype=torch.long, device=device) for t in tables) if later else None,
         )
-        return self.model(packed[0], batch, self.cache.layers)
+        hidden = self.model(packed[0], batch, self.cache.layers)
+        if self.hidden is not None:
+            self.hidden[packed[2], packed[3]] = hidden
+        return hidden
 
     def decode(self, tokens: Sequence[int], tables: Sequence[Sequence[int]], positions: Sequence[int]) -> torch.Tensor:
         """One step: token b goes to `positions[b]` of the sequence whose blocks `tables[b]` lists. Returns logits
@@ -146,9 +172,12 @@ class ModelRunner:
         the blocks it needs, a copy of the filled part of each."""
         if self.before_forward is not None:
             self.before_forward("decode", (tokens, tables, positions))
-        if self.native is not None:
-            return self.native(tokens, tables, positions)
         device, bs = self.config.device, self.block_size
+        if self.native is not None:
+            hidden, logits = self.native.step(tokens, tables, positions)
+            if self.hidden is not None:
+                self.hidden[[t[p // bs] for t, p in zip(tables, positions)], [p % bs for p in positions]] = hidden
+            return logits
         blocks = [t[p // bs] for t, p in zip(tables, positions)]
         packed = torch.tensor(
             [list(tokens), blocks, [p % bs for p in positions], list(positions)], dtype=torch.long, device=device
@@ -161,4 +190,7 @@ class ModelRunner:
             kv_len=max(positions) + 1,
             contiguous=bs >= max(positions) + 1 and [list(t) for t in tables] == [[b] for b in range(len(tables))],
         )
-        return self.model.logits(self._decode_forward(packed[0], batch, self.cache.layers))
+        hidden = self._decode_forward(packed[0], batch, self.cache.layers)
+        if self.hidden is not None:
+            self.hidden[packed[1], packed[2]] = hidden
+        return self.model.logits(hidden)

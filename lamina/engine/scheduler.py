@@ -7,6 +7,11 @@ chunks that fit what is left of the budget, so a long prompt never stalls the ru
 budget's worth of tokens. When the KV cache has no block for a running request, the most recently admitted request
 is preempted: its blocks are freed and it waits at the head of the queue, to be recomputed (prompt and output so
 far) when blocks free up. The queue is bounded: beyond it `add` refuses.
+
+With prefix caching (the pool's `caching`), a request admitted with nothing computed first takes the cached blocks
+that begin its tokens and computes only the rest; each block it fills is published for later requests. A request
+whose next block is being computed by a running request's prompt waits a step or more and then takes it, so prompts
+sharing a prefix that arrive together (a batch with one system prompt) compute it once.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Hashable, Mapping
 
-from lamina.engine.blocks import BlockPool
+from lamina.engine.blocks import BlockPool, block_keys
 from lamina.engine.request import Request, Status
 from lamina.errors import CapacityError, RequestError
 
@@ -144,16 +149,31 @@ class Scheduler:
             budget -= n
             i += 1
         # Admit waiting requests, oldest first, while there is room (none in a step that had to preempt).
+        in_flight = self._in_flight()
+        deferred: list[Request] = []
         while self.waiting and not preempted and len(self.running) < self.config.max_running and budget > 0:
-            req = self.waiting[0]
+            req = self.waiting.popleft()
+            hit = self._take_cached(req)
+            if in_flight and self._waits_for(req, in_flight):
+                self._release(req)  # its next block is being computed: take it from the cache next time
+                deferred.append(req)
+                continue
             n = min(req.pending, budget)
             if not self.pool.grow(req.blocks, req.computed + n):
+                self._release(req)
+                self.waiting.appendleft(req)
                 break
-            self.waiting.popleft()
+            if hit is not None:
+                self.pool.count_query(req.num_tokens, hit)
+                if req.cached_tokens is None:
+                    req.cached_tokens = hit
             req.status = Status.RUNNING
             self.running.append(req)
             chunks.append(Chunk(req, req.computed, n))
             budget -= n
+            if self.pool.caching:
+                in_flight.update(self._prompt_keys(req)[req.computed // self.pool.block_size :])
+        self.waiting.extendleft(reversed(deferred))
         return Step(tuple(chunks), tuple(preempted), tuple(finished))
 
     def advance(self, step: Step, sampled: Mapping[Hashable, int]) -> list[Request]:
@@ -167,6 +187,8 @@ class Scheduler:
             if req.status is not Status.RUNNING:
                 continue  # aborted while the step ran
             req.computed = chunk.start + chunk.length
+            if self.pool.caching:
+                self._publish(req)
             if chunk.samples:
                 req.output.append(sampled[req.request_id])
             elif req.max_tokens or req.computed < req.num_tokens:
@@ -179,10 +201,64 @@ class Scheduler:
     def finish(self, request: Request, reason: str) -> None:
         self._finish(request, reason)
 
+    # Prefix caching
+
+    def _prompt_keys(self, req: Request) -> list[int]:
+        """The keys of the full blocks of `req`'s prompt (computed once; its output's blocks follow as published)."""
+        bs = self.pool.block_size
+        if len(req.block_keys) < len(req.prompt) // bs:
+            block_keys(req.prompt, bs, req.block_keys)
+        return req.block_keys[: len(req.prompt) // bs]
+
+    def _take_cached(self, req: Request) -> int | None:
+        """Give a request with nothing computed the cached blocks that begin its tokens (never all of them: its last
+        token runs, for its logits); returns how many tokens they hold (None: prefix caching is off, or the request
+        already holds blocks)."""
+        if not self.pool.caching or req.blocks or req.computed:
+            return None
+        bs = self.pool.block_size
+        tokens = req.prompt + req.output if req.output else req.prompt
+        if len(req.block_keys) < len(tokens) // bs:
+            block_keys(tokens, bs, req.block_keys)
+        req.blocks = self.pool.match(req.block_keys, tokens, (req.num_tokens - 1) // bs)
+        req.computed = len(req.blocks) * bs
+        req.published = len(req.blocks)
+        return req.computed
+
+    def _release(self, req: Request) -> None:
+        """Undo _take_cached for a request that is not admitted after all."""
+        self.pool.free(req.blocks)
+        req.computed = req.published = 0
+
+    def _in_flight(self) -> set[int]:
+        """Keys of the prompt blocks running requests have yet to compute."""
+        if not self.pool.caching:
+            return set()
+        bs = self.pool.block_size
+        return {key for r in self.running for key in self._prompt_keys(r)[r.computed // bs :]}
+
+    def _waits_for(self, req: Request, in_flight: set[int]) -> bool:
+        """Whether the first block `req` has to compute is one a running request is computing now."""
+        i = req.computed // self.pool.block_size
+        keys = self._prompt_keys(req)
+        return i < len(keys) and keys[i] in in_flight
+
+    def _publish(self, req: Request) -> None:
+        """Publish the blocks `req` has filled since the last call."""
+        bs = self.pool.block_size
+        full = min(req.computed // bs, len(req.blocks))
+        if full <= req.published:
+            return
+        tokens = req.prompt + req.output if req.computed > len(req.prompt) else req.prompt
+        block_keys(tokens[: full * bs], bs, req.block_keys)
+        for i in range(req.published, full):
+            self.pool.publish(req.blocks[i], req.block_keys[i], tokens[i * bs : (i + 1) * bs])
+        req.published = full
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.pool.free(req.blocks)
-        req.computed, req.status = 0, Status.WAITING
+        req.computed, req.published, req.status = 0, 0, Status.WAITING
         req.preemptions += 1
         self.waiting.appendleft(req)
 

@@ -160,24 +160,27 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
     if body.stream:
 
         async def events():
-            completion = 0
+            completion, cached = 0, {}
             async for i, out in outputs:
                 text, lp = piece(i, out)
                 completion += out.token is not None
+                cached.setdefault(i, out.cached_tokens)
                 choice = r.completion_choice(i, text, lp, out.finish_reason)
                 yield r.sse(r.completion_body(rid, now, served.name, [choice], None, chunk=True))
             if body.include_usage:
-                yield r.sse(r.completion_body(rid, now, served.name, [], _usage(prompts, completion), chunk=True))
+                use = _usage(prompts, completion, cached, body.n)
+                yield r.sse(r.completion_body(rid, now, served.name, [], use, chunk=True))
             yield r.sse("[DONE]")
 
         return StreamingResponse(_guarded(events()), media_type="text/event-stream")
     try:
         pieces: dict[int, list] = {i: [] for i in range(len(requests))}
         finish: dict[int, str] = {}
-        completion = 0
+        completion, cached = 0, {}
         async for i, out in outputs:
             pieces[i].append(piece(i, out))
             completion += out.token is not None
+            cached.setdefault(i, out.cached_tokens)
             finish[i] = out.finish_reason or finish.get(i)
     except Exception as e:  # noqa: BLE001
         return _failure(e)
@@ -185,11 +188,13 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
         r.completion_choice(i, "".join(t for t, _ in ps), r.merge_logprobs([lp for _, lp in ps]), finish[i])
         for i, ps in pieces.items()
     ]
-    return r.completion_body(rid, now, served.name, choices, _usage(prompts, completion))
+    return r.completion_body(rid, now, served.name, choices, _usage(prompts, completion, cached, body.n))
 
 
-def _usage(prompts: list[list[int]], completion: int) -> dict:
-    return r.usage(sum(len(p) for p in prompts), completion)
+def _usage(prompts: list[list[int]], completion: int, cached: dict[int, int], n: int) -> dict:
+    """Usage of a completions call: each prompt counted once (its n choices share it: choice i is prompt i // n),
+    its cached tokens as its first choice found them."""
+    return r.usage(sum(len(p) for p in prompts), completion, sum(cached.get(j * n, 0) for j in range(len(prompts))))
 
 
 def _completion_requests(body: CompletionRequest, prompts: list[list[int]], llama: Llama) -> list[Request]:
@@ -265,13 +270,14 @@ async def chat(body: ChatCompletionRequest, request: HTTPRequest):
         async def events():
             for i in range(len(requests)):
                 yield r.sse(r.chat_body(rid, now, served.name, [r.chat_delta(i, None, None)], None, chunk=True))
-            completion = 0
+            completion, cached = 0, {}
             async for i, out in outputs:
                 completion += out.token is not None
+                cached.setdefault(i, out.cached_tokens)
                 delta = r.chat_delta(i, out, logprobs([out]))
                 yield r.sse(r.chat_body(rid, now, served.name, [delta], None, chunk=True))
             if body.include_usage:
-                use = r.usage(len(prompt), completion)
+                use = r.usage(len(prompt), completion, cached.get(0, 0))
                 yield r.sse(r.chat_body(rid, now, served.name, [], use, chunk=True))
             yield r.sse("[DONE]")
 
@@ -287,7 +293,8 @@ async def chat(body: ChatCompletionRequest, request: HTTPRequest):
         for i, outs in per_choice.items()
     ]
     completion = sum(o.token is not None for outs in per_choice.values() for o in outs)
-    return r.chat_body(rid, now, served.name, choices, r.usage(len(prompt), completion))
+    cached = per_choice[0][0].cached_tokens if per_choice[0] else 0
+    return r.chat_body(rid, now, served.name, choices, r.usage(len(prompt), completion, cached))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -76,6 +76,9 @@ class Metrics:
             ("lamina_requests_waiting", "Requests waiting in the queue.", len(s.waiting)),
             ("lamina_kv_blocks_used", "KV-cache blocks in use.", pool.num_used),
             ("lamina_kv_blocks_total", "KV-cache blocks in all.", pool.num_blocks),
+            ("lamina_kv_blocks_cached", "KV-cache blocks holding a cached prefix (in use or free).", pool.num_cached),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage: the fraction of blocks in use (1 = full).",
+             pool.num_used / pool.num_blocks),
             (
                 "lamina_generation_tokens_per_second",
                 "Tokens generated per second, last 10 s.",
@@ -89,6 +92,8 @@ class Metrics:
             ("lamina_requests_total", "Requests accepted.", self.requests_total),
             ("lamina_prompt_tokens_total", "Prompt tokens of accepted requests.", self.prompt_tokens_total),
             ("lamina_generation_tokens_total", "Tokens generated.", self.generation_tokens_total),
+            ("vllm:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.", pool.queries),
+            ("vllm:prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", pool.hits),
         ]:
             lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value}"]
         lines += [

@@ -408,3 +408,28 @@ def test_tokenizer_endpoints(server, llama):
     assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]["message"]
     bad = httpx.post(f"{server}/tokenize", json={})
     assert bad.status_code == 400 and "prompt or messages" in bad.json()["error"]["message"]
+
+
+def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(client, server):
+    """Two chats with one long system message: the second reports the cached prompt tokens in its usage (OpenAI's
+    `prompt_tokens_details.cached_tokens`), answers as the first would without the cache, and /metrics counts the
+    prefix cache's queries and hits under vLLM's names."""
+    system = {"role": "system", "content": "You are a terse assistant. " * 20}
+
+    def ask(question: str):
+        messages = [system, {"role": "user", "content": question}]
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+
+    def metric(name: str) -> float:
+        lines = httpx.get(f"{server}/metrics").text.splitlines()
+        return float(next(line.split()[-1] for line in lines if line.startswith(name + " ")))
+
+    hits = metric("vllm:prefix_cache_hits_total")
+    first = ask("Name a color.")
+    second = ask("Name a fruit.")
+    assert second.usage.prompt_tokens_details.cached_tokens >= 100  # the system message's full blocks
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens < 16
+    assert metric("vllm:prefix_cache_hits_total") - hits >= second.usage.prompt_tokens_details.cached_tokens
+    assert metric("vllm:prefix_cache_queries_total") >= metric("vllm:prefix_cache_hits_total")
+    assert 0 <= metric("vllm:kv_cache_usage_perc") <= 1
