@@ -50,6 +50,12 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         help="force the CPU kernel path for GGML-block weights (default: the best this CPU runs)",
     )
     p.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "f32", "f16", "bf16", "q8_0"],
+        default=None,
+        help="what the KV cache holds: auto (the model's dtype), f32, f16, bf16, or q8_0 (8-bit, a scale per 32)",
+    )
+    p.add_argument(
         "--no-prefix-caching",
         dest="prefix_caching",
         action="store_false",
@@ -227,6 +233,7 @@ def _load(args, show_progress: bool):
             compile=args.compile,
             kernel_path=args.kernel_path,
             prefix_caching=args.prefix_caching,
+            kv_cache_dtype=args.kv_cache_dtype,
             progress=progress,
         )
     finally:

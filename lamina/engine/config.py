@@ -74,7 +74,8 @@ class EngineConfig:
     The KV cache is allocated once: blocks of `block_size` positions (None: one block of max_seq_len a sequence,
     Meta's layout) from `kv_cache_memory` bytes (None: room for max_batch_size sequences of max_seq_len). Each step
     runs at most `max_step_tokens` tokens (decode tokens plus prompt chunks); at most `max_waiting` requests queue
-    beyond the running batch. `prefix_caching`: a request reuses the cached full blocks that begin its tokens."""
+    beyond the running batch. `prefix_caching`: a request reuses the cached full blocks that begin its tokens.
+    `kv_cache_dtype`: see lamina.engine.kv_cache.KV_DTYPES."""
 
     max_seq_len: int
     max_batch_size: int
@@ -86,6 +87,7 @@ class EngineConfig:
     max_step_tokens: int = 512
     max_waiting: int = 256
     prefix_caching: bool = True  # reuse the cached blocks that begin a prompt (lamina.engine.blocks)
+    kv_cache_dtype: torch.dtype | str = "auto"  # what the KV cache holds: "auto" (dtype), f32, f16, bf16 or q8_0
 
     def __post_init__(self):
         check_limits(
@@ -97,6 +99,14 @@ class EngineConfig:
         )
         if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
             raise ConfigError(f"max_waiting must be an integer >= 0, got {self.max_waiting!r}")
+        self.kv_dtype  # noqa: B018 - raises ConfigError for an unknown kv_cache_dtype
+
+    @property
+    def kv_dtype(self):
+        """What the KV cache holds: a torch float dtype, or "q8_0"."""
+        from lamina.engine.kv_cache import resolve_kv_dtype
+
+        return resolve_kv_dtype(None if self.kv_cache_dtype == "auto" else self.kv_cache_dtype, self.dtype)
 
     def cache_blocks(self, bytes_per_token: int) -> tuple[int, int]:
         """(number of blocks, positions per block) of the KV cache, for a model whose keys and values take

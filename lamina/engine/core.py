@@ -39,7 +39,7 @@ class EngineCore:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         # kv_cache_memory sizes the keys and values; with prefix caching each position's final hidden state is kept
         # beside them too (dim values a position: 1/20 of the KV on SmolLM2, 1/16 on Llama 3 8B).
-        num_blocks, block_size = config.cache_blocks(KVCache.bytes_per_token(model.config, config.dtype))
+        num_blocks, block_size = config.cache_blocks(KVCache.bytes_per_token(model.config, config.kv_dtype))
         self.runner = ModelRunner(
             model,
             config,

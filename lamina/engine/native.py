@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from lamina import kernels
-from lamina.engine.kv_cache import KVCache, padded_tables
+from lamina.engine.kv_cache import KV_TYPE_CODES, KVCache, Q8Cache, padded_tables
 from lamina.model import Transformer
 from lamina.parallel import AllReduce
 from lamina.quant import QLinear
@@ -33,8 +33,8 @@ def unsupported(model: Transformer, cache: KVCache) -> str | None:
     first = model.layers[0]
     if model.inv_freq.device.type != "cpu":
         return "the model is not on the CPU"
-    if first.attention_norm.weight.dtype != torch.float32 or cache.layers[0][0].dtype != torch.float32:
-        return "the model or the KV cache is not float32"
+    if first.attention_norm.weight.dtype != torch.float32:
+        return "the model is not float32"
     for i, layer in enumerate(model.layers):
         projections = tuple(
             _inner(p) for p in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
@@ -74,10 +74,17 @@ class NativeDecode:
             for name, t in (
                 ("attention_norm", layer.attention_norm.weight),
                 ("ffn_norm", layer.ffn_norm.weight),
-                ("k_cache", k_cache),
-                ("v_cache", v_cache),
+                *(
+                    (f"{kind}_cache", c.data if isinstance(c, Q8Cache) else c)
+                    for kind, c in (("k", k_cache), ("v", v_cache))
+                ),
+                *(
+                    (f"{kind}_scale", c.scales)
+                    for kind, c in (("k", k_cache), ("v", v_cache))
+                    if isinstance(c, Q8Cache)
+                ),
             ):
-                assert t.is_contiguous() and t.dtype == torch.float32
+                assert t.is_contiguous()
                 setattr(table, name, t.data_ptr())
                 self._tensors.append(t)
         self._layers = layers
@@ -105,6 +112,7 @@ class NativeDecode:
             vocab_size=c.vocab_size,
             output_type=kernels.QTYPES[output.qtype] if output is not None else 0,
             reduce=self._reduce_callback(model.layers[0].attention.wo),
+            kv_type=KV_TYPE_CODES[cache.dtype],
         )
         self._logits_in_c = output is not None
 

@@ -58,7 +58,7 @@ class ModelRunner:
         self.block_size = block_size or config.max_seq_len
         num_blocks = num_blocks or config.max_batch_size
         self.cache = KVCache.allocate(
-            model.config, num_blocks, self.block_size, device=config.device, dtype=config.dtype
+            model.config, num_blocks, self.block_size, device=config.device, dtype=config.kv_dtype
         )
         self.native = (
             NativeDecode(model, self.cache) if native and not compile and not unsupported(model, self.cache) else None

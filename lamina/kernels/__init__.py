@@ -198,6 +198,7 @@ class DecodeLayer(ctypes.Structure):
         *((name, ctypes.c_void_p) for name in ("wqkv", "wo", "w13", "w2")),
         *((name, ctypes.c_int32) for name in ("qkv_type", "o_type", "w13_type", "w2_type")),
         *((name, ctypes.c_void_p) for name in ("attention_norm", "ffn_norm", "k_cache", "v_cache")),
+        *((name, ctypes.c_void_p) for name in ("k_scale", "v_scale")),
     ]
 
 
@@ -231,6 +232,7 @@ class DecodeModel(ctypes.Structure):
         ("vocab_size", ctypes.c_int64),
         ("output_type", ctypes.c_int32),
         ("reduce", REDUCE),
+        ("kv_type", ctypes.c_int32),
     ]
 
 

@@ -12,13 +12,19 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef struct {
     const void *wqkv, *wo, *w13, *w2;      /* blocks: [(H + 2 KVH) D, dim], [dim, H D], [2 F, dim], [dim, F] */
     int32_t qkv_type, o_type, w13_type, w2_type; /* 0: Q4_1, 1: Q8_0 */
     const float *attention_norm, *ffn_norm; /* [dim] */
-    float *k_cache, *v_cache;              /* [num_blocks, KVH, block_size, D] */
+    void *k_cache, *v_cache;               /* [num_blocks, KVH, block_size, D] of kv_type */
+    float *k_scale, *v_scale;              /* q8_0 only: [num_blocks, KVH, block_size, D / 32] */
 } lamina_layer;
+
+/* The KV cache's element types (lamina.engine.kv_cache): float32, float16, bfloat16, or q8_0 (int8, one float32
+ * scale per 32 values: x ~= scale * q, scale = max |x| / 127, q rounded to nearest even, as the PyTorch side). */
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2, KV_Q8_0 = 3 };
 
 typedef struct {
     int64_t n_layers, dim, hidden_dim, n_heads, n_kv_heads, head_dim, num_blocks, block_size;
@@ -33,6 +39,7 @@ typedef struct {
      * and down projections give partial sums; reduce(x, n) sums x [n] over the ranks in place (called by one thread
      * at a time, the caller's), returning 0, or non-zero when it failed. */
     int (*reduce)(float *x, int64_t n);
+    int32_t kv_type;
 } lamina_model;
 
 static float inverse_rms(const float *x, int64_t n, double eps) {
@@ -73,6 +80,101 @@ static void swiglu_stage(const float *gu, int64_t F, int64_t lo, int64_t hi, int
     }
 }
 
+static inline float f16_load(const void *p, int64_t i) { return (float)((const _Float16 *)p)[i]; }
+static inline float bf16_load(const void *p, int64_t i) {
+    const uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline uint16_t bf16_round(float f) { /* round to nearest even, as torch's conversion (NaN aside) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Store x [D] at element `at` of a cache of kv_type (and its scales, for q8_0). */
+static void kv_store(int type, void *cache, float *scales, int64_t at, const float *x, int64_t D) {
+    switch (type) {
+    case KV_F32: memcpy((float *)cache + at, x, sizeof(float) * (size_t)D); break;
+    case KV_F16: for (int64_t i = 0; i < D; i++) ((_Float16 *)cache)[at + i] = (_Float16)x[i]; break;
+    case KV_BF16: for (int64_t i = 0; i < D; i++) ((uint16_t *)cache)[at + i] = bf16_round(x[i]); break;
+    case KV_Q8_0:
+        for (int64_t j = 0; j < D / QK; j++) {
+            float amax = 0.0f;
+            for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[j * QK + i]));
+            const float scale = amax / 127.0f;
+            for (int i = 0; i < QK; i++) {
+                const float q = scale > 0.0f ? nearbyintf(x[j * QK + i] / scale) : 0.0f;
+                ((int8_t *)cache)[at + j * QK + i] = (int8_t)fminf(fmaxf(q, -127.0f), 127.0f);
+            }
+            scales[at / QK + j] = scale;
+        }
+        break;
+    }
+}
+
+/* q [D] . the cached vector at element `at`. */
+static float kv_dot(int type, const void *cache, const float *scales, int64_t at, const float *q, int64_t D) {
+    float dot = 0.0f;
+    switch (type) {
+    case KV_F32: {
+        const float *k = (const float *)cache + at;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < D; i++) dot += q[i] * k[i];
+        break;
+    }
+    case KV_F16:
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < D; i++) dot += q[i] * f16_load(cache, at + i);
+        break;
+    case KV_BF16:
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < D; i++) dot += q[i] * bf16_load(cache, at + i);
+        break;
+    case KV_Q8_0: {
+        const int8_t *k = (const int8_t *)cache + at;
+        for (int64_t j = 0; j < D / QK; j++) {
+            float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+            for (int i = 0; i < QK; i++) part += q[j * QK + i] * (float)k[j * QK + i];
+            dot += part * scales[at / QK + j];
+        }
+        break;
+    }
+    }
+    return dot;
+}
+
+/* out [D] += p * the cached vector at element `at`. */
+static void kv_axpy(int type, const void *cache, const float *scales, int64_t at, float p, float *out, int64_t D) {
+    switch (type) {
+    case KV_F32: {
+        const float *v = (const float *)cache + at;
+#pragma omp simd
+        for (int64_t i = 0; i < D; i++) out[i] += p * v[i];
+        break;
+    }
+    case KV_F16:
+#pragma omp simd
+        for (int64_t i = 0; i < D; i++) out[i] += p * f16_load(cache, at + i);
+        break;
+    case KV_BF16:
+#pragma omp simd
+        for (int64_t i = 0; i < D; i++) out[i] += p * bf16_load(cache, at + i);
+        break;
+    case KV_Q8_0: {
+        const int8_t *v = (const int8_t *)cache + at;
+        for (int64_t j = 0; j < D / QK; j++) {
+            const float ps = p * scales[at / QK + j];
+#pragma omp simd
+            for (int i = 0; i < QK; i++) out[j * QK + i] += ps * (float)v[j * QK + i];
+        }
+        break;
+    }
+    }
+}
+
 /* Rotate the adjacent pairs of one head of D by the angles whose cos/sin are given. */
 static void rotate(float *x, const float *cos, const float *sin, int64_t D) {
     for (int64_t i = 0; i < D / 2; i++) {
@@ -87,28 +189,21 @@ static inline int64_t cached(const int64_t *table, int64_t t, int64_t BS, int64_
     return ((table[t / BS] * KVH + kvh) * BS + t % BS) * D;
 }
 
-/* One query head against positions 0..len-1 of its sequence's keys/values (kv head kvh of the blocks in `table`):
- * out [D] = softmax(q k^T / sqrt(D)) v. */
-static void attend(const float *q, const float *k_cache, const float *v_cache, const int64_t *table, int64_t BS,
-                   int64_t KVH, int64_t kvh, int64_t len, int64_t D, float *scores, float *out) {
+/* One query head against positions 0..len-1 of its sequence's keys/values (kv head kvh of the blocks in `table`,
+ * caches of kv_type): out [D] = softmax(q k^T / sqrt(D)) v. */
+static void attend(const float *q, const lamina_layer *L, int type, const int64_t *table, int64_t BS, int64_t KVH,
+                   int64_t kvh, int64_t len, int64_t D, float *scores, float *out) {
     const float scale = 1.0f / sqrtf((float)D);
     float max = -INFINITY;
     for (int64_t t = 0; t < len; t++) {
-        const float *k = k_cache + cached(table, t, BS, KVH, kvh, D);
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < D; i++) dot += q[i] * k[i];
-        scores[t] = dot * scale;
+        scores[t] = kv_dot(type, L->k_cache, L->k_scale, cached(table, t, BS, KVH, kvh, D), q, D) * scale;
         max = fmaxf(max, scores[t]);
     }
     float total = 0.0f;
     for (int64_t t = 0; t < len; t++) total += scores[t] = expf(scores[t] - max);
     for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
-    for (int64_t t = 0; t < len; t++) {
-        const float p = scores[t] / total, *v = v_cache + cached(table, t, BS, KVH, kvh, D);
-#pragma omp simd
-        for (int64_t i = 0; i < D; i++) out[i] += p * v[i];
-    }
+    for (int64_t t = 0; t < len; t++)
+        kv_axpy(type, L->v_cache, L->v_scale, cached(table, t, BS, KVH, kvh, D), scores[t] / total, out, D);
 }
 
 /* h [B, N] += the product of the quantized rows (q, qd, qs) of K columns with `w` [N, K]: in place, or, under
@@ -192,15 +287,15 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
                 rotate(x, rot + b * D, rot + b * D + D / 2, D);
                 if (head >= H) {
                     const int64_t kvh = head - H, at = cached(tables + b * width, positions[b], BS, KVH, kvh, D);
-                    const float *v = qkv + b * QKV + (H + KVH + kvh) * D;
-                    for (int64_t i = 0; i < D; i++) L->k_cache[at + i] = x[i], L->v_cache[at + i] = v[i];
+                    kv_store(m->kv_type, L->k_cache, L->k_scale, at, x, D);
+                    kv_store(m->kv_type, L->v_cache, L->v_scale, at, qkv + b * QKV + (H + KVH + kvh) * D, D);
                 }
             }
 #pragma omp barrier
             SPLIT(B * H, 1);
             for (int64_t u = lo; u < hi; u++) {
                 const int64_t b = u / H, head = u % H;
-                attend(qkv + b * QKV + head * D, L->k_cache, L->v_cache, tables + b * width, BS, KVH, head / group,
+                attend(qkv + b * QKV + head * D, L, m->kv_type, tables + b * width, BS, KVH, head / group,
                        positions[b] + 1, D, my_scores, att + u * D);
             }
 #pragma omp barrier

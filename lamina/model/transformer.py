@@ -58,9 +58,18 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Ten
     tables = tables[..., : -(-length // cache.shape[2])]  # only the blocks that hold those positions
     if tables.dim() == 1 and tables.shape[0] == 1:  # one block: a view, no copy
         return cache[int(tables[0]), :, :length]
-    picked = cache[tables]  # [..., n, KVH, BS, D]
+    picked = cache[tables]  # [..., n, KVH, BS, D]: a copy (in float, from a quantized cache)
     picked = picked.movedim(-4, -3)  # [..., KVH, n, BS, D]
     return picked.flatten(-3, -2)[..., :length, :]
+
+
+def _as_cached(cache, x: torch.Tensor) -> torch.Tensor:
+    """x as the cache gives it back once stored: rounded to a 16-bit cache's dtype, or through a quantized cache's
+    `round`. Attention reads keys and values so rounded whether they come from this pass or the cache, so a
+    prompt's output does not depend on which of its positions were cached before."""
+    if isinstance(cache, torch.Tensor):
+        return x if cache.dtype == x.dtype else x.to(cache.dtype).to(x.dtype)
+    return cache.round(x)
 
 
 def _fresh_groups(lengths: Sequence[int]) -> list[list[int]]:
@@ -116,8 +125,8 @@ def _prefill_attention(q, k, v, batch: Prefill, k_cache, v_cache) -> torch.Tenso
         if start == 0:
             continue
         T = qs[j].shape[0]  # a later chunk: the cached positions before it, then its own, causally
-        keys = _gather(k_cache, batch.tables[j], start + T)
-        values = _gather(v_cache, batch.tables[j], start + T)
+        keys = _gather(k_cache, batch.tables[j], start + T).to(q.dtype)
+        values = _gather(v_cache, batch.tables[j], start + T).to(q.dtype)
         mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
         o = F.scaled_dot_product_attention(
             qs[j].transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, enable_gqa=True
@@ -160,8 +169,9 @@ class Attention(nn.Module):
             k = rope.apply_rotary(self.wk(x).view(N, KVH, D), cos, sin)
             v = self.wv(x)
         v = v.reshape(N, KVH, D)
-        k_cache[batch.blocks, :, batch.offsets] = k
-        v_cache[batch.blocks, :, batch.offsets] = v
+        k_cache[batch.blocks, :, batch.offsets] = k.to(k_cache.dtype)
+        v_cache[batch.blocks, :, batch.offsets] = v.to(v_cache.dtype)
+        k, v = _as_cached(k_cache, k), _as_cached(v_cache, v)
 
         if isinstance(batch, Prefill):
             out = _prefill_attention(q, k, v, batch, k_cache, v_cache)
@@ -174,6 +184,7 @@ class Attention(nn.Module):
                     _gather(k_cache, batch.tables, batch.kv_len),
                     _gather(v_cache, batch.tables, batch.kv_len),
                 )
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
             out = F.scaled_dot_product_attention(  # [B, H, 1, D]
                 q[:, :, None, :], keys, values, attn_mask=mask, enable_gqa=True
             )[:, :, 0, :]
