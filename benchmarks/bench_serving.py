@@ -60,6 +60,11 @@ def start(engine: str, model: str, port: int, args) -> subprocess.Popen:
         # It runs one request at a time; by default a new request interrupts the one streaming: queue them instead.
         cmd += ["--n_ctx", "1024", "--interrupt_requests", "False"]
         cmd += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
+    return launch(engine, cmd, port)
+
+
+def launch(engine: str, cmd: list[str], port: int) -> subprocess.Popen:
+    """Start a server command and wait until it answers /v1/models on `port` (its stderr kept for the error)."""
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would stall the server's logging
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     for _ in range(600):
@@ -74,6 +79,21 @@ def start(engine: str, model: str, port: int, args) -> subprocess.Popen:
         time.sleep(0.5)
     proc.kill()
     raise SystemExit(f"{engine} server did not come up")
+
+
+def ratio_table(results: dict, rows: list) -> None:
+    """A Markdown table of `rows` (label, value(result), lower_is_better) for each engine, then lamina's ratio to
+    each other engine, oriented so that > 1 is better for lamina."""
+    peers = [e for e in results if e != "lamina"]
+    header = ["metric", *results, *(f"lamina / {p}" for p in peers)]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for label, value, lower_is_better in rows:
+        row = [label, *(f"{value(r):.1f}" for r in results.values())]
+        for p in peers:
+            if "lamina" in results:
+                ours, theirs = value(results["lamina"]), value(results[p])
+                row.append(f"{(theirs / ours if lower_is_better else ours / theirs):.2f}x")
+        print("| " + " | ".join(row) + " |")
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
@@ -163,16 +183,7 @@ def main() -> int:
         ("inter-token latency p99 (ms)", lambda r: 1000 * pct(r["itl"], 99), True),
         ("server peak RSS (MB)", lambda r: r["rss"], True),
     ]
-    peers = [e for e in results if e != "lamina"]
-    header = ["metric", *results, *(f"lamina / {p}" for p in peers)]
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for label, value, lower_is_better in rows:
-        row = [label, *(f"{value(r):.1f}" for r in results.values())]
-        for p in peers:
-            if "lamina" in results:
-                ours, theirs = value(results["lamina"]), value(results[p])
-                row.append(f"{(theirs / ours if lower_is_better else ours / theirs):.2f}x")
-        print("| " + " | ".join(row) + " |")
+    ratio_table(results, rows)
     return 0
 
 

@@ -108,9 +108,9 @@ def load(
     max_seq_len a sequence) from `kv_cache_memory` bytes (None: room for max_batch_size sequences of max_seq_len);
     `max_step_tokens`: tokens one engine step runs at most (prompts are cut into chunks that fit). `prefix_caching`:
     a prompt that begins as an earlier one did reuses its cached KV blocks (lamina.engine.blocks). `kv_cache_dtype`:
-    "auto" (the model's dtype), "f32", "f16", "bf16" or "q8_0" (lamina.engine.kv_cache); None: "f16" for GGML-block
-    weights on the CPU (half the memory of float32; its cost, measured on the default model, is within the noise
-    between lamina's own decode paths), else "auto" (a float model loaded as it is stays exact).
+    "auto" (the model's dtype), "f32", "f16", "bf16" or "q8_0" (lamina.engine.kv_cache); None: "auto". (f16 halves
+    a float32 cache for a small cost, measured in the README, but one beyond the 1e-3 that lamina's logprobs keep
+    to transformers': so it is asked for, not the default.)
     Block weights on the CPU: `kernel_path` forces one of lamina.kernels.PATHS that this CPU runs (None: its best),
     `prefill_dtype` ("float32" or "bfloat16"; None: bfloat16 where the CPU has AMX or AVX-512 BF16) the GEMM of
     many-row products (lamina.quant.use_kernels).
@@ -183,7 +183,7 @@ def load(
         kv_cache_memory=kv_cache_memory,
         max_step_tokens=max_step_tokens,
         prefix_caching=bool(prefix_caching),
-        kv_cache_dtype=_default_kv_dtype(device, quantize) if kv_cache_dtype is None else kv_cache_dtype,
+        kv_cache_dtype="auto" if kv_cache_dtype is None else kv_cache_dtype,
     )
     if tp is not None:
         parallel.agree(tp, "the model's configuration", config)
@@ -196,12 +196,6 @@ def load(
     if kernel_path is not None or prefill_dtype is not None:
         use_kernels(model, kernel_path, prefill_dtype)
     return Llama(model, tokenizer, engine, formatter=formatter, seed=seed)
-
-
-def _default_kv_dtype(device: torch.device, quantize: str) -> str:
-    """f16 where the weights are GGML blocks on the CPU (the model computes in float32 there, so "auto" would keep a
-    float32 cache), the model's dtype elsewhere."""
-    return "f16" if device.type == "cpu" and quantize != "none" else "auto"
 
 
 def _check_kernels(path: str | None, prefill_dtype, native: bool) -> torch.dtype | None:
