@@ -12,7 +12,8 @@
     four continuations of an item arrive together, 16 requests in flight at most.
 
 Per engine: time to first token (a: first turn, second turn, later turns), requests/s, and prompt tokens served
-from the cache (lamina's /metrics, vLLM's prefix-cache counters; llama.cpp does not report it). Each server runs in
+from the cache (lamina's /metrics, vLLM's prefix-cache counters; llama.cpp does not report it). Each part of each
+engine runs on a fresh server (a cold cache) in
 its own process. Ratios: lamina's against lamina without caching and against llama.cpp, each oriented so that > 1
 is better for lamina (for times: theirs over ours).
 """
@@ -63,14 +64,18 @@ def item(i: int) -> tuple[str, list[str]]:
     return context, answers
 
 
-def start(engine: str, model: str, port: int, args) -> subprocess.Popen:
+def start(engine: str, model: str, port: int, args, scoring: bool) -> subprocess.Popen:
     if engine.startswith("lamina"):
         cmd = [sys.executable, "-m", "lamina", "serve", "--model", model, "--port", str(port)]
         cmd += ["--max-batch-size", "16", "--max-seq-len", "4096", "--threads", str(args.threads)]
         cmd += ["--no-prefix-caching"] if engine == "lamina-no-cache" else []
     else:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
-        cmd += ["--n_ctx", "4096", "--interrupt_requests", "False", "--cache", "True", "--logits_all", "True"]
+        cmd += ["--interrupt_requests", "False", "--cache", "True"]
+        # Prompt logprobs need every position's logits kept (n_ctx x vocab floats, saved with each cached state too):
+        # only for the scoring part, where lm-eval needs them, with a context that fits its items (each cached state
+        # then holds 100 MB of logits, not 800); the chat replay runs without, with the context it needs.
+        cmd += ["--logits_all", "True", "--n_ctx", "512"] if scoring else ["--n_ctx", "4096"]
         cmd += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
     return launch(engine, cmd, port)
 
@@ -173,24 +178,26 @@ def main() -> int:
 
     results = {}
     for engine in args.engines.split(","):
-        print(f"running {engine} ...", file=sys.stderr, flush=True)
-        port = free_port()
-        proc = start(engine, args.model, port, args)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            served = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-            r = {"chat": asyncio.run(chat_replay(url, served, args))}
-            chat_counters = cache_counters(url)
-            r["scoring"] = asyncio.run(scoring(url, served, args))
-            total = cache_counters(url)
-            r["cached"] = (
-                None if total is None else (chat_counters, (total[0] - chat_counters[0], total[1] - chat_counters[1]))
-            )
-            r["rss"] = peak_rss_mb(proc.pid)
+        r = {}
+        for part, work in (("chat", chat_replay), ("scoring", scoring)):  # a fresh server (cold cache) for each
+            print(f"running {engine}, {part} ...", file=sys.stderr, flush=True)
+            port = free_port()
+            proc = start(engine, args.model, port, args, scoring=part == "scoring")
+            url = f"http://127.0.0.1:{port}"
+            try:
+                served = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+                r[part] = asyncio.run(work(url, served, args))
+                r[part]["cached"] = cache_counters(url)
+                r[part]["rss"] = peak_rss_mb(proc.pid)
+            except (RuntimeError, httpx.HTTPError) as e:
+                print(f"{engine} {part} failed: {e}", file=sys.stderr, flush=True)
+                break
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+        else:
             results[engine] = r
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            print(f"{engine}: {json.dumps(r)}", file=sys.stderr, flush=True)  # kept should a later engine fail
 
     print(
         f"# {cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}, model "
@@ -201,9 +208,9 @@ def main() -> int:
     )
 
     def saved(r, part):
-        if r["cached"] is None:
+        if r[part]["cached"] is None:
             return "n/a"
-        queries, hits = r["cached"][part]
+        queries, hits = r[part]["cached"]
         return f"{hits:.0f} of {queries:.0f} ({hits / max(queries, 1):.0%})"
 
     rows = [
@@ -217,11 +224,12 @@ def main() -> int:
         ("(a) requests/s", lambda r: r["chat"]["rps"], False),
         ("(b) requests/s", lambda r: r["scoring"]["rps"], False),
         ("(b) latency p50 (ms)", lambda r: 1000 * p50(r["scoring"]["latency"]), True),
-        ("server peak RSS (MB)", lambda r: r["rss"], True),
+        ("(a) server peak RSS (MB)", lambda r: r["chat"]["rss"], True),
+        ("(b) server peak RSS (MB)", lambda r: r["scoring"]["rss"], True),
     ]
     ratio_table(results, rows)
     peers = [e for e in results if e != "lamina"]
-    for part, label in ((0, "(a) prompt tokens from the cache"), (1, "(b) prompt tokens from the cache")):
+    for part, label in (("chat", "(a) prompt tokens from the cache"), ("scoring", "(b) prompt tokens from the cache")):
         print(f"| {label} | " + " | ".join(saved(r, part) for r in results.values()) + " |" + " |" * len(peers))
     return 0
 

@@ -386,7 +386,9 @@ def _serve_rank0(args, llama, tp, followers) -> int:
     if tp is not None:  # a rank gone: its requests were failed (5xx); say which, and stop
 
         def stop(error: Exception) -> None:
-            app.state.engine_loop.on_idle = None  # once is enough
+            if failed:  # once is enough: a second SIGTERM, once uvicorn has let go of it, would end this process
+                return  # before it reaps the other ranks
+            app.state.engine_loop.on_idle = None
             gone = [f"rank {r} (pid {p.pid}) exited with status {p.poll()}" for r, p in _exited(followers)]
             failed.append("; ".join(gone) or f"a collective failed: {error}")
             print(f"lamina: error: the tensor-parallel group failed: {failed[-1]}", file=sys.stderr)
