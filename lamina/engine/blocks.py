@@ -126,11 +126,3 @@ class BlockPool:
         if self.caching and key not in self._cached and block not in self._content:
             self._cached[key] = block
             self._content[block] = (key, tuple(tokens))
-
-    def reset_cache(self) -> None:
-        """Forget every cached prefix (blocks in use stay in use)."""
-        for block in list(self._evictable):
-            heapq.heappush(self._free, block)
-        self._evictable.clear()
-        self._cached.clear()
-        self._content.clear()

@@ -173,15 +173,13 @@ class ModelRunner:
         if self.before_forward is not None:
             self.before_forward("decode", (tokens, tables, positions))
         device, bs = self.config.device, self.block_size
+        blocks, offsets = [t[p // bs] for t, p in zip(tables, positions)], [p % bs for p in positions]
         if self.native is not None:
             hidden, logits = self.native.step(tokens, tables, positions)
             if self.hidden is not None:
-                self.hidden[[t[p // bs] for t, p in zip(tables, positions)], [p % bs for p in positions]] = hidden
+                self.hidden[blocks, offsets] = hidden
             return logits
-        blocks = [t[p // bs] for t, p in zip(tables, positions)]
-        packed = torch.tensor(
-            [list(tokens), blocks, [p % bs for p in positions], list(positions)], dtype=torch.long, device=device
-        )
+        packed = torch.tensor([list(tokens), blocks, offsets, list(positions)], dtype=torch.long, device=device)
         batch = Decode(
             blocks=packed[1],
             offsets=packed[2],
