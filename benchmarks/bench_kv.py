@@ -52,11 +52,18 @@ def lamina_worker(args) -> dict:
     ids = llama.tokenizer.encode(TEXT, bos=False, eos=False)[: args.context]
 
     def decode(streams: int) -> float:
+        """Tokens/s of `streams` streams decoding together: the clock starts once every stream has its first token
+        (the prefills are over) and counts the tokens made after that."""
         prompts = [ids[i:] + ids[:i] for i in range(streams)]  # distinct prompts of the same length
-        first = None
-        for _ in llama.stream(prompts, args.tokens, temperature=0, ignore_eos=True):
-            first = first or time.perf_counter()
-        return streams * (args.tokens - 1) / (time.perf_counter() - first)
+        started, start, made = set(), None, 0
+        for delta in llama.stream(prompts, args.tokens, temperature=0, ignore_eos=True):
+            if start is not None:
+                made += 1
+                continue
+            started.add(delta.index)
+            if len(started) == streams:
+                start = time.perf_counter()
+        return made / (time.perf_counter() - start)
 
     for streams in (1, 8):
         decode(streams)  # warm-up

@@ -93,11 +93,52 @@ static inline uint16_t bf16_round(float f) { /* round to nearest even, as torch'
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+#ifdef LAMINA_AVX2
+/* Eight cached values from element i of a cache of `type` as floats: F16C's conversion for f16, a shift for bf16, a
+ * widening for q8_0's int8 (unscaled). Called with a constant `type`, the switch folds away. */
+static inline __attribute__((always_inline)) __m256 kv_load8(int type, const void *cache, int64_t i) {
+    switch (type) {
+    case KV_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + i)));
+    case KV_BF16: {
+        const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + i)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+    }
+    case KV_Q8_0:
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)cache + i))));
+    default: return _mm256_loadu_ps((const float *)cache + i);
+    }
+}
+
+/* acc + q [n] * the n cached values from element `at`, lane by lane (n a multiple of 8). */
+static inline __attribute__((always_inline)) __m256 dot_run(int type, const void *cache, int64_t at, const float *q,
+                                                            int64_t n, __m256 acc) {
+    for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kv_load8(type, cache, at + i), acc);
+    return acc;
+}
+
+/* out [n] += p * the n cached values from element `at` (n a multiple of 8). */
+static inline __attribute__((always_inline)) void axpy_run(int type, const void *cache, int64_t at, float p,
+                                                           float *out, int64_t n) {
+    const __m256 pv = _mm256_set1_ps(p);
+    for (int64_t i = 0; i < n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, kv_load8(type, cache, at + i), _mm256_loadu_ps(out + i)));
+}
+#endif
+
 /* Store x [D] at element `at` of a cache of kv_type (and its scales, for q8_0). */
 static void kv_store(int type, void *cache, float *scales, int64_t at, const float *x, int64_t D) {
     switch (type) {
     case KV_F32: memcpy((float *)cache + at, x, sizeof(float) * (size_t)D); break;
-    case KV_F16: for (int64_t i = 0; i < D; i++) ((_Float16 *)cache)[at + i] = (_Float16)x[i]; break;
+    case KV_F16: {
+        int64_t i = 0;
+#ifdef LAMINA_AVX2
+        for (; i + 8 <= D; i += 8)
+            _mm_storeu_si128((__m128i *)((uint16_t *)cache + at + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+        for (; i < D; i++) ((_Float16 *)cache)[at + i] = (_Float16)x[i];
+        break;
+    }
     case KV_BF16: for (int64_t i = 0; i < D; i++) ((uint16_t *)cache)[at + i] = bf16_round(x[i]); break;
     case KV_Q8_0:
         for (int64_t j = 0; j < D / QK; j++) {
@@ -116,6 +157,23 @@ static void kv_store(int type, void *cache, float *scales, int64_t at, const flo
 
 /* q [D] . the cached vector at element `at`. */
 static float kv_dot(int type, const void *cache, const float *scales, int64_t at, const float *q, int64_t D) {
+#ifdef LAMINA_AVX2
+    if (D % 8 == 0) { /* every head size lamina meets; q8_0 caches need D % 32 == 0 anyway */
+        const __m256 zero = _mm256_setzero_ps();
+        switch (type) {
+        case KV_F32: return hsum8(dot_run(KV_F32, cache, at, q, D, zero));
+        case KV_F16: return hsum8(dot_run(KV_F16, cache, at, q, D, zero));
+        case KV_BF16: return hsum8(dot_run(KV_BF16, cache, at, q, D, zero));
+        case KV_Q8_0: {
+            __m256 acc = zero;
+            for (int64_t j = 0; j < D / QK; j++)
+                acc = _mm256_fmadd_ps(dot_run(KV_Q8_0, cache, at + j * QK, q + j * QK, QK, zero),
+                                      _mm256_set1_ps(scales[at / QK + j]), acc);
+            return hsum8(acc);
+        }
+        }
+    }
+#endif
     float dot = 0.0f;
     switch (type) {
     case KV_F32: {
@@ -148,6 +206,19 @@ static float kv_dot(int type, const void *cache, const float *scales, int64_t at
 
 /* out [D] += p * the cached vector at element `at`. */
 static void kv_axpy(int type, const void *cache, const float *scales, int64_t at, float p, float *out, int64_t D) {
+#ifdef LAMINA_AVX2
+    if (D % 8 == 0) {
+        switch (type) {
+        case KV_F32: axpy_run(KV_F32, cache, at, p, out, D); return;
+        case KV_F16: axpy_run(KV_F16, cache, at, p, out, D); return;
+        case KV_BF16: axpy_run(KV_BF16, cache, at, p, out, D); return;
+        case KV_Q8_0:
+            for (int64_t j = 0; j < D / QK; j++)
+                axpy_run(KV_Q8_0, cache, at + j * QK, p * scales[at / QK + j], out + j * QK, QK);
+            return;
+        }
+    }
+#endif
     switch (type) {
     case KV_F32: {
         const float *v = (const float *)cache + at;

@@ -27,6 +27,16 @@
 #define LAMINA_PATH "portable"
 #endif
 
+#ifdef LAMINA_AVX2
+/* The sum of a vector's eight lanes. */
+static inline float hsum8(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #else
