@@ -1,6 +1,6 @@
 """lamina: a Llama-family text-generation engine with Meta's Llama 3 `generate` API."""
 
-from lamina.engine import EngineConfig, EngineCore, Request, RequestOutput, SamplingParams
+from lamina.engine import EngineConfig, EngineCore, Request, RequestOutput, SamplingParams, StructuredOutputs
 from lamina.errors import CapacityError, ConfigError, LaminaError, RequestError, TokenizerError, WeightsError
 from lamina.llama import Completion, Llama, StreamDelta
 from lamina.loader import load
@@ -30,6 +30,7 @@ __all__ = [
     "RopeScaling",
     "SamplingParams",
     "StreamDelta",
+    "StructuredOutputs",
     "Tokenizer",
     "TokenizerError",
     "WeightsError",

@@ -21,13 +21,14 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 
-from lamina.engine import EngineConfig, EngineCore, Request, RequestOutput, SamplingParams
+from lamina.engine import EngineConfig, EngineCore, Request, RequestOutput, SamplingParams, StructuredOutputs
 from lamina.engine.config import resolve_device, resolve_dtype
 from lamina.engine.runner import ModelRunner
 from lamina import parallel
 from lamina.errors import CapacityError, ConfigError, RequestError, TokenizerError, WeightsError
 from lamina.model import Transformer, build_transformer
 from lamina.tokenizer import ChatFormat, ChatTemplate, Dialog, Llama3Tokenizer, Tokenizer
+from lamina.tokenizer.tools import Tool
 from lamina.weights import load_meta_checkpoint
 
 
@@ -40,6 +41,7 @@ class Completion:
     logprobs: list[float] | None
     prompt_logprobs: list[float] | None  # teacher-forced, 0.0 for the first token; only when asked for
     finish_reason: Literal["stop", "length"]
+    constraint_unmet: bool = False  # structured output cut short (by max_gen_len): the text is not a valid output
 
 
 @dataclass(frozen=True)
@@ -184,14 +186,26 @@ class Llama:
         echo: bool = False,
         *,
         seed: int | None = None,
+        structured_outputs: StructuredOutputs | dict | None = None,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Continue each prompt; returns (tokens, logprobs) as Meta's `generate` does.
 
         Each sequence stops at its first stop token (not returned) or after `max_gen_len` new tokens (None: until
         its context of `max_seq_len` is full). temperature 0 is greedy. logprobs are log-softmax of the raw logits.
         With echo, the prompt comes first, with its teacher-forced logprobs (0.0 for the first token). A seed gives
-        every prompt a generator seeded with it (as the server's `seed` does)."""
-        results = self.complete(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed=seed)
+        every prompt a generator seeded with it (as the server's `seed` does). `structured_outputs` constrains every
+        sequence's new tokens (lamina.engine.sampling.StructuredOutputs: JSON Schema, regex, choice, grammar); a
+        sequence whose constraint is complete stops there."""
+        results = self.complete(
+            prompt_tokens,
+            max_gen_len,
+            temperature,
+            top_p,
+            logprobs,
+            echo,
+            seed=seed,
+            structured_outputs=structured_outputs,
+        )
         tokens = [(r.prompt + r.tokens) if echo else r.tokens for r in results]
         if not logprobs:
             return tokens, None
@@ -208,15 +222,19 @@ class Llama:
         *,
         seed: int | None = None,
         ignore_eos: bool = False,
+        structured_outputs: StructuredOutputs | dict | None = None,
     ) -> list[Completion]:
         """`generate` returning a `Completion` per prompt (with its finish reason). With `ignore_eos`, stop tokens
         are generated like any other and every sequence runs to its length limit (for benchmarks)."""
-        call = self._call(prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos, logprobs)
+        call = self._call(
+            prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos, logprobs, structured_outputs
+        )
         B = len(call.prompts)
         out: list[list[int]] = [[] for _ in range(B)]
         out_lp: list[list[float]] = [[] for _ in range(B)]
         prompt_lp: list[list[float] | None] = [None] * B
         finish = ["length"] * B
+        unmet = [False] * B
         for i, o in self._outputs(call, score=logprobs and echo):
             if o.prompt_logprobs is not None:
                 prompt_lp[i] = [0.0] + [lp for lp, _ in o.prompt_logprobs[1:]]
@@ -225,9 +243,9 @@ class Llama:
                 if logprobs:
                     out_lp[i].append(o.logprob)
             if o.finish_reason is not None:
-                finish[i] = o.finish_reason
+                finish[i], unmet[i] = o.finish_reason, o.constraint_unmet
         return [
-            Completion(p, out[i], out_lp[i] if logprobs else None, prompt_lp[i], finish[i])
+            Completion(p, out[i], out_lp[i] if logprobs else None, prompt_lp[i], finish[i], unmet[i])
             for i, p in enumerate(call.prompts)
         ]
 
@@ -241,13 +259,16 @@ class Llama:
         logprobs: bool = False,
         seed: int | None = None,
         ignore_eos: bool = False,
+        structured_outputs: StructuredOutputs | dict | None = None,
     ) -> Iterator[StreamDelta]:
         """Generate as `generate` does, yielding a `StreamDelta` for each sequence's every new token as it is made.
 
         `delta.text` is the text that became final with that token: it is empty while a character is still split
         across tokens, so the pieces never hold broken UTF-8; their concatenation is the sequence's whole text.
         Each sequence's last delta carries its `finish_reason`. The request is checked before this returns."""
-        call = self._call(prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos, logprobs)
+        call = self._call(
+            prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos, logprobs, structured_outputs
+        )
         return (
             StreamDelta(i, o.text, o.token, o.logprob, o.finish_reason) for i, o in self._outputs(call, score=False)
         )
@@ -330,6 +351,7 @@ class Llama:
         echo: bool = False,
         *,
         seed: int | None = None,
+        structured_outputs: StructuredOutputs | dict | None = None,
     ) -> list[dict]:
         """Complete each text prompt: [{"generation": str, and with logprobs "tokens": [str], "logprobs": [float]}]."""
         if (
@@ -339,7 +361,16 @@ class Llama:
         ):
             raise RequestError("prompts must be a list of strings")
         prompt_tokens = [self.tokenizer.encode(p, bos=self.tokenizer.add_bos, eos=False) for p in prompts]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed=seed)
+        tokens, lps = self.generate(
+            prompt_tokens,
+            max_gen_len,
+            temperature,
+            top_p,
+            logprobs,
+            echo,
+            seed=seed,
+            structured_outputs=structured_outputs,
+        )
         return [self._prediction(self.tokenizer.decode(t), t, lp) for t, lp in zip(tokens, lps or [None] * len(tokens))]
 
     def chat_completion(
@@ -351,20 +382,24 @@ class Llama:
         logprobs: bool = False,
         *,
         seed: int | None = None,
+        structured_outputs: StructuredOutputs | dict | None = None,
     ) -> list[dict]:
         """Reply to each dialog: [{"generation": {"role": "assistant", "content": str}, ...}]."""
         prompt_tokens = [self.encode_dialog(d) for d in self._check_dialogs(dialogs)]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, seed=seed)
+        tokens, lps = self.generate(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs, seed=seed, structured_outputs=structured_outputs
+        )
         return [
             self._prediction({"role": "assistant", "content": self.tokenizer.decode(t)}, t, lp)
             for t, lp in zip(tokens, lps or [None] * len(tokens))
         ]
 
-    def encode_dialog(self, dialog: Dialog) -> list[int]:
-        """Prompt token ids for a dialog, through the model's chat template (or Llama 3's format)."""
+    def encode_dialog(self, dialog: Dialog, tools: Sequence[Tool] = ()) -> list[int]:
+        """Prompt token ids for a dialog, through the model's chat template (or Llama 3's format), telling the
+        model of `tools` (lamina.tokenizer.tools.check_tools) as its family expects."""
         if self.formatter is None:
             raise RequestError("this model has no chat template, and its vocabulary lacks Llama 3's chat tokens")
-        return self.formatter.encode_dialog_prompt(dialog)
+        return self.formatter.encode_dialog_prompt(dialog, tools)
 
     @staticmethod
     def _check_dialogs(dialogs) -> Sequence[Dialog]:
@@ -380,13 +415,20 @@ class Llama:
     # ----------------------------------------------------------------------------------------------------------
     # Input checks: all before any work
 
-    def _call(self, prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos, logprobs) -> _Call:
+    def _call(
+        self, prompt_tokens, max_gen_len, temperature, top_p, seed, ignore_eos, logprobs, structured_outputs=None
+    ) -> _Call:
         prompts = self._check_prompts(prompt_tokens)
         budgets = self._check_budgets(prompts, max_gen_len)
         temperature, top_p = _check_sampling(temperature, top_p)
         seed = None if seed is None else check_seed(seed, RequestError)
         params = SamplingParams(
-            temperature=temperature, top_p=top_p, seed=seed, logprobs=bool(logprobs), ignore_eos=bool(ignore_eos)
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            logprobs=bool(logprobs),
+            ignore_eos=bool(ignore_eos),
+            structured_outputs=structured_outputs,
         )
         return _Call(prompts, budgets, params)
 

@@ -4,6 +4,6 @@ runner with the one KV cache, the sampler, the output processor; and the engine'
 from lamina.engine.config import EngineConfig
 from lamina.engine.core import EngineCore
 from lamina.engine.request import Request, RequestOutput
-from lamina.engine.sampling import SamplingParams
+from lamina.engine.sampling import SamplingParams, StructuredOutputs
 
-__all__ = ["EngineConfig", "EngineCore", "Request", "RequestOutput", "SamplingParams"]
+__all__ = ["EngineConfig", "EngineCore", "Request", "RequestOutput", "SamplingParams", "StructuredOutputs"]

@@ -16,6 +16,7 @@ import torch
 
 from lamina.engine.blocks import BlockPool
 from lamina.engine.config import EngineConfig
+from lamina.engine.grammar import Grammars
 from lamina.engine.kv_cache import KVCache
 from lamina.engine.output import OutputProcessor
 from lamina.engine.request import Request, RequestOutput, Status
@@ -54,7 +55,8 @@ class EngineCore:
             SchedulerConfig(config.max_batch_size, config.max_waiting, config.max_step_tokens, config.max_seq_len),
             self.pool,
         )
-        self.sampler = Sampler(model.config.vocab_size, config.device, seed)
+        self.grammars = Grammars(tokenizer, model.config.vocab_size)
+        self.sampler = Sampler(model.config.vocab_size, config.device, seed, self.grammars)
         self.output = OutputProcessor(tokenizer)
         self.lock = threading.RLock()
 
@@ -64,12 +66,14 @@ class EngineCore:
 
     def add(self, request: Request, *, max_waiting: int | None = None) -> None:
         """Queue a request. Raises RequestError for a bad one (token ids outside the vocabulary, a prompt that cannot
-        fit), CapacityError when more than `max_waiting` (default: the config's) would wait."""
+        fit, a constraint that does not compile), CapacityError when more than `max_waiting` (default: the config's)
+        would wait."""
         vocab = self.model.config.vocab_size
         bad = next((t for t in request.prompt if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
         request.params.check_vocabulary(vocab)
+        self.sampler.constrain(request)
         self.scheduler.add(request, max_waiting=max_waiting)
         self.sampler.attach(request)
         self.output.attach(request)
@@ -85,15 +89,23 @@ class EngineCore:
         outputs = [self._emit(r, self.output.finish(r, "length")) for r in step.finished]
         if not step.chunks:
             return outputs
+        self.sampler.prepare([c.request for c in step.chunks if c.samples])  # grammar masks, during the forward
         forward = self.runner.execute(step.chunks)
         for request, positions, hidden in forward.scored:
             self.sampler.score_prompt(request, positions, hidden, self.runner.logits)
         sampled = self.sampler(forward.logits, forward.sampling)
         done = self.scheduler.advance(step, {r.request_id: t for r, t in zip(forward.sampling, sampled.tokens)})
-        for r, token, lp, top in zip(forward.sampling, sampled.tokens, sampled.logprobs, sampled.top_logprobs):
+        for r, token, lp, top, complete in zip(
+            forward.sampling, sampled.tokens, sampled.logprobs, sampled.top_logprobs, sampled.complete
+        ):
             if r.finish_reason == "abort":
                 continue  # aborted while the step ran (by a sink)
-            out = self.output.token(r, token, lp, top)
+            if r.matcher is not None and r.matcher.is_error():
+                self.scheduler.abort(r.request_id)
+                error = RequestError(f"structured output failed: {r.matcher.get_error()}")
+                outputs.append(self._emit(r, self.output.failed(r, error)))
+                continue
+            out = self.output.token(r, token, lp, top, complete=complete)
             if out.finish_reason is not None and r.status is not Status.FINISHED:
                 self.scheduler.finish(r, out.finish_reason)
             outputs.append(self._emit(r, out))

@@ -15,14 +15,19 @@ class OutputProcessor:
     def attach(self, request: Request) -> None:
         request.decoder = StreamDecoder(self.tokenizer)
 
-    def token(self, request: Request, token: int, logprob: float | None, top: TopLogprobs | None) -> RequestOutput:
+    def token(
+        self, request: Request, token: int, logprob: float | None, top: TopLogprobs | None, *, complete: bool = False
+    ) -> RequestOutput:
         """The output for a token just sampled (already in `request.output`). Its finish_reason is "stop" when the
-        token is a stop token (which is then not part of the completion) or completes a stop string, "length" when
-        the request has reached its limit (`request.status` says so), else None."""
+        token is a stop token (which is then not part of the completion), completes a stop string or completes the
+        request's structured-output constraint (`complete`), "length" when the request has reached its limit
+        (`request.status` says so), else None."""
         if token in request.stop_ids:
             request.output.pop()
             return self.finish(request, "stop")
         request.text += request.decoder.add(token)
+        if complete:
+            return self.finish(request, "stop", token, logprob, top)
         if request.finish_reason == "length":
             return self.finish(request, "length", token, logprob, top)
         if self._stop_string(request) is not None:
@@ -63,6 +68,7 @@ class OutputProcessor:
             prompt_logprobs = (None, *request.prompt_logprobs)
             request.reported_prompt = True
         completion = len(request.output)
+        unmet = reason is not None and request.matcher is not None and not request.matcher.is_accepting()
         return RequestOutput(
             request.request_id,
             token,
@@ -74,6 +80,7 @@ class OutputProcessor:
             completion,
             prompt_logprobs,
             cached_tokens=request.cached_tokens or 0,
+            constraint_unmet=unmet,
         )
 
     @staticmethod

@@ -30,7 +30,8 @@ class RequestOutput:
     may still become one held back), or only a finish reason ("stop", "length"; "abort" when the engine was stopped;
     "error" with `error` when the step failed). logprob and top_logprobs are None unless the request's
     SamplingParams ask for them. `prompt_logprobs` comes once, on a request's first output, when asked for: one entry
-    per prompt token, None for the first."""
+    per prompt token, None for the first. A request whose structured-output constraint is complete finishes with
+    "stop"; one cut short finishes with "length" (or "stop" at a stop string) and `constraint_unmet`."""
 
     request_id: Hashable
     token: int | None
@@ -43,6 +44,9 @@ class RequestOutput:
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
     error: BaseException | None = None
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    # structured output: the request's last output, finished before its constraint was complete (max_tokens or a
+    # stop string came first), so that its text is not a valid output
+    constraint_unmet: bool = False
 
 
 @dataclass(eq=False)
@@ -77,6 +81,7 @@ class Request:
     counts: torch.Tensor | None = None  # [V] output token counts, for presence/frequency penalties
     seen: torch.Tensor | None = None  # [V] prompt and output tokens, for the repetition penalty
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # of prompt tokens 1.., as scored so far
+    matcher: Any = None  # llguidance.LLMatcher following the output, for a request with structured_outputs
     # the output processor's
     decoder: StreamDecoder | None = None
     text: str = ""  # everything decoded so far

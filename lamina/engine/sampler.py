@@ -1,23 +1,28 @@
-"""Sampler: the one sampling pipeline every request goes through, whichever front end sent it: logit bias ->
-penalties -> temperature -> top-k / top-p / min-p -> draw -> log-probabilities, for a step's rows at once (the stages
-are the pure functions of lamina.engine.sampling). Also scores prompt tokens (prompt logprobs)."""
+"""Sampler: the one sampling pipeline every request goes through, whichever front end sent it: grammar mask ->
+logit bias -> penalties -> temperature -> top-k / top-p / min-p -> draw -> log-probabilities, for a step's rows at
+once (the stages are the pure functions of lamina.engine.sampling; the masks come from lamina.engine.grammar). Also
+scores prompt tokens (prompt logprobs)."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from lamina.engine.grammar import Grammars
 from lamina.engine.request import Request, TopLogprobs
 from lamina.engine.sampling import (
     SamplingBatch,
     apply_logit_bias,
     apply_penalties,
+    apply_token_mask,
     draw,
     token_logprobs,
     top_logprobs,
     truncate,
+    unpack_token_mask,
 )
 
 # Rows of logits materialised at once when scoring a prompt: bounds memory at rows * vocab.
@@ -32,6 +37,7 @@ class Sampled:
     tokens: list[int]
     logprobs: list[float | None]
     top_logprobs: list[TopLogprobs | None]
+    complete: list[bool]  # the request's constraint is complete with this token: nothing may follow it
 
 
 class Sampler:
@@ -39,11 +45,22 @@ class Sampler:
     depend on its seed, prompt and settings only, never on what else shares the batch.
 
     Seeds: a request with `params.seed` draws from a generator seeded with it; one without draws from a generator
-    seeded from the sampler's own stream (seeded once, at construction), so a session is reproducible too."""
+    seeded from the sampler's own stream (seeded once, at construction), so a session is reproducible too.
 
-    def __init__(self, vocab_size: int, device: torch.device, seed: int):
-        self.vocab_size, self.device = vocab_size, device
+    Structured output: a request with a constraint carries a matcher (`constrain`); its row draws only among the
+    tokens the matcher allows (the model's own log-probabilities are still reported), and the matcher takes each
+    token drawn. `prepare` starts a step's masks before the forward pass, so that they are computed meanwhile."""
+
+    def __init__(self, vocab_size: int, device: torch.device, seed: int, grammars: Grammars):
+        self.vocab_size, self.device, self.grammars = vocab_size, device, grammars
         self._seeds = torch.Generator().manual_seed(seed)  # hands out seeds: on the CPU whatever the device
+        self._pending: tuple[tuple[int, ...], Future] | None = None  # masks being filled, for these requests
+
+    def constrain(self, request: Request) -> None:
+        """Give a request with structured_outputs its matcher; RequestError when the constraint does not compile."""
+        spec = request.params.structured_outputs
+        if spec is not None and request.matcher is None:
+            request.matcher = self.grammars.matcher(spec)
 
     def attach(self, request: Request) -> None:
         """Give a new request its generator and, when it asks for penalties, its token counts."""
@@ -57,14 +74,22 @@ class Sampler:
             request.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             request.seen[torch.tensor(request.prompt, device=self.device)] = True
 
+    def prepare(self, requests: Sequence[Request]) -> None:
+        """Start filling the masks of the constrained requests among those that sample next."""
+        constrained = [r for r in requests if r.matcher is not None]
+        self._pending = None
+        if constrained:
+            self._pending = (tuple(id(r) for r in constrained), self.grammars.start([r.matcher for r in constrained]))
+
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> Sampled:
         """The next token of each request from its row of raw logits [B, V] (float32)."""
         if not requests:
-            return Sampled([], [], [])
+            return Sampled([], [], [], [])
+        allowed = self._constrain(logits, requests)
         if all(r.params.greedy and not r.params.logit_bias and r.counts is None for r in requests):
-            tokens = logits.argmax(dim=-1)  # every stage would leave the argmax as it is
+            tokens = allowed.argmax(dim=-1)  # every stage would leave the argmax as it is
         else:
-            tokens = self._draw(logits, requests)
+            tokens = self._draw(allowed, requests)
         # Log-probabilities of the model's own distribution (raw logits, as Meta and OpenAI report them), only for the
         # requests that ask; one host transfer for the tokens and their log-probabilities.
         want = [r.params.logprobs for r in requests]
@@ -82,13 +107,44 @@ class Sampler:
                 n = r.params.top_logprobs
                 if n:
                     tops[i] = tuple(zip(alternatives[i, :n].tolist(), values[i, :n].tolist()))
-        for r, token in zip(requests, ids):
+        complete = [False] * len(requests)
+        for i, (r, token) in enumerate(zip(requests, ids)):
             if r.counts is not None:
                 r.counts[token] += 1
                 r.seen[token] = True
-        return Sampled(ids, lps, tops)
+            if r.matcher is not None and token not in r.stop_ids:
+                r.matcher.consume_token(token)
+                complete[i] = r.matcher.is_stopped()
+        return Sampled(ids, lps, tops, complete)
+
+    def _constrain(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """The logits with each constrained row's forbidden tokens at -inf. Where a grammar may end, the choice to
+        end goes to the request's own stop tokens (llguidance allows the tokenizer's). A matcher in an error state
+        (a limit of the grammar engine reached) leaves its row free; the core then ends the request with the error."""
+        rows = [i for i, r in enumerate(requests) if r.matcher is not None]
+        if not rows:
+            return logits
+        constrained = [requests[i] for i in rows]
+        key = tuple(id(r) for r in constrained)
+        pending, self._pending = self._pending, None
+        bitmask = (
+            pending[1].result()
+            if pending is not None and pending[0] == key
+            else self.grammars.fill([r.matcher for r in constrained])
+        )
+        allowed = unpack_token_mask(bitmask, self.vocab_size).to(logits.device)
+        eos = torch.tensor(self.grammars.eos, dtype=torch.long, device=logits.device)
+        can_end = allowed[:, eos].any(dim=-1).tolist()
+        allowed[:, eos] = False
+        for j, r in enumerate(constrained):
+            if can_end[j] and r.stop_ids:
+                allowed[j, torch.tensor(sorted(r.stop_ids), device=logits.device)] = True
+            if r.matcher.is_error() or not bool(allowed[j].any()):
+                allowed[j] = True
+        return apply_token_mask(logits, torch.tensor(rows, device=logits.device), allowed)
 
     def _draw(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """Draws from processed logits: the stages after the grammar mask."""
         batch = SamplingBatch.from_params([r.params for r in requests], self.vocab_size, logits.device)
         processed = apply_logit_bias(logits, batch)
         if batch.penalties:

@@ -1,10 +1,11 @@
 """Token sampling as pure functions on batched float32 logits, every row with its own settings as tensors:
-`SamplingParams` (one request's settings, checked), `SamplingBatch` (a batch's settings as tensors) and the stages of
-the one sampling pipeline (lamina.engine.sampler): logit bias, penalties, temperature with top-k/top-p/min-p, the
-draw, log-probabilities."""
+`SamplingParams` (one request's settings, checked, with its `StructuredOutputs` constraint), `SamplingBatch` (a
+batch's settings as tensors) and the stages of the one sampling pipeline (lamina.engine.sampler): logit bias,
+penalties, the grammar's token mask, temperature with top-k/top-p/min-p, the draw, log-probabilities."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -28,6 +29,69 @@ def sample(
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[token] per row: logits [n, V] float32, tokens [n] -> [n]."""
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on a request's output, as vLLM's `structured_outputs`: exactly one of
+
+    - `json`: a JSON Schema (a dict, or its JSON text): the output is one JSON value that validates against it;
+    - `json_object`: True for any JSON object (OpenAI's `response_format: {"type": "json_object"}`);
+    - `regex`: a regular expression the whole output matches;
+    - `choice`: strings, the output being exactly one of them;
+    - `grammar`: a context-free grammar, in Lark syntax as llguidance reads it or in llama.cpp's GBNF.
+
+    Checked for shape here; compiled (and a grammar that does not compile refused, naming the problem) when the
+    request reaches the engine (lamina.engine.grammar). The schema is kept as canonical JSON text, so equal
+    constraints are equal and hash alike (the compiled grammars are cached by it)."""
+
+    json: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self):
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if not isinstance(self.json_object, bool):
+            raise RequestError(f"json_object must be true or false, got {self.json_object!r}")
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise RequestError(
+                "structured outputs take exactly one of json, json_object, regex, choice, grammar; "
+                + (f"got {', '.join(given)}" if given else "got none")
+            )
+        if self.json is not None:
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except json.JSONDecodeError as e:
+                    raise RequestError(f"the JSON schema is not valid JSON: {e}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise RequestError(f"a JSON schema is an object (or true/false), got {type(schema).__name__}")
+            object.__setattr__(self, "json", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise RequestError(f"{name} must be a non-empty string, got {value!r:.80}")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not all(isinstance(c, str) and c for c in self.choice):
+                raise RequestError(f"choice must be a list of non-empty strings, got {self.choice!r:.80}")
+            if not self.choice:
+                raise RequestError("choice must list at least one string")
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, k))
+
+    @property
+    def schema(self):
+        """The JSON schema as a dict (json), {"type": "object"} for json_object, else None."""
+        if self.json_object:
+            return {"type": "object"}
+        return None if self.json is None else json.loads(self.json)
 
 
 @dataclass(frozen=True)
@@ -62,6 +126,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     ignore_eos: bool = False
     n: int = 1
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self):
         _number("temperature", self.temperature, 0.0, None)
@@ -99,6 +164,12 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise RequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         _integer("n", self.n, 1, None)
+        if isinstance(self.structured_outputs, Mapping):
+            object.__setattr__(self, "structured_outputs", StructuredOutputs(**self.structured_outputs))
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise RequestError(
+                f"structured_outputs must be StructuredOutputs or a dict, got {type(self.structured_outputs).__name__}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -212,6 +283,27 @@ def apply_penalties(
     logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
     counts = output_counts.to(logits.dtype)
     return logits - batch.frequency[:, None] * counts - batch.presence[:, None] * (counts > 0).to(logits.dtype)
+
+
+def unpack_token_mask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A grammar's allowed tokens as bool [n, vocab_size], from llguidance's bitmask [n, W] int32 (bit j of word w:
+    token 32 w + j). Ids beyond the mask's 32 W are not allowed."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask[:, :, None] >> shifts) & 1  # [n, W, 32]
+    allowed = bits.reshape(bitmask.shape[0], -1).bool()
+    if allowed.shape[1] >= vocab_size:
+        return allowed[:, :vocab_size]
+    return torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
+
+
+def apply_token_mask(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] with the tokens a grammar forbids at -inf: `allowed` [n, V] bool for rows `rows` [n] int64
+    (the others are unconstrained). Returns a new tensor."""
+    if rows.numel() == 0:
+        return logits
+    masked = logits.clone()
+    masked[rows] = logits[rows].masked_fill(~allowed, -math.inf)
+    return masked
 
 
 def truncate(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

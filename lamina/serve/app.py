@@ -8,6 +8,7 @@ next step.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,9 +20,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from lamina.engine import Request
+from lamina.engine import Request, StructuredOutputs
 from lamina.errors import CapacityError, LaminaError, RequestError
 from lamina.llama import Llama
+from lamina.tokenizer.tools import CallStream, Tool, check_tools
 from lamina.serve import responses as r
 from lamina.serve.loop import EngineLoop
 from lamina.serve.protocol import (
@@ -143,6 +145,7 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
     try:
         prompts = _prompt_ids(body.prompt, served.llama)
         requests = _completion_requests(body, prompts, served.llama)
+        await _compile_constraints(served, requests)
         outputs = await served.loop.submit(requests)
     except (LaminaError, ValueError, ValidationError) as e:
         return _failure(e)
@@ -165,7 +168,7 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
                 text, lp = piece(i, out)
                 completion += out.token is not None
                 cached.setdefault(i, out.cached_tokens)
-                choice = r.completion_choice(i, text, lp, out.finish_reason)
+                choice = r.completion_choice(i, text, lp, out.finish_reason, unmet=out.constraint_unmet)
                 yield r.sse(r.completion_body(rid, now, served.name, [choice], None, chunk=True))
             if body.include_usage:
                 use = _usage(prompts, completion, cached, body.n)
@@ -176,16 +179,20 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
     try:
         pieces: dict[int, list] = {i: [] for i in range(len(requests))}
         finish: dict[int, str] = {}
+        unmet: dict[int, bool] = {}
         completion, cached = 0, {}
         async for i, out in outputs:
             pieces[i].append(piece(i, out))
             completion += out.token is not None
             cached.setdefault(i, out.cached_tokens)
             finish[i] = out.finish_reason or finish.get(i)
+            unmet[i] = out.constraint_unmet or unmet.get(i, False)
     except Exception as e:  # noqa: BLE001
         return _failure(e)
     choices = [
-        r.completion_choice(i, "".join(t for t, _ in ps), r.merge_logprobs([lp for _, lp in ps]), finish[i])
+        r.completion_choice(
+            i, "".join(t for t, _ in ps), r.merge_logprobs([lp for _, lp in ps]), finish[i], unmet=unmet[i]
+        )
         for i, ps in pieces.items()
     ]
     return r.completion_body(rid, now, served.name, choices, _usage(prompts, completion, cached, body.n))
@@ -229,6 +236,14 @@ def _prompt_ids(prompt, llama: Llama) -> list[list[int]]:
     return out
 
 
+async def _compile_constraints(served: Served, requests: list[Request]) -> None:
+    """Compile the requests' structured-output constraints on a worker thread, before they reach the engine thread:
+    a new grammar then delays only its own request, never the running ones (a compiled one is cached)."""
+    specs = {r.params.structured_outputs for r in requests} - {None}
+    for spec in specs:
+        await asyncio.to_thread(served.llama.core.grammars.compile, spec)
+
+
 async def _guarded(events):
     """A stream's events; a failure mid-stream ends it with an error event instead of a broken connection."""
     try:
@@ -251,16 +266,20 @@ async def chat(body: ChatCompletionRequest, request: HTTPRequest):
         return bad
     llama = served.llama
     try:
-        prompt = llama.encode_dialog([m.model_dump() for m in body.messages])
+        tools, constraint = _tools(body, llama)
+        prompt = llama.encode_dialog([m.as_dict() for m in body.messages], tools=tools)
         max_tokens = body.max_completion_tokens or body.max_tokens
         budget = token_budget(len(prompt), max_tokens, llama.config.max_seq_len)
         top = (body.top_logprobs or 0) if body.logprobs else 0
-        params = body.choices(max_tokens=max_tokens, logprobs=body.logprobs, top_logprobs=top)
+        extra = {"structured_outputs": constraint} if constraint is not None else {}
+        params = body.choices(max_tokens=max_tokens, logprobs=body.logprobs, top_logprobs=top, **extra)
         requests = [llama.new_request(prompt, p, max_tokens=budget) for p in params]
+        await _compile_constraints(served, requests)
         outputs = await served.loop.submit(requests)
     except (LaminaError, ValueError, ValidationError) as e:
         return _failure(e)
     rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    fmt = llama.formatter.tool_format if tools else None
 
     def logprobs(outs) -> dict | None:
         return r.chat_logprobs(outs, served.token_text) if body.logprobs else None
@@ -271,10 +290,20 @@ async def chat(body: ChatCompletionRequest, request: HTTPRequest):
             for i in range(len(requests)):
                 yield r.sse(r.chat_body(rid, now, served.name, [r.chat_delta(i, None, None)], None, chunk=True))
             completion, cached = 0, {}
+            readers = {i: CallStream(fmt, tools) for i in range(len(requests))} if fmt else {}
             async for i, out in outputs:
                 completion += out.token is not None
                 cached.setdefault(i, out.cached_tokens)
-                delta = r.chat_delta(i, out, logprobs([out]))
+                if fmt is None:
+                    delta = r.chat_delta(i, out, logprobs([out]))
+                else:
+                    text, calls = readers[i].add(out.text), []
+                    if out.finish_reason is not None:
+                        rest, calls = readers[i].finish()
+                        text += rest
+                    if not text and out.finish_reason is None and not body.logprobs:
+                        continue  # held back: it may be a call
+                    delta = r.chat_delta(i, out, logprobs([out]), text=text, tool_calls=calls)
                 yield r.sse(r.chat_body(rid, now, served.name, [delta], None, chunk=True))
             if body.include_usage:
                 use = r.usage(len(prompt), completion, cached.get(0, 0))
@@ -288,13 +317,40 @@ async def chat(body: ChatCompletionRequest, request: HTTPRequest):
             per_choice[i].append(out)
     except Exception as e:  # noqa: BLE001
         return _failure(e)
-    choices = [
-        r.chat_choice(i, "".join(o.text for o in outs), logprobs(outs), outs[-1].finish_reason)
-        for i, outs in per_choice.items()
-    ]
+    choices = []
+    for i, outs in per_choice.items():
+        content, calls = "".join(o.text for o in outs), []
+        if fmt is not None:
+            content, calls = fmt.parse(content, tools)
+        unmet = outs[-1].constraint_unmet
+        choices.append(r.chat_choice(i, content, logprobs(outs), outs[-1].finish_reason, tool_calls=calls, unmet=unmet))
     completion = sum(o.token is not None for outs in per_choice.values() for o in outs)
     cached = per_choice[0][0].cached_tokens if per_choice[0] else 0
     return r.chat_body(rid, now, served.name, choices, r.usage(len(prompt), completion, cached))
+
+
+def _tools(body: ChatCompletionRequest, llama: Llama) -> tuple[list[Tool], StructuredOutputs | None]:
+    """The tools the model is told of (none with tool_choice "none"), and the constraint that tool_choice
+    "required" or a named function puts on the reply: calls only, of the tools' parameter schemas."""
+    if not body.tools or body.tool_choice == "none":
+        return [], None
+    if llama.formatter is None:
+        raise RequestError("this model has no chat template, so it cannot be given tools")
+    tools = check_tools(body.tools)
+    choice = body.tool_choice or "auto"
+    if choice == "auto":
+        return tools, None
+    if choice == "required":
+        chosen, several = tools, body.parallel_tool_calls
+    else:
+        chosen = [t for t in tools if t.name == choice.function.name]
+        if not chosen:
+            raise RequestError(f"tool_choice names the function {choice.function.name!r}, which is not among the tools")
+        several = False
+    if body.constraint() is not None:
+        raise RequestError("tool_choice 'required' or a named function cannot be combined with response_format")
+    grammar = llama.formatter.tool_format.grammar(chosen, several=several)
+    return tools, StructuredOutputs(grammar=grammar)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -309,7 +365,7 @@ async def tokenize(body: TokenizeRequest, request: HTTPRequest):
     llama, tokenizer = served.llama, served.llama.tokenizer
     try:
         if body.messages is not None:
-            tokens = llama.encode_dialog([m.model_dump() for m in body.messages])
+            tokens = llama.encode_dialog([m.as_dict() for m in body.messages])
         else:
             bos = body.add_special_tokens and tokenizer.add_bos
             tokens = tokenizer.encode(body.prompt, bos=bos, eos=False, allowed_special="all")

@@ -77,8 +77,11 @@ class Metrics:
             ("lamina_kv_blocks_used", "KV-cache blocks in use.", pool.num_used),
             ("lamina_kv_blocks_total", "KV-cache blocks in all.", pool.num_blocks),
             ("lamina_kv_blocks_cached", "KV-cache blocks holding a cached prefix (in use or free).", pool.num_cached),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage: the fraction of blocks in use (1 = full).",
-             pool.num_used / pool.num_blocks),
+            (
+                "vllm:kv_cache_usage_perc",
+                "KV-cache usage: the fraction of blocks in use (1 = full).",
+                pool.num_used / pool.num_blocks,
+            ),
             (
                 "lamina_generation_tokens_per_second",
                 "Tokens generated per second, last 10 s.",

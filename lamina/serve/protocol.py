@@ -1,21 +1,58 @@
 """The request bodies the server accepts, checked (pydantic): OpenAI's /v1/completions and /v1/chat/completions,
 with their sampling settings as lamina's SamplingParams, and vLLM's /tokenize and /detokenize. Unknown fields are
 ignored, as OpenAI's own server does; lamina's extensions (top_k, min_p, repetition_penalty, ignore_eos,
-stop_token_ids) sit beside the standard ones, as in vLLM. Also the context rule: how many tokens a request may get."""
+stop_token_ids, vLLM's structured_outputs) sit beside the standard ones, as in vLLM. Also the context rule: how many
+tokens a request may get."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lamina.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from lamina.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams, StructuredOutputs
 from lamina.errors import RequestError
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`."""
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(default=True, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON that validates against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema")
+        return self
+
+
+class StructuredOutputsBody(BaseModel):
+    """vLLM's `structured_outputs` field: one of json (a schema), json_object, regex, choice, grammar."""
+
+    json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    model_config = ConfigDict(populate_by_name=True)
 
 
 class _Sampling(BaseModel):
@@ -37,10 +74,53 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    # vLLM's earlier names for structured_outputs' fields
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def constraint(self) -> StructuredOutputs | None:
+        """The request's structured-output constraint, from response_format, structured_outputs or vLLM's guided_*
+        fields (at most one of them)."""
+        found = []
+        if self.response_format is not None and self.response_format.type != "text":
+            if self.response_format.type == "json_object":
+                found.append(("response_format", StructuredOutputs(json_object=True)))
+            else:
+                found.append(("response_format", StructuredOutputs(json=self.response_format.json_schema.schema_)))
+        if self.structured_outputs is not None:
+            body = self.structured_outputs
+            found.append(
+                (
+                    "structured_outputs",
+                    StructuredOutputs(
+                        json=body.json_,
+                        regex=body.regex,
+                        choice=body.choice,
+                        grammar=body.grammar,
+                        json_object=bool(body.json_object),
+                    ),
+                )
+            )
+        guided = {
+            "json": self.guided_json,
+            "regex": self.guided_regex,
+            "choice": self.guided_choice,
+            "grammar": self.guided_grammar,
+        }
+        guided = {k: v for k, v in guided.items() if v is not None}
+        if guided:
+            found.append(("guided_" + next(iter(guided)), StructuredOutputs(**guided)))
+        if len(found) > 1:
+            raise ValueError(f"give one structured-output constraint, got {' and '.join(name for name, _ in found)}")
+        return found[0][1] if found else None
 
     def choices(self, *, max_tokens: int | None, logprobs: bool, top_logprobs: int, **extra) -> list[SamplingParams]:
         """SamplingParams for each of the n choices: choice j of a seeded request draws with seed + j, so the choices
@@ -68,6 +148,7 @@ class _Sampling(BaseModel):
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             ignore_eos=self.ignore_eos,
+            structured_outputs=extra.pop("structured_outputs", None) or self.constraint(),
             **extra,
         )
         if self.seed is None:
@@ -89,8 +170,34 @@ class CompletionRequest(_Sampling):
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "tool", "ipython"]
-    content: str
+    """A chat message: text content (or OpenAI's text parts); an assistant's may be null when it carries
+    `tool_calls`; a `tool` message answers the call `tool_call_id`. "developer" is OpenAI's newer "system"."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "ipython"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_given(self):
+        if self.role == "developer":
+            self.role = "system"
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant's with tool_calls may omit it)")
+        return self
+
+    def as_dict(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class ChatCompletionRequest(_Sampling):
@@ -98,6 +205,15 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self):
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        return self
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):

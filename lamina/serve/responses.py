@@ -7,6 +7,7 @@ import json
 from typing import Callable, Sequence
 
 from lamina.engine.request import RequestOutput, TopLogprobs
+from lamina.tokenizer.tools import ToolCall
 
 TokenText = Callable[[int], str]
 
@@ -86,8 +87,17 @@ def merge_logprobs(pieces: Sequence[dict | None]) -> dict | None:
     return merged
 
 
-def completion_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+# vLLM's `stop_reason` field of a choice, when a structured output ended before its constraint was complete
+UNMET = "the output ended before its structured-output constraint was complete: it is not valid"
+
+
+def completion_choice(
+    index: int, text: str, logprobs: dict | None, finish_reason: str | None, *, unmet: bool = False
+) -> dict:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    if unmet:
+        choice["stop_reason"] = UNMET
+    return choice
 
 
 def completion_body(rid: str, created: int, model: str, choices: list[dict], use: dict | None, *, chunk=False) -> dict:
@@ -118,17 +128,49 @@ def chat_logprobs(outs: Sequence[RequestOutput], token_text: TokenText) -> dict:
     return {"content": entries}
 
 
-def chat_choice(index: int, content: str, logprobs: dict | None, finish_reason: str | None) -> dict:
-    message = {"role": "assistant", "content": content}
-    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_choice(
+    index: int,
+    content: str | None,
+    logprobs: dict | None,
+    finish_reason: str | None,
+    *,
+    tool_calls: Sequence[ToolCall] = (),
+    unmet: bool = False,
+) -> dict:
+    """A chat choice; with tool calls, OpenAI's `tool_calls` and finish reason "tool_calls"."""
+    message: dict = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = [c.as_openai() for c in tool_calls]
+        finish_reason = "tool_calls"
+    choice = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+    if unmet:
+        choice["stop_reason"] = UNMET
+    return choice
 
 
-def chat_delta(index: int, out: RequestOutput | None, logprobs: dict | None) -> dict:
-    """A streamed chat choice: the role first (`out` None), then each output's text."""
+def chat_delta(
+    index: int,
+    out: RequestOutput | None,
+    logprobs: dict | None,
+    *,
+    text: str | None = None,
+    tool_calls: Sequence[ToolCall] = (),
+) -> dict:
+    """A streamed chat choice: the role first (`out` None), then each output's text (or `text`, when tool calls
+    are being read out of it), the calls themselves with the last (OpenAI's deltas: index, id, type, name and the
+    whole arguments) and finish reason "tool_calls"."""
     if out is None:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-    delta = {"content": out.text} if out.text or out.finish_reason is None else {}
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": out.finish_reason}
+    text = out.text if text is None else text
+    delta: dict = {"content": text} if text or (out.finish_reason is None and not tool_calls) else {}
+    finish = out.finish_reason
+    if tool_calls:
+        delta["tool_calls"] = [{"index": j, **c.as_openai()} for j, c in enumerate(tool_calls)]
+        finish = "tool_calls"
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    if out.constraint_unmet:
+        choice["stop_reason"] = UNMET
+    return choice
 
 
 def chat_body(rid: str, created: int, model: str, choices: list[dict], use: dict | None, *, chunk=False) -> dict:

@@ -1,4 +1,5 @@
-"""The Llama 3 chat format: `<|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>` per message."""
+"""The Llama 3 chat format: `<|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>` per message, with
+Meta's JSON tool calling (tools listed in a user message, calls after `<|python_tag|>`, ended by `<|eom_id|>`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Literal, Sequence, TypedDict
 
 from lamina.errors import RequestError, TokenizerError
 from lamina.tokenizer.base import Tokenizer
+from lamina.tokenizer.tools import Llama3JsonTools, Tool, arguments_object
 
 Role = Literal["system", "user", "assistant", "ipython"]
 ROLES = ("system", "user", "assistant", "ipython")
@@ -20,7 +22,10 @@ Dialog = Sequence[Message]
 
 
 class ChatFormat:
-    """Encodes dialogs for Llama 3 instruct models. `tool` is accepted as another name for the `ipython` role."""
+    """Encodes dialogs for Llama 3 instruct models. `tool` is accepted as another name for the `ipython` role (a
+    tool's result); an assistant message's `tool_calls` (OpenAI's shape) are written as Meta writes them."""
+
+    tool_format = Llama3JsonTools()
 
     _TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
@@ -47,18 +52,31 @@ class ChatFormat:
 
     def encode_message(self, message: Message) -> list[int]:
         """Header, the content stripped of surrounding whitespace (as Meta's format and chat template do),
-        <|eot_id|>."""
+        <|eot_id|>. An assistant message with tool calls: its content, then the calls as JSON ({"type": "function",
+        "name", "parameters"}; ';' between), ended by <|eom_id|>, as Meta's ChatFormat writes a custom tool call."""
         role, content = _check_message(message)
-        return [
-            *self.encode_header(role),
-            *self.tokenizer.encode(content.strip(), bos=False, eos=False),
-            self._eot,
-        ]
+        tokens = [*self.encode_header(role), *self.tokenizer.encode(content.strip(), bos=False, eos=False)]
+        calls = (message.get("tool_calls") or []) if role == "assistant" else []
+        if not calls:
+            return [*tokens, self._eot]
+        rendered = "; ".join(self.tool_format.render_call(*tool_call_parts(c)) for c in calls)
+        eom = self.tokenizer.special_tokens.get("<|eom_id|>", self._eot)
+        return [*tokens, *self.tokenizer.encode(rendered, bos=False, eos=False), eom]
 
-    def encode_dialog_prompt(self, dialog: Dialog) -> list[int]:
-        """<|begin_of_text|>, every message, then an open assistant header for the model to complete."""
+    def encode_dialog_prompt(self, dialog: Dialog, tools: Sequence[Tool] = ()) -> list[int]:
+        """<|begin_of_text|>, every message, then an open assistant header for the model to complete. With
+        `tools`, Meta's JSON tool-calling prompt: "Environment: ipython" opens the system message, and a user
+        message listing the tools comes before the first user message."""
+        messages = check_dialog(dialog)
+        if tools:
+            if messages and messages[0]["role"] == "system":
+                messages[0] = {**messages[0], "content": "Environment: ipython\n\n" + _text(messages[0]["content"])}
+            else:
+                messages.insert(0, {"role": "system", "content": "Environment: ipython\n"})
+            first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+            messages.insert(first_user, {"role": "user", "content": self.tool_format.tools_message(tools)})
         tokens = [self._bos]
-        for message in check_dialog(dialog):
+        for message in messages:
             tokens.extend(self.encode_message(message))
         tokens.extend(self.encode_header("assistant"))
         return tokens
@@ -72,12 +90,39 @@ def check_dialog(dialog: object) -> list[dict]:
 
 
 def check_message(message: object) -> dict:
-    """A message is a dict with a str 'role' and a 'content'; returns a copy."""
-    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+    """A message is a dict with a str 'role' and a 'content' (which an assistant message with 'tool_calls' may
+    leave out or null); returns a copy, content as text (OpenAI's list of text parts joined, null as "")."""
+    if not isinstance(message, dict) or "role" not in message:
+        raise RequestError(f"a message is a dict with 'role' and 'content', got {message!r:.80}")
+    if "content" not in message and not message.get("tool_calls"):
         raise RequestError(f"a message is a dict with 'role' and 'content', got {message!r:.80}")
     if not isinstance(message["role"], str):
         raise RequestError(f"message role must be a str, got {type(message['role']).__name__}")
-    return dict(message)
+    checked = dict(message)
+    checked["content"] = _text(message.get("content"))
+    return checked
+
+
+def _text(content: object) -> str:
+    """Message content as text: a str, null (""), or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise RequestError(
+                "message content parts must be {'type': 'text', 'text': str}; this model reads text only"
+            )
+        return "".join(p["text"] for p in content)
+    return content
+
+
+def tool_call_parts(call: object) -> tuple[str, dict]:
+    """(name, arguments) of an assistant message's tool call, in OpenAI's shape ({"function": {"name",
+    "arguments"}}) or flat ({"name", "arguments"})."""
+    function = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise RequestError(f"a tool call is {{'function': {{'name': ..., 'arguments': ...}}}}, got {call!r:.80}")
+    return function["name"], arguments_object(function.get("arguments", {}))
 
 
 def _check_message(message: object) -> tuple[str, str]:

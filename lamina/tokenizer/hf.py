@@ -70,6 +70,11 @@ class HFTokenizer:
             if added.special
         }
 
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The wrapped `tokenizers.Tokenizer` (read it; changing it changes this tokenizer)."""
+        return self._tokenizer
+
     @classmethod
     def from_dir(cls, path: str | Path) -> HFTokenizer:
         """Load `tokenizer.json` with `tokenizer_config.json` and `generation_config.json` (both optional) from a

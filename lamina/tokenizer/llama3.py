@@ -89,6 +89,11 @@ class Llama3Tokenizer:
     def vocab_size(self) -> int:
         return self.n_words
 
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken encoding (ranks, pattern and special tokens) behind this tokenizer."""
+        return self._encoding
+
     def encode(
         self,
         s: str,
