@@ -8,8 +8,9 @@ Each engine runs in its own subprocess. Every stream asks for a long JSON docume
 greedy for `--tokens` new tokens, so that constrained and free streams make as many tokens. Measured per engine,
 free and constrained: time to first token of one stream (the schema already compiled once: a schema seen before),
 the first token of a schema never seen (the compile included), decode tokens/s of one stream and of 16 (lamina only:
-llama-cpp-python runs one at a time), counted from when every stream has its first token. Ratios: constrained over
-free (the cost: 1.00 is free), and lamina's constrained tokens/s over llama.cpp's.
+llama-cpp-python runs one at a time), counted from when every stream has its first token; free and constrained runs
+alternate. Ratios: constrained over free (the cost: 1.00 is free), and lamina's constrained tokens/s over
+llama.cpp's.
 """
 
 from __future__ import annotations
@@ -76,14 +77,26 @@ def lamina_worker(args) -> dict:
                     all_started = now
         return first - start, made / (time.perf_counter() - all_started)
 
-    out = {}
-    for label, schema in (("free", None), ("json", SCHEMA)):
-        run(1, schema)  # warm-up (and, constrained, the schema's one compile)
-        ttft, tps = zip(*(run(1, schema) for _ in range(args.runs)))
-        out[f"{label}.ttft"], out[f"{label}.tps@1"] = statistics.median(ttft), statistics.median(tps)
-        out[f"{label}.tps@16"] = statistics.median(run(16, schema)[1] for _ in range(args.runs))
-    out["json.ttft_cold"] = statistics.median(run(1, _fresh_schema(i))[0] for i in range(args.runs))
-    return out
+    return _alternating(lambda schema: run(1, schema), lambda schema: run(16, schema)[1], args.runs) | {
+        "json.ttft_cold": statistics.median(run(1, _fresh_schema(i))[0] for i in range(args.runs))
+    }
+
+
+def _alternating(one, many, runs: int) -> dict:
+    """Medians of free and constrained runs taken in turns (free, constrained, free, ...), so that a machine whose
+    speed drifts over minutes weighs on both alike. `one(schema)` -> (ttft, tok/s) of a stream; `many(schema)` ->
+    tok/s of 16 streams (None for an engine without)."""
+    one(None), one(SCHEMA)  # warm-up, and the schema's one compile
+    results: dict[str, list] = {}
+    for _ in range(runs):
+        for label, schema in (("free", None), ("json", SCHEMA)):
+            ttft, tps = one(schema)
+            results.setdefault(f"{label}.ttft", []).append(ttft)
+            results.setdefault(f"{label}.tps@1", []).append(tps)
+    for _ in range(runs if many is not None else 0):
+        for label, schema in (("free", None), ("json", SCHEMA)):
+            results.setdefault(f"{label}.tps@16", []).append(many(schema))
+    return {key: statistics.median(values) for key, values in results.items()}
 
 
 def llama_cpp_worker(args) -> dict:
@@ -102,12 +115,8 @@ def llama_cpp_worker(args) -> dict:
             n += 1
         return first - start, (n - 1) / (time.perf_counter() - first)
 
-    out = {}
     grammar = llama_cpp.LlamaGrammar.from_json_schema(json.dumps(SCHEMA), verbose=False)
-    for label, g in (("free", None), ("json", grammar)):
-        run(None, g)
-        ttft, tps = zip(*(run(None, g) for _ in range(args.runs)))
-        out[f"{label}.ttft"], out[f"{label}.tps@1"] = statistics.median(ttft), statistics.median(tps)
+    out = _alternating(lambda schema: run(None, grammar if schema else None), None, args.runs)
 
     def cold(i: int) -> float:
         start = time.perf_counter()

@@ -43,6 +43,7 @@ class Grammars:
         self.eos = list(
             dict.fromkeys(tokenizer.stop_tokens or ([tokenizer.eos_id] if tokenizer.eos_id is not None else []))
         )
+        self.eos_ids = torch.tensor(self.eos, dtype=torch.long)
         self._ll: llguidance.LLTokenizer | None = None
         self._compiled: OrderedDict[StructuredOutputs, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()

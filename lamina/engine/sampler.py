@@ -49,12 +49,14 @@ class Sampler:
 
     Structured output: a request with a constraint carries a matcher (`constrain`); its row draws only among the
     tokens the matcher allows (the model's own log-probabilities are still reported), and the matcher takes each
-    token drawn. `prepare` starts a step's masks before the forward pass, so that they are computed meanwhile."""
+    token drawn. `prepare` starts a step's masks before the forward pass, so that on an accelerator they are computed
+    meanwhile."""
 
     def __init__(self, vocab_size: int, device: torch.device, seed: int, grammars: Grammars):
         self.vocab_size, self.device, self.grammars = vocab_size, device, grammars
         self._seeds = torch.Generator().manual_seed(seed)  # hands out seeds: on the CPU whatever the device
         self._pending: tuple[tuple[int, ...], Future] | None = None  # masks being filled, for these requests
+        self.overlap = device.type != "cpu"  # fill masks during the forward pass (see `prepare`)
 
     def constrain(self, request: Request) -> None:
         """Give a request with structured_outputs its matcher; RequestError when the constraint does not compile."""
@@ -75,21 +77,23 @@ class Sampler:
             request.seen[torch.tensor(request.prompt, device=self.device)] = True
 
     def prepare(self, requests: Sequence[Request]) -> None:
-        """Start filling the masks of the constrained requests among those that sample next."""
+        """Start filling the masks of the constrained requests among those that sample next, to overlap the forward
+        pass, when that runs on an accelerator. On the CPU the forward pass has every core, and a mask filled beside
+        it slows it more than the mask costs after it (measured: bench_structured.py, README "Speed")."""
         constrained = [r for r in requests if r.matcher is not None]
         self._pending = None
-        if constrained:
+        if constrained and self.overlap:
             self._pending = (tuple(id(r) for r in constrained), self.grammars.start([r.matcher for r in constrained]))
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> Sampled:
         """The next token of each request from its row of raw logits [B, V] (float32)."""
         if not requests:
             return Sampled([], [], [], [])
-        allowed = self._constrain(logits, requests)
+        masked = self._constrain(logits, requests)
         if all(r.params.greedy and not r.params.logit_bias and r.counts is None for r in requests):
-            tokens = allowed.argmax(dim=-1)  # every stage would leave the argmax as it is
+            tokens = masked.argmax(dim=-1)  # every stage would leave the argmax as it is
         else:
-            tokens = self._draw(allowed, requests)
+            tokens = self._draw(masked, requests)
         # Log-probabilities of the model's own distribution (raw logits, as Meta and OpenAI report them), only for the
         # requests that ask; one host transfer for the tokens and their log-probabilities.
         want = [r.params.logprobs for r in requests]
@@ -132,14 +136,15 @@ class Sampler:
             if pending is not None and pending[0] == key
             else self.grammars.fill([r.matcher for r in constrained])
         )
-        allowed = unpack_token_mask(bitmask, self.vocab_size).to(logits.device)
-        eos = torch.tensor(self.grammars.eos, dtype=torch.long, device=logits.device)
+        allowed = unpack_token_mask(bitmask, self.vocab_size).to(logits.device)  # [n, V]
+        eos = self.grammars.eos_ids.to(logits.device)
         can_end = allowed[:, eos].any(dim=-1).tolist()
         allowed[:, eos] = False
+        ends = [(j, t) for j, r in enumerate(constrained) if can_end[j] for t in r.stop_ids]
+        if ends:
+            allowed[tuple(torch.tensor(ends, device=logits.device).T)] = True
         for j, r in enumerate(constrained):
-            if can_end[j] and r.stop_ids:
-                allowed[j, torch.tensor(sorted(r.stop_ids), device=logits.device)] = True
-            if r.matcher.is_error() or not bool(allowed[j].any()):
+            if r.matcher.is_error():  # it allows nothing: the row is left free, and the core ends the request
                 allowed[j] = True
         return apply_token_mask(logits, torch.tensor(rows, device=logits.device), allowed)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from lamina.errors import RequestError
@@ -42,8 +43,8 @@ class StructuredOutputs:
     - `grammar`: a context-free grammar, in Lark syntax as llguidance reads it or in llama.cpp's GBNF.
 
     Checked for shape here; compiled (and a grammar that does not compile refused, naming the problem) when the
-    request reaches the engine (lamina.engine.grammar). The schema is kept as canonical JSON text, so equal
-    constraints are equal and hash alike (the compiled grammars are cached by it)."""
+    request reaches the engine (lamina.engine.grammar). The schema is kept as compact JSON text, so equal constraints
+    are equal and hash alike (the compiled grammars are cached by it)."""
 
     json: str | None = None
     regex: str | None = None
@@ -70,7 +71,8 @@ class StructuredOutputs:
                     raise RequestError(f"the JSON schema is not valid JSON: {e}") from None
             if not isinstance(schema, (dict, bool)):
                 raise RequestError(f"a JSON schema is an object (or true/false), got {type(schema).__name__}")
-            object.__setattr__(self, "json", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+            # compact, but in the given key order: properties are generated in the order the schema lists them
+            object.__setattr__(self, "json", json.dumps(schema, separators=(",", ":")))
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -286,11 +288,11 @@ def apply_penalties(
 
 
 def unpack_token_mask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """A grammar's allowed tokens as bool [n, vocab_size], from llguidance's bitmask [n, W] int32 (bit j of word w:
-    token 32 w + j). Ids beyond the mask's 32 W are not allowed."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask[:, :, None] >> shifts) & 1  # [n, W, 32]
-    allowed = bits.reshape(bitmask.shape[0], -1).bool()
+    """A grammar's allowed tokens as bool [n, vocab_size], from llguidance's bitmask [n, W] int32 on the CPU (bit j
+    of word w: token 32 w + j). Ids beyond the mask's 32 W are not allowed."""
+    # little-endian words: byte k of word w holds tokens 32 w + 8 k .. + 7, lowest bit first
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")  # [n, 32 W] of 0/1
+    allowed = torch.from_numpy(bits).view(torch.bool)
     if allowed.shape[1] >= vocab_size:
         return allowed[:, :vocab_size]
     return torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
@@ -301,8 +303,10 @@ def apply_token_mask(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Te
     (the others are unconstrained). Returns a new tensor."""
     if rows.numel() == 0:
         return logits
+    if rows.numel() == logits.shape[0]:  # every row constrained, in order
+        return torch.where(allowed, logits, -math.inf)
     masked = logits.clone()
-    masked[rows] = logits[rows].masked_fill(~allowed, -math.inf)
+    masked[rows] = torch.where(allowed, logits[rows], -math.inf)
     return masked
 
 

@@ -244,6 +244,23 @@ def test_constrained_rows_leave_the_others_alone(llama):
     assert free == llama.tokenizer.decode(alone) and color in ("red", "blue")
 
 
+def test_masks_filled_during_the_forward_pass_give_the_same_tokens(llama):
+    """The overlapped path (masks filled on a worker thread while the forward pass runs: the default on an
+    accelerator) draws what the in-line path (the CPU's default) draws."""
+    names = ["nested object", "array of objects", "refs", "date-time format"]
+    prompts = [_chat(llama, f"Give an example of {n} as JSON.") for n in names]
+    params = [
+        SamplingParams(temperature=0.8, seed=i, structured_outputs=StructuredOutputs(json=SCHEMAS[n]))
+        for i, n in enumerate(names)
+    ]
+    inline = run_all(llama, prompts, params)
+    llama.core.sampler.overlap = True
+    try:
+        assert run_all(llama, prompts, params) == inline
+    finally:
+        llama.core.sampler.overlap = False
+
+
 def test_the_offline_api_takes_a_constraint(llama):
     schema = SCHEMAS["flat object"]
     (reply,) = llama.chat_completion(
