@@ -1,11 +1,12 @@
 """Structured output through llguidance: a request's constraint (lamina.engine.sampling.StructuredOutputs) compiled
-to a grammar once and cached, a matcher per request that follows its tokens, and each step's token masks, filled on
-llguidance's threads while the forward pass runs.
+to a grammar once and cached, a matcher per request that follows its tokens, and each step's token masks (filled by
+llguidance's executor, during the forward pass on an accelerator: lamina.engine.sampler).
 
 Why llguidance: it takes every kind of constraint the API offers (JSON Schema, regex, choice, Lark and GBNF
 grammars) in one compiler, computes a mask in tens of microseconds without a per-schema warm-up over the whole
 vocabulary, releases the GIL while it does, and installs as one wheel with no dependencies (xgrammar, the other
-library made for this, pulls in transformers and triton). benchmarks/bench_structured.py measures its cost.
+library made for this, pulls in transformers and triton; it masks faster and compiles slower:
+benchmarks/bench_grammar_engines.py). benchmarks/bench_structured.py measures what a constraint costs a stream.
 """
 
 from __future__ import annotations

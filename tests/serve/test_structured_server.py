@@ -81,7 +81,7 @@ def _schema_reply(client, name: str, temperature: float, stream: bool) -> tuple[
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].choices[0].finish_reason
 
 
-@pytest.mark.parametrize("temperature, stream", [(0.0, False), (0.8, True)])
+@pytest.mark.parametrize("temperature, stream", [(0.0, False), (0.0, True), (0.8, False), (0.8, True)])
 def test_every_json_schema_response_validates(client, temperature, stream):
     with ThreadPoolExecutor(8) as pool:
         replies = dict(zip(SCHEMAS, pool.map(lambda n: _schema_reply(client, n, temperature, stream), SCHEMAS)))
