@@ -170,6 +170,7 @@ def main() -> int:
     parser.add_argument("--reply-tokens", type=int, default=32)
     parser.add_argument("--items", type=int, default=64)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--parts", default="chat,scoring", help="which of (a) chat, (b) scoring to run")
     args = parser.parse_args()
     if args.model is None:
         from lamina.loader import default_model_path
@@ -179,7 +180,8 @@ def main() -> int:
     results = {}
     for engine in args.engines.split(","):
         r = {}
-        for part, work in (("chat", chat_replay), ("scoring", scoring)):  # a fresh server (cold cache) for each
+        parts = [(part, work) for part, work in (("chat", chat_replay), ("scoring", scoring)) if part in args.parts]
+        for part, work in parts:  # a fresh server (cold cache) for each
             print(f"running {engine}, {part} ...", file=sys.stderr, flush=True)
             port = free_port()
             proc = start(engine, args.model, port, args, scoring=part == "scoring")
@@ -189,6 +191,7 @@ def main() -> int:
                 r[part] = asyncio.run(work(url, served, args))
                 r[part]["cached"] = cache_counters(url)
                 r[part]["rss"] = peak_rss_mb(proc.pid)
+                print(f"{engine} {part}: {json.dumps(r[part])}", file=sys.stderr, flush=True)  # kept should one fail
             except (RuntimeError, httpx.HTTPError) as e:
                 print(f"{engine} {part} failed: {e}", file=sys.stderr, flush=True)
                 break
@@ -197,7 +200,6 @@ def main() -> int:
                 proc.wait(timeout=60)
         else:
             results[engine] = r
-            print(f"{engine}: {json.dumps(r)}", file=sys.stderr, flush=True)  # kept should a later engine fail
 
     print(
         f"# {cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}, model "
@@ -227,9 +229,13 @@ def main() -> int:
         ("(a) server peak RSS (MB)", lambda r: r["chat"]["rss"], True),
         ("(b) server peak RSS (MB)", lambda r: r["scoring"]["rss"], True),
     ]
+    ran = [part for part in ("chat", "scoring") if all(part in r for r in results.values())]
+    rows = [row for row in rows if {"(a)": "chat", "(b)": "scoring"}[row[0][:3]] in ran]
     ratio_table(results, rows)
     peers = [e for e in results if e != "lamina"]
     for part, label in (("chat", "(a) prompt tokens from the cache"), ("scoring", "(b) prompt tokens from the cache")):
+        if part not in ran:
+            continue
         print(f"| {label} | " + " | ".join(saved(r, part) for r in results.values()) + " |" + " |" * len(peers))
     return 0
 

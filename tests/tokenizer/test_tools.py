@@ -3,6 +3,7 @@ JSON-looking prose, broken JSON), streaming that reassembles to the same result 
 each family expects (Meta's ChatFormat against llama-models' own encoder), and tool definitions checked."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,31 @@ HERMES = [
     ('<tool_call>\n{"name": "launch_rocket", "arguments": {}}\n</tool_call>', None, None),  # not a defined tool
     ("<tool_call>\nnot json at all\n</tool_call>", None, None),
     ('<tool_call>\n{"name": "get_time", "arguments": {}}', None, [("get_time", {})]),  # stopped before the close
+]
+# SmolLM2-135M-Instruct's own greedy replies (the default GGUF, lamina's Hermes-style tool prompt, TOOLS' two
+# functions), recorded with tool_choice "required" (constrained) and "auto".
+HERMES += [
+    (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "New York"}}\n</tool_call>\n<tool_call>\n'
+        '{"name": "get_time", "arguments": {"type": "object", "properties": {"celsius": 3.5}}}\n</tool_call>',
+        None,
+        [("get_weather", {"city": "New York"}), ("get_time", {"type": "object", "properties": {"celsius": 3.5}})],
+    ),
+    (  # cut short by max_tokens as a second call opened: not presented as calls
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "type": "object", '
+        '"properties": {"temperature": {"type": "string"}, "temperature": {"type": "number", "value": 25.5}}}}\n'
+        "</tool_call>\n<tool_call>",
+        None,
+        None,
+    ),
+    ("The time is 12:30 AM in the current timezone.", "The time is 12:30 AM in the current timezone.", []),
+    (
+        "Here's a function that can be used to get the weather in Berlin:\n```python\ndef get_weather_berlin(city):\n"
+        '    return {\n        "type": "function",\n        "function": lambda: {\n            "name": "Berlin",',
+        "Here's a function that can be used to get the weather in Berlin:\n```python\ndef get_weather_berlin(city):\n"
+        '    return {\n        "type": "function",\n        "function": lambda: {\n            "name": "Berlin",',
+        [],
+    ),
 ]
 LLAMA3 = [
     ('{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [("get_weather", {"city": "Paris"})]),
@@ -104,6 +130,23 @@ def test_streaming_reassembles_to_the_parse_at_every_split(fmt, text):
         rest, calls = stream.finish()
         assert streamed + rest == (whole_content or "")
         assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole_calls]
+
+
+def test_a_recorded_llama_3_1_call_from_metas_prompt_format_guide():
+    """The model response that llama-models' own guide records for JSON tool calling (Llama 3.1), read from the
+    installed package, parses into the call it makes."""
+    import llama_models
+
+    guide = (Path(llama_models.__file__).parent / "llama3_1" / "prompt_format.md").read_text()
+    start = guide.index("<|python_tag|>{")
+    reply = guide[start : guide.index("<|eom_id|>", start)]  # the text before the stop token, as lamina sees it
+    songs = check_tools(
+        [{"type": "function", "function": {"name": "trending_songs", "parameters": {"type": "object"}}}]
+    )
+    content, calls = Llama3JsonTools().parse(reply, songs)
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("trending_songs", {"n": "10", "genre": "all"})
+    ]
 
 
 def test_meta_format_renders_tools_and_calls_as_llama_models_does(tokenizer_path, ref_tokenizer):
