@@ -30,11 +30,13 @@ _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 
 @dataclass(frozen=True)
 class Tool:
-    """A function the model may call: its name, description and JSON Schema of parameters (OpenAI's `tools`)."""
+    """A function the model may call: its name, description and JSON Schema of parameters (OpenAI's `tools`).
+    `strict` (OpenAI's `function.strict`): a constrained call's arguments hold no keys the schema does not name."""
 
     name: str
     description: str | None
     parameters: dict
+    strict: bool = False
 
     def as_openai(self) -> dict:
         function: dict[str, Any] = {"name": self.name}
@@ -77,7 +79,10 @@ def check_tools(tools: object) -> list[Tool]:
         description = function.get("description")
         if description is not None and not isinstance(description, str):
             raise RequestError(f"tools[{i}].function.description must be a string")
-        checked.append(Tool(name, description, parameters))
+        strict = function.get("strict") or False
+        if not isinstance(strict, bool):
+            raise RequestError(f"tools[{i}].function.strict must be true or false")
+        checked.append(Tool(name, description, parameters, strict))
     names = [t.name for t in checked]
     if len(set(names)) != len(names):
         raise RequestError(f"tool names must be unique, got {names}")
@@ -106,11 +111,34 @@ def _call_schema(tool: Tool, arguments_key: str) -> dict:
     """The JSON Schema of one call of `tool` as a format writes it: {"name": <const>, <arguments_key>: params}."""
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.name}, arguments_key: tool.parameters},
+        "properties": {
+            "name": {"const": tool.name},
+            arguments_key: _closed(tool.parameters) if tool.strict else tool.parameters,
+        },
         "required": ["name", arguments_key],
         "additionalProperties": False,
         "x-guidance": _JSON_STYLE,
     }
+
+
+def _closed(schema: object) -> object:
+    """A copy of a JSON Schema whose objects allow no properties beyond those they name (where they say nothing
+    else), through its subschemas."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in ("properties", "$defs", "definitions", "patternProperties"):
+        if isinstance(schema.get(key), dict):
+            out[key] = {name: _closed(sub) for name, sub in schema[key].items()}
+    for key in ("items", "additionalProperties", "not", "if", "then", "else", "contains"):
+        if isinstance(schema.get(key), dict):
+            out[key] = _closed(schema[key])
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if isinstance(schema.get(key), list):
+            out[key] = [_closed(sub) for sub in schema[key]]
+    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
 
 
 def _call_rules(tools: Sequence[Tool], arguments_key: str) -> list[str]:

@@ -41,6 +41,7 @@ TIME = {
     "function": {
         "name": "get_time",
         "description": "Get the current time in a time zone",
+        "strict": True,  # OpenAI's: the call's arguments hold only the keys the schema names
         "parameters": {
             "type": "object",
             "properties": {"zone": {"type": "string", "maxLength": 30}},
@@ -152,6 +153,8 @@ def _call_args(call, tools=(WEATHER, TIME)) -> dict:
     tool = next(t for t in tools if t["function"]["name"] == call.function.name)
     arguments = json.loads(call.function.arguments)
     jsonschema.validate(arguments, tool["function"]["parameters"])
+    if tool["function"].get("strict"):
+        assert set(arguments) <= set(tool["function"]["parameters"]["properties"])
     return arguments
 
 

@@ -222,6 +222,30 @@ def test_a_template_that_reads_tools_gets_them_with_argument_objects():
     assert text == '<tools>get_weather;get_time;</tools>[assistant]<tool_call>get_weather{"city": "Oslo"}</tool_call>'
 
 
+def test_strict_tools_close_their_argument_objects():
+    """OpenAI's function.strict: the constrained call's schema closes every object of the parameters."""
+    params = {
+        "type": "object",
+        "properties": {
+            "where": {"type": "object", "properties": {"city": {"type": "string"}}},
+            "properties": {"type": "array", "items": {"type": "object", "properties": {"k": {"type": "string"}}}},
+        },
+        "$defs": {"x": {"type": "object"}},
+    }
+    (loose,) = check_tools([{"function": {"name": "f", "parameters": params}}])
+    (strict,) = check_tools([{"function": {"name": "f", "parameters": params, "strict": True}}])
+    open_rule, closed_rule = (
+        json.loads(HermesTools().grammar([t], several=False).split("%json ", 1)[1]) for t in (loose, strict)
+    )
+    assert open_rule["properties"]["arguments"] == params
+    closed = closed_rule["properties"]["arguments"]
+    assert closed["additionalProperties"] is False and closed["$defs"]["x"]["additionalProperties"] is False
+    assert closed["properties"]["where"]["additionalProperties"] is False
+    assert closed["properties"]["properties"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]["properties"]  # an array, named "properties"
+    assert params["properties"]["where"] == {"type": "object", "properties": {"city": {"type": "string"}}}  # untouched
+
+
 @pytest.mark.parametrize(
     "tools, message",
     [
@@ -231,6 +255,7 @@ def test_a_template_that_reads_tools_gets_them_with_argument_objects():
         ([{"function": {"name": "bad name!"}}], "letters, digits"),
         ([{"function": {"name": "a", "parameters": [1]}}], "JSON Schema object"),
         ([{"function": {"name": "a"}}, {"function": {"name": "a"}}], "unique"),
+        ([{"function": {"name": "a", "strict": "yes"}}], "strict must be true or false"),
     ],
 )
 def test_tool_definitions_are_checked(tools, message):
