@@ -79,10 +79,10 @@ class Sampler:
     def prepare(self, requests: Sequence[Request]) -> None:
         """Start filling the masks of the constrained requests among those that sample next, to overlap the forward
         pass, when that runs on an accelerator. On the CPU the forward pass has every core, and a mask filled beside
-        it slows it more than the mask costs after it (measured: bench_structured.py, README "Speed")."""
-        constrained = [r for r in requests if r.matcher is not None]
+        it slows it more than the mask costs after it (README, "Speed": `bench_structured.py --overlap`)."""
         self._pending = None
-        if constrained and self.overlap:
+        constrained = [r for r in requests if r.matcher is not None] if self.overlap else []
+        if constrained:
             self._pending = (tuple(id(r) for r in constrained), self.grammars.start([r.matcher for r in constrained]))
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> Sampled:

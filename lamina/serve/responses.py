@@ -94,7 +94,11 @@ UNMET = "the output ended before its structured-output constraint was complete: 
 def completion_choice(
     index: int, text: str, logprobs: dict | None, finish_reason: str | None, *, unmet: bool = False
 ) -> dict:
-    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _said_unmet({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}, unmet)
+
+
+def _said_unmet(choice: dict, unmet: bool) -> dict:
+    """The choice, with vLLM's `stop_reason` saying so when its structured output was cut short."""
     if unmet:
         choice["stop_reason"] = UNMET
     return choice
@@ -142,10 +146,9 @@ def chat_choice(
     if tool_calls:
         message["tool_calls"] = [c.as_openai() for c in tool_calls]
         finish_reason = "tool_calls"
-    choice = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
-    if unmet:
-        choice["stop_reason"] = UNMET
-    return choice
+    return _said_unmet(
+        {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}, unmet
+    )
 
 
 def chat_delta(
@@ -167,10 +170,9 @@ def chat_delta(
     if tool_calls:
         delta["tool_calls"] = [{"index": j, **c.as_openai()} for j, c in enumerate(tool_calls)]
         finish = "tool_calls"
-    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-    if out.constraint_unmet:
-        choice["stop_reason"] = UNMET
-    return choice
+    return _said_unmet(
+        {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}, out.constraint_unmet
+    )
 
 
 def chat_body(rid: str, created: int, model: str, choices: list[dict], use: dict | None, *, chunk=False) -> dict:

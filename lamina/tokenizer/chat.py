@@ -1,5 +1,6 @@
 """The Llama 3 chat format: `<|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>` per message, with
-Meta's JSON tool calling (tools listed in a user message, calls after `<|python_tag|>`, ended by `<|eom_id|>`)."""
+Meta's JSON tool calling (tools listed in a user message; calls written back as Meta's ChatFormat encodes them, JSON
+ended by `<|eom_id|>`; the model's own calls may follow `<|python_tag|>`, which the parser accepts)."""
 
 from __future__ import annotations
 
