@@ -3,9 +3,11 @@ same run. Each engine runs in its own subprocess (so peak RSS is its own); each 
 min-max, and every lamina figure is printed as a ratio to each peer.
 
     python benchmarks/bench_generate.py [--model FILE.gguf] [--runs 3] [--streams 1,4,16,64] [--prefill 128,512,2048]
+                                        [--chart benchmarks/charts/generate.png]
 
 Measured: decode tokens/s for 1 and N concurrent streams (aggregate), prefill tokens/s for a prompt of L tokens, time
-to first token of a 128-token prompt, peak RSS. The first line names the CPU (model and the instruction sets that
+to first token of a 128-token prompt, peak RSS. Beside the table, a chart (benchmarks/charts/generate.png): decode
+tokens/s against streams and prefill tokens/s against prompt length, each engine a line. The first line names the CPU (model and the instruction sets that
 matter here), the commit, and lamina's kernel path and prefill dtype (`--kernel-path`, `--prefill-dtype` force them).
 Engines that are not installed are reported as skipped.
 
@@ -30,6 +32,9 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import charts  # noqa: E402
 
 DECODE_PROMPT = 16  # tokens in each decode prompt
 LLAMA_CPP_VERSION = "0.3.36"
@@ -135,6 +140,9 @@ class LaminaEngine:
             max_seq_len=max(max(args.prefill) + 8, DECODE_PROMPT + args.tokens + 8),
             kernel_path=args.kernel_path,
             prefill_dtype=args.prefill_dtype,
+            # Every run here repeats its prompt: with the prefix cache on, a repeat would compute one block, not
+            # the prompt (the peers recompute it). bench_prefix measures the cache.
+            prefix_caching=False,
         )
         self.tokens = args.tokens
         from lamina.quant import QLinear, kernel_path
@@ -324,6 +332,7 @@ def main() -> int:
         "--llama-cpp", default=None, choices=["installed", "build"], help="llama-cpp-python as installed, or built here"
     )
     parser.add_argument("--hf-dtype", default="bf16", help="transformers' dtype: bf16 or fp32")
+    charts.add_option(parser, __file__)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.streams = [int(s) for s in str(args.streams).split(",")]
@@ -374,8 +383,9 @@ def main() -> int:
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
 
     mine = results.get("lamina", {})
+    machine = f"{cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}"
     print(
-        f"# {cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}, "
+        f"# {machine}, "
         f"model {os.path.basename(args.model)}, lamina dtype {args.dtype or 'default'}, "
         f"lamina weights {args.quantize or 'default'}{', compiled decode' if args.compile else ''}, "
         f"lamina kernel path {mine.get('kernel_path', '-')}, prefill GEMM {mine.get('prefill_dtype', '-')}, "
@@ -432,7 +442,44 @@ def main() -> int:
         + " |"
         + " |" * len(peers)
     )
+    if args.chart != "none" and results:
+        chart(results, args, machine)
     return 0
+
+
+def chart(results: dict, args, machine: str) -> None:
+    """Decode tokens/s against streams and prefill tokens/s against prompt length, one line per engine."""
+    fig, (decode, prefill) = charts.figure(2, f"{os.path.basename(args.model)}: generation speed\n{machine}")
+    if fig is None:
+        return
+
+    def series(kind: str) -> dict:
+        return {
+            e: {int(k.split("@")[1]): summarize(v) for k, v in r.items() if k.startswith(kind + "@")}
+            for e, r in results.items()
+        }
+
+    label = {"transformers": f"transformers {args.hf_dtype}"}
+    named = {kind: {label.get(e, e): s for e, s in series(kind).items()} for kind in ("decode", "prefill")}
+    charts.lines(
+        decode,
+        args.streams,
+        named["decode"],
+        "concurrent streams",
+        "tokens/s (all streams)",
+        "decode (median, min-max)",
+        log_x=True,
+    )
+    charts.lines(
+        prefill,
+        args.prefill,
+        named["prefill"],
+        "prompt length (tokens)",
+        "prompt tokens/s",
+        "prefill (median, min-max)",
+        log_x=True,
+    )
+    charts.save(fig, args.chart)
 
 
 if __name__ == "__main__":

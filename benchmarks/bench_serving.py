@@ -7,7 +7,8 @@ Each server runs in its own process on loopback; `--concurrency` clients send `-
 requests in all (prompts of mixed lengths, greedy, `max_tokens` each). Measured per server: requests/s and output
 tokens/s over the whole run, time to first token and inter-token latency (p50, p99). Ratios are lamina's over
 llama.cpp's (for latencies and memory: llama.cpp's over lamina's, so > 1 is better for lamina either way). Peak RSS is
-the server process's high-water mark (VmHWM) at the end of the run.
+the server process's high-water mark (VmHWM) at the end of the run. Beside the table, a chart
+(benchmarks/charts/serving.png): throughput, and time-to-first-token and inter-token latency percentiles.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -24,8 +24,13 @@ import sys
 import tempfile
 import time
 from datetime import date
+from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+import charts  # noqa: E402
+from bench_generate import commit, cpu_line  # noqa: E402
 
 TEXTS = [
     "The history of the Roman Empire",
@@ -150,6 +155,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    charts.add_option(parser, __file__)
     args = parser.parse_args()
     if args.model is None:
         from lamina.loader import default_model_path
@@ -170,21 +176,58 @@ def main() -> int:
             proc.terminate()
             proc.wait(timeout=60)
 
-    print(
-        f"# {platform.machine()}, {args.threads} threads, {date.today()}, model {name}, {args.requests} streaming "
-        f"completions, {args.concurrency} concurrent clients, up to {args.max_tokens} tokens each, greedy"
+    machine = f"{cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}"
+    workload_line = (
+        f"{args.requests} streaming completions, {args.concurrency} concurrent clients, up to {args.max_tokens} "
+        "tokens each, greedy"
     )
+    print(f"# {machine}, model {name}, {workload_line}")
     rows = [
         ("requests/s", lambda r: r["rps"], False),
         ("output tokens/s", lambda r: r["tps"], False),
-        ("time to first token p50 (ms)", lambda r: 1000 * pct(r["ttft"], 50), True),
-        ("time to first token p99 (ms)", lambda r: 1000 * pct(r["ttft"], 99), True),
-        ("inter-token latency p50 (ms)", lambda r: 1000 * pct(r["itl"], 50), True),
-        ("inter-token latency p99 (ms)", lambda r: 1000 * pct(r["itl"], 99), True),
+        *((f"time to first token p{q} (ms)", lambda r, q=q: 1000 * pct(r["ttft"], q), True) for q in PERCENTILES),
+        *((f"inter-token latency p{q} (ms)", lambda r, q=q: 1000 * pct(r["itl"], q), True) for q in PERCENTILES),
         ("server peak RSS (MB)", lambda r: r["rss"], True),
     ]
     ratio_table(results, rows)
+    if args.chart != "none" and results:
+        chart(results, f"{name}, {workload_line}\n{machine}", args.chart)
     return 0
+
+
+PERCENTILES = (50, 90, 99)
+
+
+def chart(results: dict, title: str, path: str) -> None:
+    """Throughput, then time to first token and inter-token latency at each percentile, one bar per server."""
+    fig, (rate, ttft, itl) = charts.figure(3, title, width=4.6)
+    if fig is None:
+        return
+    engines = list(results)
+    charts.bars(
+        rate,
+        ["requests/s", "output tokens/s / 10"],
+        {e: [results[e]["rps"], results[e]["tps"] / 10] for e in engines},
+        "per second",
+        "throughput",
+    )
+    groups = [f"p{q}" for q in PERCENTILES]
+    charts.bars(
+        ttft,
+        groups,
+        {e: [1000 * pct(results[e]["ttft"], q) for q in PERCENTILES] for e in engines},
+        "ms (log scale)",
+        "time to first token",
+        log_y=True,
+    )
+    charts.bars(
+        itl,
+        groups,
+        {e: [1000 * pct(results[e]["itl"], q) for q in PERCENTILES] for e in engines},
+        "ms",
+        "inter-token latency",
+    )
+    charts.save(fig, path)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -168,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="positions per KV-cache block (default 16)",
     )
     serve.add_argument("--served-model-name", default=None, help="the model id clients name (default: the file's)")
+    serve.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (the API only)")
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="info (default): startup lines and one line per request; warning: problems only; debug: also /health "
+        "and /metrics requests, and the HTTP server's own lines",
+    )
     serve.add_argument(
         "--tensor-parallel-size",
         type=_checked(int, lambda v: v > 0, "an integer > 0"),
@@ -356,6 +365,7 @@ def _serve(args) -> int:
             from lamina.engine.config import resolve_device
 
             parallel.init(launched_ranks(), resolve_device(args.device), timeout_s=args.distributed_timeout)
+        _setup_logging(args.log_level)
         llama = _load(args, show_progress=True)
         tp = parallel.current()
         if tp is not None and tp.rank > 0:  # a following rank: run rank 0's forward passes until it stops
@@ -381,7 +391,7 @@ def _serve_rank0(args, llama, tp, followers) -> int:
     if tp is not None:
         parallel.drive(llama.runner, tp)
     name = args.served_model_name or Path(args.model or default_model_path()).name
-    app = create_app(llama, model_name=name, api_key=args.api_key, max_queue=args.max_queue)
+    app = create_app(llama, model_name=name, api_key=args.api_key, max_queue=args.max_queue, ui=not args.no_ui)
     failed: list[str] = []
     if tp is not None:  # a rank gone: its requests were failed (5xx); say which, and stop
 
@@ -396,11 +406,19 @@ def _serve_rank0(args, llama, tp, followers) -> int:
 
         app.state.engine_loop.on_step_error = stop
         app.state.engine_loop.on_idle = parallel.heartbeat(tp, every_s=args.distributed_timeout / 3)
-    ranks = f" across {tp.world_size} processes" if tp is not None else ""
-    print(f"serving {name}{ranks} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+    _startup_lines(args, llama, name, tp)
+    # uvicorn's own lines (and its access log: lamina writes its own line per request) only at debug.
+    server_level = "debug" if args.log_level == "debug" else "warning"
     # Ctrl-C / SIGTERM: stop accepting, let in-flight requests finish for up to 30 s, then cancel them.
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=server_level,
+            access_log=args.log_level == "debug",
+            timeout_graceful_shutdown=30,
+        )
     finally:
         if tp is not None and not failed:
             try:
@@ -408,6 +426,61 @@ def _serve_rank0(args, llama, tp, followers) -> int:
             except RuntimeError:
                 failed.append("a rank was gone at shutdown")
     return 1 if failed else 0
+
+
+def _setup_logging(level: str) -> None:
+    """The server's log on stderr: lamina's loggers at `level`, a timestamp on each line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger("lamina")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def _startup_lines(args, llama, name: str, tp) -> None:
+    """What this server is: the model, how it computes, how much it can hold, and where to find it."""
+    from lamina.engine.kv_cache import KVCache
+    from lamina.loader import default_model_path
+    from lamina.quant import describe
+
+    log = logging.getLogger("lamina.serve")
+    c, e = llama.model.config, llama.config
+    path = Path(args.model or default_model_path())
+    log.info(
+        "model %s (%s, %.1fM parameters, %d layers), served as %r, max_seq_len %d",
+        path.name,
+        path,
+        c.n_params / 1e6,
+        c.n_layers,
+        name,
+        e.max_seq_len,
+    )
+    dtype = str(e.dtype).removeprefix("torch.")
+    log.info("dtype %s, device %s, weights %s", dtype, e.device, describe(llama.model))
+    log.info("kernel path %s; decode step %s", _kernel_path(llama), _decode_path(llama))
+    pool, kv = llama.core.pool, e.kv_dtype
+    kv_name = kv if isinstance(kv, str) else str(kv).removeprefix("torch.")
+    tokens = pool.num_blocks * pool.block_size
+    size = tokens * KVCache.bytes_per_token(c, kv) / 2**20
+    caching = "on" if pool.caching else "off"
+    log.info(
+        "KV cache %d tokens (%d blocks of %d, %s, %.0f MiB), batch %d, prefix caching %s",
+        tokens,
+        pool.num_blocks,
+        pool.block_size,
+        kv_name,
+        size,
+        e.max_batch_size,
+        caching,
+    )
+    if tp is not None:
+        log.info("tensor parallel across %d processes", tp.world_size)
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    url = f"http://{host}:{args.port}"
+    where = f" (listening on all addresses, {args.host})" if host != args.host else ""
+    page = "no chat page (--no-ui)" if args.no_ui else f"chat page at {url}/"
+    log.info("%s; API at %s/v1%s; Ctrl-C stops", page, url, where)
 
 
 def _spawn_followers(world: int, argv: list[str]) -> list:

@@ -3,7 +3,8 @@
 to the engine thread (lamina.serve.loop) and build OpenAI's answers from the outputs (lamina.serve.responses).
 
 A client that goes away mid-stream cancels its handler, which aborts its requests: their KV-cache blocks are free the
-next step.
+next step. Every request has an id (`X-Request-Id`) and a log line (lamina.serve.log); `/` is the chat page
+(lamina.serve.page) unless the app is made without it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from lamina.engine import Request, StructuredOutputs
 from lamina.errors import CapacityError, LaminaError, RequestError
 from lamina.llama import Llama
 from lamina.tokenizer.tools import CallStream, Tool, check_tools
+from lamina.serve import page
 from lamina.serve import responses as r
+from lamina.serve.log import RequestLog, Trace
 from lamina.serve.loop import EngineLoop
 from lamina.serve.protocol import (
     ChatCompletionRequest,
@@ -48,9 +51,12 @@ class Served:
         return self.llama.tokenizer.decode([token])
 
 
-def create_app(llama: Llama, *, model_name: str, api_key: str | None = None, max_queue: int = 256) -> FastAPI:
+def create_app(
+    llama: Llama, *, model_name: str, api_key: str | None = None, max_queue: int = 256, ui: bool = True
+) -> FastAPI:
     """The app serving `llama` as `model_name` on the model's one engine core. The engine thread starts and stops
-    with the app (its lifespan). At most `max_queue` requests wait beyond the running batch (then 429)."""
+    with the app (its lifespan). At most `max_queue` requests wait beyond the running batch (then 429). `ui`: the
+    chat page at `/` (it asks for the API key where one is set; the key guards /v1/ only, as for any client)."""
     loop = EngineLoop(llama, max_queue)
 
     async def lifespan(app):
@@ -71,7 +77,10 @@ def create_app(llama: Llama, *, model_name: str, api_key: str | None = None, max
                 return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
         return await call_next(request)
 
+    app.add_middleware(RequestLog)  # outermost: a refused request has its id and its log line too
     app.include_router(router)
+    if ui:
+        app.include_router(page.router)
     return app
 
 
@@ -106,6 +115,13 @@ def _failure(e: BaseException) -> JSONResponse:
 
 def _served(request: HTTPRequest) -> Served:
     return request.app.state.served
+
+
+def _trace(request: HTTPRequest, requests: list[Request], prompt_tokens: int) -> Trace:
+    """The request's log record (lamina.serve.log), told what it asks for."""
+    trace = request.scope.get("state", {}).get("trace") or Trace(uuid.uuid4().hex, request.method, request.url.path)
+    trace.prompt_tokens, trace.choices = prompt_tokens, len(requests)
+    return trace
 
 
 def _unknown_model(served: Served, name: str | None) -> JSONResponse | None:
@@ -145,11 +161,12 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
     try:
         prompts = _prompt_ids(body.prompt, served.llama)
         requests = _completion_requests(body, prompts, served.llama)
+        trace = _trace(request, requests, sum(len(p) for p in prompts))
         await _compile_constraints(served, requests)
-        outputs = await served.loop.submit(requests)
+        outputs = await served.loop.submit(requests, trace.output)
     except (LaminaError, ValueError, ValidationError) as e:
         return _failure(e)
-    rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    rid, now = f"cmpl-{trace.id}", int(time.time())
     tokenizer = served.llama.tokenizer
     echoed: set[int] = set()
 
@@ -274,11 +291,12 @@ async def chat(body: ChatCompletionRequest, request: HTTPRequest):
         extra = {"structured_outputs": constraint} if constraint is not None else {}
         params = body.choices(max_tokens=max_tokens, logprobs=body.logprobs, top_logprobs=top, **extra)
         requests = [llama.new_request(prompt, p, max_tokens=budget) for p in params]
+        trace = _trace(request, requests, len(prompt))
         await _compile_constraints(served, requests)
-        outputs = await served.loop.submit(requests)
+        outputs = await served.loop.submit(requests, trace.output)
     except (LaminaError, ValueError, ValidationError) as e:
         return _failure(e)
-    rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    rid, now = f"chatcmpl-{trace.id}", int(time.time())
     fmt = llama.formatter.tool_format if tools else None
 
     def logprobs(outs) -> dict | None:

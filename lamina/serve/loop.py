@@ -54,10 +54,13 @@ class EngineLoop:
                 self.engine.abort(request.request_id)
                 request.sink(OutputProcessor.failed(request, None))
 
-    async def submit(self, requests: Sequence[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def submit(
+        self, requests: Sequence[Request], observe: Callable[[int, RequestOutput], None] | None = None
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Queue the requests (all or none; raises the core's RequestError / CapacityError). Returns an async
         iterator of (index in `requests`, output) as outputs come, to the last one's finish; it raises a failed
-        step's error, and aborts the requests still running when it is closed (the client went away)."""
+        step's error, and aborts the requests still running when it is closed (the client went away). `observe`
+        sees each output as it is read (the request's log line)."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
 
@@ -78,7 +81,7 @@ class EngineLoop:
                     self.metrics.accepted(len(request.prompt))
 
         await asyncio.wrap_future(self._call(add))
-        return self._outputs(requests, outputs)
+        return self._outputs(requests, outputs, observe)
 
     def _sink(self, loop, outputs: asyncio.Queue, index: int, observe) -> Callable[[RequestOutput], None]:
         def deliver(out: RequestOutput) -> None:  # on whichever thread stepped the core, under its lock
@@ -89,13 +92,15 @@ class EngineLoop:
 
         return deliver
 
-    async def _outputs(self, requests: Sequence[Request], outputs: asyncio.Queue):
+    async def _outputs(self, requests: Sequence[Request], outputs: asyncio.Queue, observe):
         running = set(range(len(requests)))
         try:
             while running:
                 index, out = await outputs.get()
                 if out.error is not None:
                     raise out.error
+                if observe is not None:
+                    observe(index, out)
                 if out.finish_reason is not None:
                     running.discard(index)
                 yield index, out
@@ -106,7 +111,8 @@ class EngineLoop:
     def abort(self, request_id) -> None:
         def drop():
             with self.engine.lock:
-                self._mine.pop(request_id, None)
+                if self._mine.pop(request_id, None) is not None:  # still running: its client went away
+                    self.metrics.aborted()
                 self.engine.abort(request_id)
 
         self._call(drop)

@@ -50,6 +50,10 @@ class Metrics:
         self.requests_total += 1
         self.prompt_tokens_total += prompt_tokens
 
+    def aborted(self) -> None:
+        """A running request was aborted (its client went away): counted as finished with reason "abort"."""
+        self.finished["abort"] = self.finished.get("abort", 0) + 1
+
     def timer(self):
         """A function to call with each output of a request arriving now: times its tokens, counts its finish."""
         last = [time.perf_counter(), None]  # arrival, last token

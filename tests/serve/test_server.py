@@ -3,6 +3,8 @@ malformed input): its answers against the offline API on the same model, streami
 errors, auth, the bounded queue, and a client that disconnects mid-stream."""
 
 import json
+import logging
+import re
 import socket
 import threading
 import time
@@ -382,7 +384,9 @@ def test_stream_options_include_usage(client):
         (client.chat.completions.create, dict(messages=QUESTION)),
     ):
         chunks = list(
-            create(model=MODEL, max_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True}, **kwargs)
+            create(
+                model=MODEL, max_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True}, **kwargs
+            )
         )
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
         assert all(c.usage is None for c in chunks[:-1])
@@ -433,3 +437,65 @@ def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(client, server
     assert metric("vllm:prefix_cache_hits_total") - hits >= second.usage.prompt_tokens_details.cached_tokens
     assert metric("vllm:prefix_cache_queries_total") >= metric("vllm:prefix_cache_hits_total")
     assert 0 <= metric("vllm:kv_cache_usage_perc") <= 1
+
+
+def _log_line(caplog, needle: str) -> str:
+    """The server's log line holding `needle` (written once the response has ended, on the server's thread)."""
+    for _ in range(100):
+        found = [r.getMessage() for r in caplog.records if r.name == "lamina.serve" and needle in r.getMessage()]
+        if found:
+            return found[-1]
+        time.sleep(0.02)
+    raise AssertionError(f"no log line with {needle!r} in {[r.getMessage() for r in caplog.records]}")
+
+
+def test_request_ids_are_echoed_and_each_request_is_logged(server, caplog):
+    caplog.set_level(logging.INFO, logger="lamina.serve")
+    body = {"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    given = httpx.post(f"{server}/v1/completions", json=body, headers={"X-Request-Id": "trace-42"})
+    assert given.headers["x-request-id"] == "trace-42" and given.json()["id"] == "cmpl-trace-42"
+    usage = given.json()["usage"]
+    line = _log_line(caplog, "trace-42 ")
+    assert re.fullmatch(
+        rf"trace-42 POST /v1/completions 200 prompt_tokens={usage['prompt_tokens']} completion_tokens=5 "
+        r"ttft=\d+\.\d{3}s finish=length total=\d+\.\d{3}s",
+        line,
+    ), line
+
+    chat = {"messages": QUESTION, "max_tokens": 4, "stream": True, "n": 2, "temperature": 0.5}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=chat) as r:
+        rid = r.headers["x-request-id"]
+        events = [line for line in r.iter_lines() if line.startswith("data: {")]
+    first = json.loads(events[0][6:])
+    assert re.fullmatch(r"[0-9a-f]{32}", rid) and first["id"] == f"chatcmpl-{rid}"  # a new id, the same in both
+    assert re.search(
+        r"POST /v1/chat/completions 200 prompt_tokens=\d+ completion_tokens=8 .* finish=length,length ",
+        _log_line(caplog, rid),
+    )
+
+    # An id that could forge a log line or header is replaced; errors are logged with their status.
+    bad = httpx.post(f"{server}/v1/completions", json={"prompt": ""}, headers={"X-Request-Id": "a b"})
+    assert bad.status_code == 400 and bad.headers["x-request-id"] != "a b"
+    assert "POST /v1/completions 400 total=" in _log_line(caplog, bad.headers["x-request-id"])
+    assert httpx.get(f"{server}/health").headers["x-request-id"]
+
+
+def test_the_page_and_without_it_none(llama):
+    for ui in (True, False):
+        server, thread, url = _serve(create_app(llama, model_name=MODEL, ui=ui))
+        try:
+            page = httpx.get(url + "/")
+            assets = [httpx.get(f"{url}/static/{name}") for name in ("chat.js", "chat.css", "favicon.svg")]
+            if not ui:
+                assert page.status_code == 404 and page.json()["error"]["type"] == "not_found_error"
+                assert {a.status_code for a in assets} == {404}
+                assert httpx.get(f"{url}/v1/models").status_code == 200
+                continue
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+            assert "script-src 'self'" in page.headers["content-security-policy"]  # no inline script may run
+            assert '<script src="/static/chat.js"' in page.text
+            assert {a.status_code for a in assets} == {200}
+            assert httpx.get(f"{url}/static/secrets.txt").status_code == 404
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)

@@ -1,0 +1,432 @@
+// lamina's chat page: a client of /v1/chat/completions like any other, in plain JavaScript (no build step, nothing
+// loaded from another site). Model output is never inserted as HTML: the Markdown below builds DOM nodes and sets
+// text with textContent only, and the page's Content-Security-Policy forbids inline scripts besides.
+"use strict";
+
+const KEYS = { conversation: "lamina.conversation", settings: "lamina.settings", apiKey: "lamina.apiKey" };
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  messages: [],      // {role: "user" | "assistant", content, stats?}
+  model: null,       // the served model's id, from /v1/models
+  controller: null,  // the running request's AbortController
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Storage
+
+function load(key, fallback) {
+  try {
+    const value = JSON.parse(localStorage.getItem(key));
+    return value === null ? fallback : value;
+  } catch (e) {
+    return fallback;
+  }
+}
+
+function save() {
+  localStorage.setItem(KEYS.conversation, JSON.stringify(state.messages));
+}
+
+const SETTINGS = { system: "system", temperature: "temperature", top_p: "top-p", max_tokens: "max-tokens", seed: "seed" };
+
+function saveSettings() {
+  const settings = {};
+  for (const [name, id] of Object.entries(SETTINGS)) settings[name] = $(id).value;
+  localStorage.setItem(KEYS.settings, JSON.stringify(settings));
+}
+
+function restoreSettings() {
+  const settings = load(KEYS.settings, {});
+  for (const [name, id] of Object.entries(SETTINGS)) {
+    if (typeof settings[name] === "string") $(id).value = settings[name];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Markdown, as DOM nodes: fenced code blocks, headings, lists, block quotes, rules, paragraphs; inline code, bold,
+// italic and http(s) links. Every piece of the text goes in through createTextNode / textContent.
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+const FENCE = /^\s*(`{3,}|~{3,})\s*([^\s`]*)\s*$/;
+const HEADING = /^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$/;
+const RULE = /^\s{0,3}([-*_])(\s*\1){2,}\s*$/;
+const QUOTE = /^\s{0,3}>\s?(.*)$/;
+const ITEM = /^(\s*)([-*+]|\d{1,9}[.)])\s+(.*)$/;
+
+function renderMarkdown(text, container) {
+  container.replaceChildren();
+  const lines = text.split("\n");
+  let i = 0;
+  while (i < lines.length) {
+    const line = lines[i];
+    let m;
+    if ((m = line.match(FENCE))) {
+      const fence = m[1], code = [];
+      i++;
+      while (i < lines.length && !(lines[i].trim().startsWith(fence[0].repeat(fence.length)) &&
+                                   lines[i].trim().replace(/[`~]/g, "") === "")) {
+        code.push(lines[i++]);
+      }
+      i++; // the closing fence (or the end of a reply still streaming)
+      container.append(codeBlock(code.join("\n"), m[2]));
+    } else if (!line.trim()) {
+      i++;
+    } else if ((m = line.match(HEADING))) {
+      const h = el("h" + m[1].length);
+      inline(m[2], h);
+      container.append(h);
+      i++;
+    } else if (RULE.test(line)) {
+      container.append(el("hr"));
+      i++;
+    } else if (QUOTE.test(line)) {
+      const quoted = [];
+      while (i < lines.length && (m = lines[i].match(QUOTE))) {
+        quoted.push(m[1]);
+        i++;
+      }
+      const q = el("blockquote");
+      renderMarkdown(quoted.join("\n"), q);
+      container.append(q);
+    } else if ((m = line.match(ITEM))) {
+      i = list(lines, i, container);
+    } else {
+      const para = [];
+      while (i < lines.length && lines[i].trim() && !startsBlock(lines[i])) para.push(lines[i++]);
+      const p = el("p");
+      para.forEach((l, k) => {
+        if (k) p.append(el("br"));
+        inline(l, p);
+      });
+      container.append(p);
+    }
+  }
+}
+
+function startsBlock(line) {
+  return FENCE.test(line) || HEADING.test(line) || RULE.test(line) || QUOTE.test(line) || ITEM.test(line);
+}
+
+function list(lines, i, container) {
+  const first = lines[i].match(ITEM);
+  const ordered = /\d/.test(first[2]);
+  const node = el(ordered ? "ol" : "ul");
+  if (ordered && parseInt(first[2], 10) !== 1) node.start = parseInt(first[2], 10);
+  const indent = first[1].length;
+  let item = null;
+  while (i < lines.length) {
+    const m = lines[i].match(ITEM);
+    if (m && m[1].length <= indent + 1 && /\d/.test(m[2]) === ordered) {
+      item = el("li");
+      inline(m[3], item);
+      node.append(item);
+      i++;
+    } else if (m && m[1].length > indent + 1 && item) {
+      i = list(lines, i, item); // a nested list
+    } else if (item && lines[i].trim() && /^\s+/.test(lines[i]) && !FENCE.test(lines[i])) {
+      item.append(el("br"));
+      inline(lines[i].trim(), item);
+      i++;
+    } else {
+      break;
+    }
+  }
+  container.append(node);
+  return i;
+}
+
+function codeBlock(code, language) {
+  const block = el("div", "codeblock");
+  const bar = el("div", "bar");
+  const copy = el("button", "copy", "Copy");
+  copy.type = "button";
+  copy.addEventListener("click", () => {
+    navigator.clipboard?.writeText(code).then(() => { copy.textContent = "Copied"; });
+  });
+  bar.append(el("span", "language", language || "code"), copy);
+  const pre = el("pre");
+  pre.append(el("code", language ? "language-" + language : "", code));
+  block.append(bar, pre);
+  return block;
+}
+
+const INLINE = /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)|\*\*(?=\S)([\s\S]*?\S)\*\*|__(?=\S)([\s\S]*?\S)__|\*(?=[^\s*])([^*]*?[^\s*])\*|\[([^\]]+)\]\(([^)\s]+)\)/g;
+
+function inline(text, parent) {
+  let last = 0;
+  for (const m of text.matchAll(INLINE)) {
+    if (m.index > last) parent.append(document.createTextNode(text.slice(last, m.index)));
+    if (m[1]) {
+      parent.append(el("code", "", m[2]));
+    } else if (m[3] !== undefined || m[4] !== undefined) {
+      const strong = el("strong");
+      inline(m[3] ?? m[4], strong);
+      parent.append(strong);
+    } else if (m[5] !== undefined) {
+      const em = el("em");
+      inline(m[5], em);
+      parent.append(em);
+    } else if (/^https?:\/\//i.test(m[7])) {
+      const a = el("a");
+      a.href = m[7];
+      a.target = "_blank";
+      a.rel = "noopener noreferrer";
+      inline(m[6], a);
+      parent.append(a);
+    } else {
+      parent.append(document.createTextNode(m[0])); // not a web link: shown as written
+    }
+    last = m.index + m[0].length;
+  }
+  if (last < text.length) parent.append(document.createTextNode(text.slice(last)));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The conversation on the page
+
+function statsText(stats) {
+  if (!stats) return "";
+  const parts = [`${stats.completion_tokens} tokens`];
+  if (stats.tokens_per_s !== null && stats.tokens_per_s !== undefined) parts.push(`${stats.tokens_per_s.toFixed(1)} tokens/s`);
+  if (stats.ttft_ms !== null && stats.ttft_ms !== undefined) parts.push(`first token ${Math.round(stats.ttft_ms)} ms`);
+  if (stats.prompt_tokens !== null && stats.prompt_tokens !== undefined) parts.push(`prompt ${stats.prompt_tokens} tokens`);
+  if (stats.finish_reason === "length") parts.push("cut at max tokens");
+  return parts.join(" · ");
+}
+
+function messageNode(message) {
+  const node = el("div", `message ${message.role}`);
+  node.append(el("div", "role", message.role));
+  const body = el("div", "body");
+  node.append(body);
+  node.append(el("div", "stats"));
+  fill(node, message);
+  return node;
+}
+
+function fill(node, message) {
+  const body = node.querySelector(".body");
+  if (message.role === "assistant") renderMarkdown(message.content, body);
+  else body.textContent = message.content;
+  const stats = node.querySelector(".stats");
+  stats.textContent = statsText(message.stats);
+  if (message.stats && message.stats.stopped) stats.append(el("span", "stopped", " · stopped"));
+  node.classList.toggle("pending", !!message.pending);
+}
+
+function renderAll() {
+  const box = $("messages");
+  box.replaceChildren();
+  if (!state.messages.length) box.append(el("p", "empty", "Send a message to start. Enter sends; Shift+Enter starts a new line."));
+  for (const message of state.messages) box.append(messageNode(message));
+  box.scrollTop = box.scrollHeight;
+}
+
+function showError(text) {
+  $("error").textContent = text;
+  $("error").hidden = !text;
+}
+
+function setBusy(busy) {
+  $("send").hidden = busy;
+  $("stop").hidden = !busy;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Talking to the server
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = localStorage.getItem(KEYS.apiKey);
+  if (key) h.Authorization = `Bearer ${key}`;
+  return h;
+}
+
+async function errorText(response) {
+  let message = `${response.status} ${response.statusText}`;
+  try {
+    const body = await response.json();
+    if (body && body.error && body.error.message) message = `${response.status}: ${body.error.message}`;
+  } catch (e) { /* not JSON: the status says it */ }
+  if (response.status === 401) askForKey();
+  return `The server refused the request (${message})`;
+}
+
+function askForKey() {
+  $("key-form").hidden = false;
+  $("api-key").focus();
+}
+
+async function loadModel() {
+  try {
+    const response = await fetch("/v1/models", { headers: headers() });
+    if (!response.ok) {
+      showError(await errorText(response));
+      return;
+    }
+    const models = await response.json();
+    state.model = models.data[0].id;
+    $("model-name").textContent = state.model;
+    $("key-form").hidden = true;
+    showError("");
+  } catch (e) {
+    showError(`Cannot reach the server: ${e.message}`);
+  }
+}
+
+function number(id, parse) {
+  const text = $(id).value.trim();
+  if (text === "") return undefined;
+  const value = parse(text);
+  if (!Number.isFinite(value)) throw new Error(`${id.replace("-", " ")} must be a number, not "${text}"`);
+  return value;
+}
+
+function requestBody() {
+  const messages = [];
+  const system = $("system").value.trim();
+  if (system) messages.push({ role: "system", content: system });
+  for (const m of state.messages) if (!m.pending) messages.push({ role: m.role, content: m.content });
+  const body = { messages, stream: true, stream_options: { include_usage: true } };
+  if (state.model) body.model = state.model;
+  const settings = { temperature: number("temperature", parseFloat), top_p: number("top-p", parseFloat),
+                     max_tokens: number("max-tokens", Number), seed: number("seed", Number) };
+  for (const [name, value] of Object.entries(settings)) if (value !== undefined) body[name] = value;
+  return body;
+}
+
+async function send() {
+  const text = $("input").value;
+  if (!text.trim() || state.controller) return;
+  let body;
+  state.messages.push({ role: "user", content: text });
+  try {
+    body = requestBody();
+  } catch (e) {
+    state.messages.pop();
+    showError(e.message);
+    return;
+  }
+  $("input").value = "";
+  showError("");
+  const reply = { role: "assistant", content: "", pending: true };
+  state.messages.push(reply);
+  renderAll();
+  const node = $("messages").lastElementChild;
+  const controller = (state.controller = new AbortController());
+  setBusy(true);
+  const started = performance.now();
+  let first = null, last = null, tokens = 0, usage = null, finish = null;
+  const update = () => {
+    const perSecond = tokens > 1 && last > first ? (tokens - 1) / ((last - first) / 1000) : null;
+    reply.stats = { completion_tokens: usage ? usage.completion_tokens : tokens, tokens_per_s: perSecond,
+                    ttft_ms: first === null ? null : first - started, prompt_tokens: usage ? usage.prompt_tokens : null,
+                    finish_reason: finish, stopped: reply.stats ? reply.stats.stopped : false };
+    fill(node, reply);
+    const box = $("messages");
+    if (box.scrollHeight - box.scrollTop - box.clientHeight < 120) box.scrollTop = box.scrollHeight;
+  };
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
+    });
+    if (!response.ok) {
+      const message = await errorText(response);
+      state.messages.splice(-2, 2); // the exchange did not happen: give the text back to edit or resend
+      $("input").value = text;
+      renderAll();
+      showError(message);
+      return;
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      const events = buffer.split("\n");
+      buffer = events.pop();
+      for (const line of events) {
+        if (!line.startsWith("data: ")) continue;
+        const data = line.slice(6).trim();
+        if (data === "[DONE]") continue;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.usage) usage = chunk.usage;
+        const choice = chunk.choices && chunk.choices[0];
+        if (!choice) continue;
+        const delta = choice.delta || {};
+        if (delta.content) {
+          const now = performance.now();
+          if (first === null) first = now;
+          last = now;
+          tokens += 1;
+          reply.content += delta.content;
+        }
+        if (choice.finish_reason) finish = choice.finish_reason;
+        update();
+      }
+    }
+  } catch (e) {
+    if (e.name === "AbortError") {
+      reply.stats = { ...(reply.stats || {}), stopped: true };
+    } else {
+      showError(`The reply failed: ${e.message}`);
+    }
+  } finally {
+    if (state.controller === controller) state.controller = null;
+    setBusy(false);
+    if (state.messages.includes(reply)) {
+      delete reply.pending;
+      update();
+      save();
+    }
+  }
+}
+
+function stop() {
+  if (state.controller) state.controller.abort(); // closes the connection: the server cancels the request
+}
+
+function newChat() {
+  stop();
+  state.messages = [];
+  save();
+  renderAll();
+  showError("");
+  $("input").focus();
+}
+
+function main() {
+  restoreSettings();
+  state.messages = load(KEYS.conversation, []).filter((m) => m && typeof m.content === "string");
+  state.messages.forEach((m) => delete m.pending);
+  renderAll();
+  $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+  $("input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      send();
+    }
+  });
+  $("stop").addEventListener("click", stop);
+  $("new-chat").addEventListener("click", newChat);
+  for (const id of Object.values(SETTINGS)) $(id).addEventListener("input", saveSettings);
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    localStorage.setItem(KEYS.apiKey, $("api-key").value.trim());
+    $("api-key").value = "";
+    loadModel();
+  });
+  loadModel();
+}
+
+main();
