@@ -24,6 +24,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import charts  # noqa: E402
 from bench_generate import commit, cpu_line  # noqa: E402
 
 KINDS = ["f32", "f16", "bf16", "q8_0"]
@@ -125,6 +126,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    charts.add_option(parser, __file__)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--kind", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -137,10 +139,10 @@ def main() -> int:
         return 0
     ours = {kind: run("lamina", kind, args) for kind in KINDS}
     theirs = {kind: run("llama.cpp", kind, args) for kind in ("f16", "q8_0")}
+    machine = f"{cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}"
     print(
-        f"# {cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}, model "
-        f"{os.path.basename(args.model)}, {args.context}-token context, {args.tokens} new tokens, median of "
-        f"{args.runs}, Python {platform.python_version()}"
+        f"# {machine}, model {os.path.basename(args.model)}, {args.context}-token context, {args.tokens} new tokens, "
+        f"median of {args.runs}, Python {platform.python_version()}"
     )
     print(
         "| KV cache | tokens in "
@@ -156,7 +158,32 @@ def main() -> int:
         peer = f"{t['decode@1']:.1f}" if t else "n/a"
         ratio = f"{r['decode@1'] / t['decode@1']:.2f}x" if t else ""
         print(f"| {kind} | {r['held']} | {r['decode@1']:.1f} | {r['decode@8']:.1f} | {peer} | {ratio} |")
+    if args.chart != "none":
+        title = f"{os.path.basename(args.model)}: KV-cache dtypes, {args.context}-token context\n{machine}"
+        chart(ours, theirs, args, title)
     return 0
+
+
+def chart(ours: dict, theirs: dict, args, title: str) -> None:
+    """Tokens the cache holds in --memory, and decode tokens/s, for each KV-cache dtype."""
+    fig, (held, speed) = charts.figure(2, title)
+    if fig is None:
+        return
+    kinds = [k for k in KINDS if ours.get(k)]
+    charts.bars(
+        held,
+        kinds,
+        {"lamina": [ours[k]["held"] for k in kinds]},
+        "tokens",
+        f"tokens held in {args.memory / 2**20:.0f} MB",
+    )
+    speeds = {
+        "lamina, 1 stream": [ours[k]["decode@1"] for k in kinds],
+        "lamina, 8 streams": [ours[k]["decode@8"] for k in kinds],
+        "llama.cpp, 1 stream": [theirs[k]["decode@1"] if theirs.get(k) else None for k in kinds],
+    }
+    charts.bars(speed, kinds, speeds, "tokens/s", "decode (median)")
+    charts.save(fig, args.chart)
 
 
 if __name__ == "__main__":

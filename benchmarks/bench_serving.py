@@ -199,18 +199,14 @@ PERCENTILES = (50, 90, 99)
 
 
 def chart(results: dict, title: str, path: str) -> None:
-    """Throughput, then time to first token and inter-token latency at each percentile, one bar per server."""
-    fig, (rate, ttft, itl) = charts.figure(3, title, width=4.6)
+    """Requests/s, output tokens/s, then time to first token and inter-token latency at each percentile, one bar
+    per server."""
+    fig, (requests, tokens, ttft, itl) = charts.figure(4, title, width=3.8)
     if fig is None:
         return
     engines = list(results)
-    charts.bars(
-        rate,
-        ["requests/s", "output tokens/s / 10"],
-        {e: [results[e]["rps"], results[e]["tps"] / 10] for e in engines},
-        "per second",
-        "throughput",
-    )
+    charts.bars(requests, [""], {e: [results[e]["rps"]] for e in engines}, "requests/s", "requests/s")
+    charts.bars(tokens, [""], {e: [results[e]["tps"]] for e in engines}, "tokens/s", "output tokens/s")
     groups = [f"p{q}" for q in PERCENTILES]
     charts.bars(
         ttft,

@@ -29,6 +29,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import charts  # noqa: E402
 from bench_generate import commit, cpu_line  # noqa: E402
 
 PERSON = {
@@ -150,6 +151,7 @@ def main() -> int:
     parser.add_argument("--engines", default="lamina,llama.cpp")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--overlap", action="store_true", help="lamina fills masks during the forward pass")
+    charts.add_option(parser, __file__)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model is None:
@@ -160,9 +162,9 @@ def main() -> int:
         print(json.dumps((lamina_worker if args.worker == "lamina" else llama_cpp_worker)(args)))
         return 0
     results = {e: run_engine(e, args) for e in args.engines.split(",")}
+    machine = f"{cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}"
     print(
-        f"# {cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}, model "
-        f"{os.path.basename(args.model)}, greedy, {args.tokens} new tokens, median of {args.runs}, "
+        f"# {machine}, model {os.path.basename(args.model)}, greedy, {args.tokens} new tokens, median of {args.runs}, "
         f"Python {platform.python_version()}"
     )
     print("| engine | figure | free | JSON schema | schema / free |")
@@ -182,7 +184,40 @@ def main() -> int:
     if ours and theirs:
         ratio = ours["json.tps@1"] / theirs["json.tps@1"]
         print(f"\nlamina / llama.cpp, constrained decode tok/s, 1 stream: {ratio:.2f}x")
+    if args.chart != "none":
+        chart(results, f"{os.path.basename(args.model)}: a JSON-schema constraint's cost\n{machine}", args.chart)
     return 0
+
+
+def chart(results: dict, title: str, path: str) -> None:
+    """Decode tokens/s free and constrained, and time to first token, for each engine."""
+    fig, (speed, first) = charts.figure(2, title)
+    if fig is None:
+        return
+    done = {e: r for e, r in results.items() if r}
+    groups = [e for e in done]
+    charts.bars(
+        speed,
+        ["1 stream", "16 streams"],
+        {
+            f"{e}, {kind}": [done[e].get(f"{kind}.tps@{n}") for n in (1, 16)]
+            for e in groups
+            for kind in ("free", "json")
+        },
+        "tokens/s",
+        "decode, free vs JSON schema (median)",
+    )
+    charts.bars(
+        first,
+        ["free", "JSON schema", "schema never seen"],
+        {
+            e: [1000 * done[e]["free.ttft"], 1000 * done[e]["json.ttft"], 1000 * done[e]["json.ttft_cold"]]
+            for e in groups
+        },
+        "ms",
+        "time to first token (median)",
+    )
+    charts.save(fig, path)
 
 
 if __name__ == "__main__":

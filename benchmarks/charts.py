@@ -39,8 +39,14 @@ def _pyplot():
     return plt
 
 
-def color(name: str, i: int) -> str:
-    return COLORS.get(name.split()[0], OTHER[i % len(OTHER)])
+def colors(names) -> list[str]:
+    """A color per series: an engine's own (by the series name's first word) for its first series, then others."""
+    out, used, spare = [], set(), iter(OTHER * 4)
+    for name in names:
+        engine = name.split()[0].rstrip(",")
+        out.append(COLORS[engine] if engine in COLORS and engine not in used else next(spare))
+        used.add(engine)
+    return out
 
 
 def figure(panels: int, title: str, width: float = 6.0):
@@ -59,13 +65,13 @@ def figure(panels: int, title: str, width: float = 6.0):
 def lines(ax, x: list, series: dict[str, dict], xlabel: str, ylabel: str, title: str, log_x: bool = False) -> None:
     """One line per engine: series[engine] = {x: (median, low, high)}; a range is drawn as an error bar. An engine
     with a single point (a peer that only runs one stream) is a marker."""
-    for i, (name, points) in enumerate(series.items()):
+    for color, (name, points) in zip(colors(series), series.items()):
         xs = [v for v in x if v in points]
         if not xs:
             continue
         mid = [points[v][0] for v in xs]
         err = [[points[v][0] - points[v][1] for v in xs], [points[v][2] - points[v][0] for v in xs]]
-        ax.errorbar(xs, mid, yerr=err, label=name, color=color(name, i), marker="o", capsize=3, linewidth=2)
+        ax.errorbar(xs, mid, yerr=err, label=name, color=color, marker="o", capsize=3, linewidth=2)
         for v, m in zip(xs, mid):
             ax.annotate(f"{m:.0f}", (v, m), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
     if log_x:
@@ -81,19 +87,21 @@ def bars(ax, groups: list[str], series: dict[str, list], ylabel: str, title: str
     the bars."""
     n = max(len(series), 1)
     width = 0.8 / n
-    for i, (name, values) in enumerate(series.items()):
+    for i, (color, (name, values)) in enumerate(zip(colors(series), series.items())):
         xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
         shown = [(x, v) for x, v in zip(xs, values) if v is not None]
         if not shown:
             continue
-        rects = ax.bar([x for x, _ in shown], [v for _, v in shown], width, label=name, color=color(name, i))
+        rects = ax.bar([x for x, _ in shown], [v for _, v in shown], width, label=name, color=color)
         labels = [f"{v:.0f}" if v >= 10 else f"{v:.1f}" for _, v in shown]
         ax.bar_label(rects, labels=labels, fontsize=8, padding=2)
     ax.set_xticks(range(len(groups)), groups)
     if log_y:
         ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high * (6 if log_y else 1.3))  # room above the bars for the legend
     ax.set(ylabel=ylabel, title=title)
-    ax.legend()
+    ax.legend(fontsize=8, ncols=2 if n > 2 else 1, loc="upper left")
 
 
 def save(fig, path: str) -> None:

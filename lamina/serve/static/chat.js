@@ -376,10 +376,13 @@ async function send() {
       }
     }
   } catch (e) {
-    if (e.name === "AbortError") {
+    if (e.name !== "AbortError") showError(`The reply failed: ${e.message}`);
+    if (!reply.content && state.messages.includes(reply)) { // nothing came: as if not sent, the text back
+      state.messages.splice(-2, 2);
+      $("input").value = text;
+      renderAll();
+    } else if (e.name === "AbortError") {
       reply.stats = { ...(reply.stats || {}), stopped: true };
-    } else {
-      showError(`The reply failed: ${e.message}`);
     }
   } finally {
     if (state.controller === controller) state.controller = null;
