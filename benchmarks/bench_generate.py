@@ -7,8 +7,9 @@ min-max, and every lamina figure is printed as a ratio to each peer.
 
 Measured: decode tokens/s for 1 and N concurrent streams (aggregate), prefill tokens/s for a prompt of L tokens, time
 to first token of a 128-token prompt, peak RSS. Beside the table, a chart (benchmarks/charts/generate.png): decode
-tokens/s against streams and prefill tokens/s against prompt length, each engine a line. The first line names the CPU (model and the instruction sets that
-matter here), the commit, and lamina's kernel path and prefill dtype (`--kernel-path`, `--prefill-dtype` force them).
+tokens/s against streams and prefill tokens/s against prompt length, each engine a line. The first line names the
+CPU (model and the instruction sets that matter here), the commit, and lamina's kernel path and prefill dtype
+(`--kernel-path`, `--prefill-dtype` force them). lamina runs with its prefix cache off (each prompt is repeated).
 Engines that are not installed are reported as skipped.
 
 llama.cpp: the installed llama-cpp-python (`--llama-cpp installed`, the default when it imports), or one built from

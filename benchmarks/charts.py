@@ -16,10 +16,12 @@ OTHER = ["#7c3aed", "#db2777", "#0891b2", "#65a30d"]
 
 
 def default_path(script: str) -> str:
+    """benchmarks/charts/<name>.png for benchmarks/bench_<name>.py."""
     return str(CHARTS / f"{Path(script).stem.removeprefix('bench_')}.png")
 
 
 def add_option(parser, script: str) -> None:
+    """The benchmark's `--chart PATH` option (default: default_path; "none": no chart)."""
     parser.add_argument(
         "--chart",
         default=default_path(script),
@@ -53,7 +55,7 @@ def figure(panels: int, title: str, width: float = 6.0):
     """A row of `panels` axes under a two-line title (what was measured; the machine, date and commit), or None."""
     plt = _pyplot()
     if plt is None:
-        return None, None
+        return None, [None] * panels
     fig, axes = plt.subplots(1, panels, figsize=(width * panels, 4.6), squeeze=False)
     fig.suptitle(title, fontsize=10)
     for ax in axes[0]:
@@ -105,6 +107,7 @@ def bars(ax, groups: list[str], series: dict[str, list], ylabel: str, title: str
 
 
 def save(fig, path: str) -> None:
+    """Write the figure as a PNG (its folder made where missing) and say where."""
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

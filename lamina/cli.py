@@ -51,6 +51,13 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         help="force the CPU kernel path for GGML-block weights (default: the best this CPU runs)",
     )
     p.add_argument(
+        "--prefill-dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="the GEMM dtype of prompt processing with GGML-block weights on the CPU (default float32, exact; "
+        "bfloat16 is about 2x faster on CPUs with AVX-512 BF16 or AMX, with slightly different log-probabilities)",
+    )
+    p.add_argument(
         "--kv-cache-dtype",
         choices=["auto", "f32", "f16", "bf16", "q8_0"],
         default=None,
@@ -241,6 +248,7 @@ def _load(args, show_progress: bool):
             quantize=args.quantize,
             compile=args.compile,
             kernel_path=args.kernel_path,
+            prefill_dtype=args.prefill_dtype,
             prefix_caching=args.prefix_caching,
             kv_cache_dtype=args.kv_cache_dtype,
             progress=progress,
@@ -407,8 +415,9 @@ def _serve_rank0(args, llama, tp, followers) -> int:
         app.state.engine_loop.on_step_error = stop
         app.state.engine_loop.on_idle = parallel.heartbeat(tp, every_s=args.distributed_timeout / 3)
     _startup_lines(args, llama, name, tp)
-    # uvicorn's own lines (and its access log: lamina writes its own line per request) only at debug.
-    server_level = "debug" if args.log_level == "debug" else "warning"
+    # uvicorn's own lines (and its access log: lamina writes its own line per request) only at debug; its warnings
+    # at info and warning.
+    server_level = args.log_level if args.log_level in ("debug", "error") else "warning"
     # Ctrl-C / SIGTERM: stop accepting, let in-flight requests finish for up to 30 s, then cancel them.
     try:
         uvicorn.run(

@@ -112,8 +112,8 @@ def load(
     a float32 cache for a small cost, measured in the README, but one beyond the 1e-3 that lamina's logprobs keep
     to transformers': so it is asked for, not the default.)
     Block weights on the CPU: `kernel_path` forces one of lamina.kernels.PATHS that this CPU runs (None: its best),
-    `prefill_dtype` ("float32" or "bfloat16"; None: bfloat16 where the CPU has AMX or AVX-512 BF16) the GEMM of
-    many-row products (lamina.quant.use_kernels).
+    `prefill_dtype` ("float32" or "bfloat16"; None: float32, exact; bfloat16 is ~2x faster where the CPU has AMX or
+    AVX-512 BF16) the GEMM of many-row products (lamina.quant.use_kernels).
     `tensor_parallel_size` > 1 runs the model across that many processes started by torchrun (None: as many as the
     launch has, 1 outside one), each rank holding its share of the heads and hidden units (lamina.parallel).
     `progress(done, total)` is called while weights are read."""

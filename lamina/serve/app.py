@@ -118,7 +118,8 @@ def _served(request: HTTPRequest) -> Served:
 
 
 def _trace(request: HTTPRequest, requests: list[Request], prompt_tokens: int) -> Trace:
-    """The request's log record (lamina.serve.log), told what it asks for."""
+    """The request's log record (lamina.serve.log), told what it runs: called once the engine has its requests, so
+    a refused request's line has no token fields."""
     trace = request.scope.get("state", {}).get("trace") or Trace(uuid.uuid4().hex, request.method, request.url.path)
     trace.prompt_tokens, trace.choices = prompt_tokens, len(requests)
     return trace
@@ -161,11 +162,12 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
     try:
         prompts = _prompt_ids(body.prompt, served.llama)
         requests = _completion_requests(body, prompts, served.llama)
-        trace = _trace(request, requests, sum(len(p) for p in prompts))
         await _compile_constraints(served, requests)
-        outputs = await served.loop.submit(requests, trace.output)
+        outputs = await served.loop.submit(requests)
     except (LaminaError, ValueError, ValidationError) as e:
         return _failure(e)
+    trace = _trace(request, requests, sum(len(p) for p in prompts))
+    outputs = _traced(outputs, trace)
     rid, now = f"cmpl-{trace.id}", int(time.time())
     tokenizer = served.llama.tokenizer
     echoed: set[int] = set()
@@ -253,6 +255,20 @@ def _prompt_ids(prompt, llama: Llama) -> list[list[int]]:
     return out
 
 
+async def _traced(outputs, trace: Trace):
+    """The engine's outputs, each counted in the request's log record as it is read; closing this closes the
+    outputs, which aborts what still runs."""
+    try:
+        async for i, out in outputs:
+            trace.output(i, out)
+            yield i, out
+    except Exception:
+        trace.failed = True  # a failed step: its unfinished choices are logged as "error", not "cancelled"
+        raise
+    finally:
+        await outputs.aclose()
+
+
 async def _compile_constraints(served: Served, requests: list[Request]) -> None:
     """Compile the requests' structured-output constraints on a worker thread, before they reach the engine thread:
     a new grammar then delays only its own request, never the running ones (a compiled one is cached)."""
@@ -291,11 +307,12 @@ async def chat(body: ChatCompletionRequest, request: HTTPRequest):
         extra = {"structured_outputs": constraint} if constraint is not None else {}
         params = body.choices(max_tokens=max_tokens, logprobs=body.logprobs, top_logprobs=top, **extra)
         requests = [llama.new_request(prompt, p, max_tokens=budget) for p in params]
-        trace = _trace(request, requests, len(prompt))
         await _compile_constraints(served, requests)
-        outputs = await served.loop.submit(requests, trace.output)
+        outputs = await served.loop.submit(requests)
     except (LaminaError, ValueError, ValidationError) as e:
         return _failure(e)
+    trace = _trace(request, requests, len(prompt))
+    outputs = _traced(outputs, trace)
     rid, now = f"chatcmpl-{trace.id}", int(time.time())
     fmt = llama.formatter.tool_format if tools else None
 

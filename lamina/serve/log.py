@@ -9,13 +9,16 @@ request was aborted) is logged as `cancelled`.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from lamina.engine import RequestOutput
+from lamina.serve.responses import error_body
 
 logger = logging.getLogger("lamina.serve")
 
@@ -37,6 +40,7 @@ class Trace:
     first_token: float | None = None
     finish: dict[int, str] = field(default_factory=dict)
     choices: int = 0
+    failed: bool = False  # a step failed while the route read its outputs
 
     def output(self, index: int, out: RequestOutput) -> None:
         """Count one output of choice `index` (called on the event loop, as the route reads it)."""
@@ -48,10 +52,14 @@ class Trace:
             self.finish[index] = out.finish_reason
 
     def line(self, status: int) -> str:
+        """The log line: id, method, path (percent-encoded: a decoded path could forge a line), status, then for a
+        request that reached the engine its tokens, time to first token and each choice's finish reason, and the
+        total time."""
         total = time.perf_counter() - self.start
-        parts = [f"{self.id} {self.method} {self.path} {status}"]
+        parts = [f"{self.id} {self.method} {quote(self.path, safe='/')} {status}"]
         if self.prompt_tokens is not None:
-            finish = [self.finish.get(i, "cancelled") for i in range(self.choices)]
+            missing = "error" if self.failed else "cancelled"
+            finish = [self.finish.get(i, missing) for i in range(self.choices)]
             ttft = f"{self.first_token - self.start:.3f}s" if self.first_token is not None else "-"
             parts += [
                 f"prompt_tokens={self.prompt_tokens}",
@@ -77,16 +85,24 @@ class RequestLog:
         rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         trace = Trace(rid, scope["method"], scope["path"])
         scope.setdefault("state", {})["trace"] = trace
-        status = [500]  # what the log says where the app fails before it answers
+        status, started = [500], [False]  # what the log says where the app fails before it answers
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started[0] = message["status"], True
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as e:  # a bug: logged with its traceback, answered as a 500 that carries the id
+            logger.exception("%s %s %s failed", rid, scope["method"], quote(scope["path"], safe="/"))
+            if started[0]:
+                raise
+            body = json.dumps(error_body(f"internal error: {type(e).__name__}: {e}", "server_error")).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send_with_id({"type": "http.response.start", "status": 500, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
         finally:
             level = logging.DEBUG if scope["path"] in _QUIET else logging.INFO
             if logger.isEnabledFor(level):

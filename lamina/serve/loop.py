@@ -54,13 +54,10 @@ class EngineLoop:
                 self.engine.abort(request.request_id)
                 request.sink(OutputProcessor.failed(request, None))
 
-    async def submit(
-        self, requests: Sequence[Request], observe: Callable[[int, RequestOutput], None] | None = None
-    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def submit(self, requests: Sequence[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Queue the requests (all or none; raises the core's RequestError / CapacityError). Returns an async
         iterator of (index in `requests`, output) as outputs come, to the last one's finish; it raises a failed
-        step's error, and aborts the requests still running when it is closed (the client went away). `observe`
-        sees each output as it is read (the request's log line)."""
+        step's error, and aborts the requests still running when it is closed (the client went away)."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
 
@@ -81,7 +78,7 @@ class EngineLoop:
                     self.metrics.accepted(len(request.prompt))
 
         await asyncio.wrap_future(self._call(add))
-        return self._outputs(requests, outputs, observe)
+        return self._outputs(requests, outputs)
 
     def _sink(self, loop, outputs: asyncio.Queue, index: int, observe) -> Callable[[RequestOutput], None]:
         def deliver(out: RequestOutput) -> None:  # on whichever thread stepped the core, under its lock
@@ -92,15 +89,13 @@ class EngineLoop:
 
         return deliver
 
-    async def _outputs(self, requests: Sequence[Request], outputs: asyncio.Queue, observe):
+    async def _outputs(self, requests: Sequence[Request], outputs: asyncio.Queue):
         running = set(range(len(requests)))
         try:
             while running:
                 index, out = await outputs.get()
                 if out.error is not None:
                     raise out.error
-                if observe is not None:
-                    observe(index, out)
                 if out.finish_reason is not None:
                     running.discard(index)
                 yield index, out

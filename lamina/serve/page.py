@@ -41,11 +41,13 @@ def _file(name: str) -> Response:
 
 @router.get("/", include_in_schema=False)
 async def index():
+    """The chat page."""
     return _file("index.html")
 
 
 @router.get("/static/{name}", include_in_schema=False)
 async def static(name: str):
+    """The page's script, style sheet and icon; nothing else in the package is served."""
     if name not in _TYPES:
         raise HTTPException(404, f"no such file: /static/{name}")
     return _file(name)

@@ -147,7 +147,11 @@ def _on_path(llama, path, emulated):
 @pytest.mark.parametrize("path, emulated", PATHS, ids=IDS)
 def test_decode_step_on_each_path_equals_the_pytorch_forward(default, path, emulated):
     """The whole C decode step built for the path against the PyTorch forward (float32 GEMM on dequantized blocks
-    for prefill, the portable path's products for decode), on the default model: logits within 1e-4 of scale."""
+    for prefill, the portable path's products for decode), on the default model: logits within 2e-4 of scale.
+    (Both sides quantize activations per block; the float parts between the products (norms, attention) differ by
+    ulps, which flips a rounding now and then: measured on an AMD Zen 5, the portable C step, whose products are the
+    reference's own, 0.96-1.23e-4 of scale over three steps, avx2 1.35e-4, avx512 0.92e-4; on the AVX2 EPYC under
+    1e-4. A wrong product or cache read moves logits by far more.)"""
     try:
         runner = _on_path(default, path, emulated)
         assert runner.native is not None and runner.native.kernels.path == path
@@ -164,7 +168,7 @@ def test_decode_step_on_each_path_equals_the_pytorch_forward(default, path, emul
             for _ in range(3):
                 logits = runner.native(tokens, tables, positions)
                 expected = reference.decode(tokens, tables, positions)
-                torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+                torch.testing.assert_close(logits, expected, rtol=1e-4, atol=2e-4 * expected.abs().max().item())
                 tokens = expected.argmax(-1).tolist()
                 positions = [p + 1 for p in positions]
     finally:

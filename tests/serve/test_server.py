@@ -462,7 +462,7 @@ def test_request_ids_are_echoed_and_each_request_is_logged(server, caplog):
         line,
     ), line
 
-    chat = {"messages": QUESTION, "max_tokens": 4, "stream": True, "n": 2, "temperature": 0.5}
+    chat = {"messages": QUESTION, "max_tokens": 4, "stream": True, "n": 2, "temperature": 0.5, "ignore_eos": True}
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=chat) as r:
         rid = r.headers["x-request-id"]
         events = [line for line in r.iter_lines() if line.startswith("data: {")]
@@ -478,6 +478,13 @@ def test_request_ids_are_echoed_and_each_request_is_logged(server, caplog):
     assert bad.status_code == 400 and bad.headers["x-request-id"] != "a b"
     assert "POST /v1/completions 400 total=" in _log_line(caplog, bad.headers["x-request-id"])
     assert httpx.get(f"{server}/health").headers["x-request-id"]
+    # A path that decodes to a line break stays one line (percent-encoded) in the log.
+    forged = httpx.get(f"{server}/x%0A2026-01-01 INFO lamina.serve: forged", headers={"X-Request-Id": "path-1"})
+    assert forged.status_code == 404
+    line = _log_line(caplog, "path-1 ")
+    assert "\n" not in line and line.startswith(
+        "path-1 GET /x%0A2026-01-01%20INFO%20lamina.serve%3A%20forged 404 total="
+    )
 
 
 def test_the_page_and_without_it_none(llama):

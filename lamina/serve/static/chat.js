@@ -54,13 +54,28 @@ function el(tag, className, text) {
   return node;
 }
 
-const FENCE = /^\s*(`{3,}|~{3,})\s*([^\s`]*)\s*$/;
-const HEADING = /^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$/;
-const RULE = /^\s{0,3}([-*_])(\s*\1){2,}\s*$/;
-const QUOTE = /^\s{0,3}>\s?(.*)$/;
-const ITEM = /^(\s*)([-*+]|\d{1,9}[.)])\s+(.*)$/;
+// Each pattern runs in time linear in its line (model output can be any text: no nested or overlapping repeats).
+const FENCE = /^ {0,3}(`{3,}|~{3,})[ \t]*([^\s`]*)[ \t]*$/;
+const HEADING = /^ {0,3}(#{1,6})(?:[ \t]+(.*))?$/;
+const QUOTE = /^ {0,3}>[ \t]?(.*)$/;
+const ITEM = /^([ \t]*)([-*+]|\d{1,9}[.)])[ \t]+(.*)$/;
+const MAX_QUOTE_DEPTH = 8;
 
-function renderMarkdown(text, container) {
+function isRule(line) {
+  const compact = line.replace(/\s+/g, "");
+  return /^ {0,3}\S/.test(line) && compact.length >= 3 && /^(?:-+|\*+|_+)$/.test(compact);
+}
+
+function headingText(text) {
+  // "## Title ##" -> "Title"; "# Learn C#" keeps its "#": a closing run counts only after a space.
+  let end = (text || "").trimEnd();
+  let cut = end.length;
+  while (cut > 0 && end[cut - 1] === "#") cut--;
+  if (cut === 0 || /\s/.test(end[cut - 1])) end = end.slice(0, cut).trimEnd();
+  return end;
+}
+
+function renderMarkdown(text, container, depth = 0) {
   container.replaceChildren();
   const lines = text.split("\n");
   let i = 0;
@@ -80,25 +95,26 @@ function renderMarkdown(text, container) {
       i++;
     } else if ((m = line.match(HEADING))) {
       const h = el("h" + m[1].length);
-      inline(m[2], h);
+      inline(headingText(m[2]), h);
       container.append(h);
       i++;
-    } else if (RULE.test(line)) {
+    } else if (isRule(line)) {
       container.append(el("hr"));
       i++;
-    } else if (QUOTE.test(line)) {
+    } else if (QUOTE.test(line) && depth < MAX_QUOTE_DEPTH) {
       const quoted = [];
       while (i < lines.length && (m = lines[i].match(QUOTE))) {
         quoted.push(m[1]);
         i++;
       }
       const q = el("blockquote");
-      renderMarkdown(quoted.join("\n"), q);
+      renderMarkdown(quoted.join("\n"), q, depth + 1);
       container.append(q);
     } else if ((m = line.match(ITEM))) {
       i = list(lines, i, container);
     } else {
       const para = [];
+      para.push(lines[i++]); // a line no block claims (a quote past the depth limit too) starts a paragraph
       while (i < lines.length && lines[i].trim() && !startsBlock(lines[i])) para.push(lines[i++]);
       const p = el("p");
       para.forEach((l, k) => {
@@ -111,7 +127,7 @@ function renderMarkdown(text, container) {
 }
 
 function startsBlock(line) {
-  return FENCE.test(line) || HEADING.test(line) || RULE.test(line) || QUOTE.test(line) || ITEM.test(line);
+  return FENCE.test(line) || HEADING.test(line) || isRule(line) || QUOTE.test(line) || ITEM.test(line);
 }
 
 function list(lines, i, container) {
@@ -148,7 +164,14 @@ function codeBlock(code, language) {
   const copy = el("button", "copy", "Copy");
   copy.type = "button";
   copy.addEventListener("click", () => {
-    navigator.clipboard?.writeText(code).then(() => { copy.textContent = "Copied"; });
+    if (!navigator.clipboard) { // browsers allow it on https and localhost only
+      copy.textContent = "Copy needs https or localhost";
+      return;
+    }
+    navigator.clipboard.writeText(code).then(
+      () => { copy.textContent = "Copied"; },
+      () => { copy.textContent = "Copy failed"; },
+    );
   });
   bar.append(el("span", "language", language || "code"), copy);
   const pre = el("pre");
@@ -157,7 +180,9 @@ function codeBlock(code, language) {
   return block;
 }
 
-const INLINE = /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)|\*\*(?=\S)([\s\S]*?\S)\*\*|__(?=\S)([\s\S]*?\S)__|\*(?=[^\s*])([^*]*?[^\s*])\*|\[([^\]]+)\]\(([^)\s]+)\)/g;
+// Spans are bounded (at most ~1,000 characters between delimiters), so a line full of unmatched openers costs a
+// bounded scan per opener, not one to the end of the line.
+const INLINE = /(`{1,8})([^`]|[^`][^]{0,1000}?[^`])\1(?!`)|\*\*(?=\S)([^]{0,1000}?\S)\*\*|__(?=\S)([^]{0,1000}?\S)__|\*(?=[^\s*])([^*]{0,1000}?[^\s*])\*|\[([^\]]{1,1000})\]\(([^)\s]{1,2000})\)/g;
 
 function inline(text, parent) {
   let last = 0;
@@ -192,12 +217,15 @@ function inline(text, parent) {
 // The conversation on the page
 
 function statsText(stats) {
-  if (!stats) return "";
-  const parts = [`${stats.completion_tokens} tokens`];
-  if (stats.tokens_per_s !== null && stats.tokens_per_s !== undefined) parts.push(`${stats.tokens_per_s.toFixed(1)} tokens/s`);
-  if (stats.ttft_ms !== null && stats.ttft_ms !== undefined) parts.push(`first token ${Math.round(stats.ttft_ms)} ms`);
-  if (stats.prompt_tokens !== null && stats.prompt_tokens !== undefined) parts.push(`prompt ${stats.prompt_tokens} tokens`);
+  if (!stats || typeof stats !== "object") return "";
+  const num = (v) => typeof v === "number" && Number.isFinite(v);
+  const parts = [];
+  if (num(stats.completion_tokens)) parts.push(`${stats.completion_tokens} tokens`);
+  if (num(stats.tokens_per_s)) parts.push(`${stats.tokens_per_s.toFixed(1)} tokens/s`);
+  if (num(stats.ttft_ms)) parts.push(`first token ${Math.round(stats.ttft_ms)} ms`);
+  if (num(stats.prompt_tokens)) parts.push(`prompt ${stats.prompt_tokens} tokens`);
   if (stats.finish_reason === "length") parts.push("cut at max tokens");
+  else if (stats.ended_early) parts.push(`ended early (${stats.finish_reason || "the connection closed"})`);
   return parts.join(" · ");
 }
 
@@ -264,9 +292,13 @@ function askForKey() {
   $("api-key").focus();
 }
 
+let modelRequests = 0; // only the latest /v1/models answer counts (a key may be tried while another is in flight)
+
 async function loadModel() {
+  const mine = ++modelRequests;
   try {
     const response = await fetch("/v1/models", { headers: headers() });
+    if (mine !== modelRequests) return;
     if (!response.ok) {
       showError(await errorText(response));
       return;
@@ -277,15 +309,17 @@ async function loadModel() {
     $("key-form").hidden = true;
     showError("");
   } catch (e) {
-    showError(`Cannot reach the server: ${e.message}`);
+    if (mine === modelRequests) showError(`Cannot reach the server: ${e.message}`);
   }
 }
 
 function number(id, parse) {
+  const name = $(id).labels[0] ? $(id).labels[0].firstChild.textContent.trim() : id;
+  if ($(id).validity.badInput) throw new Error(`${name} must be a number`);
   const text = $(id).value.trim();
   if (text === "") return undefined;
   const value = parse(text);
-  if (!Number.isFinite(value)) throw new Error(`${id.replace("-", " ")} must be a number, not "${text}"`);
+  if (!Number.isFinite(value)) throw new Error(`${name} must be a number, not "${text}"`);
   return value;
 }
 
@@ -319,17 +353,25 @@ async function send() {
   const reply = { role: "assistant", content: "", pending: true };
   state.messages.push(reply);
   renderAll();
+  save(); // a reload mid-reply finds the exchange (the reply as far as it got, marked stopped)
+  let saved = performance.now();
   const node = $("messages").lastElementChild;
   const controller = (state.controller = new AbortController());
   setBusy(true);
   const started = performance.now();
-  let first = null, last = null, tokens = 0, usage = null, finish = null;
+  let first = null, last = null, tokens = 0, usage = null, finish = null, done = false;
   const update = () => {
-    const perSecond = tokens > 1 && last > first ? (tokens - 1) / ((last - first) / 1000) : null;
-    reply.stats = { completion_tokens: usage ? usage.completion_tokens : tokens, tokens_per_s: perSecond,
+    const count = usage ? usage.completion_tokens : tokens;
+    const perSecond = count > 1 && last > first ? (count - 1) / ((last - first) / 1000) : null;
+    reply.stats = { completion_tokens: count, tokens_per_s: perSecond,
                     ttft_ms: first === null ? null : first - started, prompt_tokens: usage ? usage.prompt_tokens : null,
-                    finish_reason: finish, stopped: reply.stats ? reply.stats.stopped : false };
+                    finish_reason: finish, stopped: reply.stats ? reply.stats.stopped : false,
+                    ended_early: reply.stats ? reply.stats.ended_early : false };
     fill(node, reply);
+    if (performance.now() - saved > 1000) {
+      save();
+      saved = performance.now();
+    }
     const box = $("messages");
     if (box.scrollHeight - box.scrollTop - box.clientHeight < 120) box.scrollTop = box.scrollHeight;
   };
@@ -339,9 +381,7 @@ async function send() {
     });
     if (!response.ok) {
       const message = await errorText(response);
-      state.messages.splice(-2, 2); // the exchange did not happen: give the text back to edit or resend
-      $("input").value = text;
-      renderAll();
+      takeBack(reply, text);  // the exchange did not happen: the text back to edit or resend
       showError(message);
       return;
     }
@@ -357,7 +397,10 @@ async function send() {
       for (const line of events) {
         if (!line.startsWith("data: ")) continue;
         const data = line.slice(6).trim();
-        if (data === "[DONE]") continue;
+        if (data === "[DONE]") {
+          done = true;
+          continue;
+        }
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
         if (chunk.usage) usage = chunk.usage;
@@ -375,16 +418,17 @@ async function send() {
         update();
       }
     }
+    if (!done) reply.stats = { ...(reply.stats || {}), ended_early: true, finish_reason: finish };
+    else if (finish && !["stop", "length", "tool_calls"].includes(finish)) reply.stats.ended_early = true;
   } catch (e) {
     if (e.name !== "AbortError") showError(`The reply failed: ${e.message}`);
-    if (!reply.content && state.messages.includes(reply)) { // nothing came: as if not sent, the text back
-      state.messages.splice(-2, 2);
-      $("input").value = text;
-      renderAll();
+    if (!reply.content) { // nothing came: as if not sent, the text back
+      takeBack(reply, text);
     } else if (e.name === "AbortError") {
       reply.stats = { ...(reply.stats || {}), stopped: true };
     }
   } finally {
+    controller.abort(); // whatever ended the loop, the server stops generating (a no-op after [DONE])
     if (state.controller === controller) state.controller = null;
     setBusy(false);
     if (state.messages.includes(reply)) {
@@ -395,12 +439,22 @@ async function send() {
   }
 }
 
+function takeBack(reply, text) {
+  const at = state.messages.indexOf(reply);
+  if (at < 1) return;
+  state.messages.splice(at - 1, 2);
+  if (!$("input").value) $("input").value = text; // not over what was typed meanwhile
+  renderAll();
+  save();
+}
+
 function stop() {
   if (state.controller) state.controller.abort(); // closes the connection: the server cancels the request
 }
 
 function newChat() {
   stop();
+  state.controller = null; // the old reply's own ending no longer matters: a new message may go at once
   state.messages = [];
   save();
   renderAll();
@@ -408,11 +462,31 @@ function newChat() {
   $("input").focus();
 }
 
+function restoreConversation() {
+  const stored = load(KEYS.conversation, []);
+  const messages = (Array.isArray(stored) ? stored : []).filter(
+    (m) => m && typeof m === "object" && (m.role === "user" || m.role === "assistant") && typeof m.content === "string",
+  );
+  for (const m of messages) {
+    if (m.stats !== undefined && (typeof m.stats !== "object" || m.stats === null)) delete m.stats;
+    if (m.pending) { // the page was left mid-reply: keep what came
+      delete m.pending;
+      m.stats = { ...(m.stats || {}), stopped: true };
+    }
+  }
+  state.messages = messages;
+  try {
+    renderAll();
+  } catch (e) { // whatever is stored, the page stays usable
+    state.messages = [];
+    renderAll();
+    showError(`The stored conversation could not be shown, so it was set aside: ${e.message}`);
+  }
+}
+
 function main() {
   restoreSettings();
-  state.messages = load(KEYS.conversation, []).filter((m) => m && typeof m.content === "string");
-  state.messages.forEach((m) => delete m.pending);
-  renderAll();
+  restoreConversation();
   $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
   $("input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
