@@ -69,6 +69,11 @@ def commit() -> str:
         return "unknown"
 
 
+def machine_line(threads: int) -> str:
+    """What a table's first line and a chart's title say of the run: the CPU, threads, date and commit."""
+    return f"{cpu_line()}, {threads} threads, {date.today()}, commit {commit()}"
+
+
 def gemm_rate(dtype: str, dim: int, hidden: int) -> float:
     """GFLOP/s of PyTorch's own GEMM (oneDNN / MKL: AMX tiles for bfloat16 where the CPU has them) on a prefill-shaped
     product, [512, dim] x [dim, hidden], in `dtype`: the rate this CPU reaches for the instruction set that dtype
@@ -384,7 +389,7 @@ def main() -> int:
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
 
     mine = results.get("lamina", {})
-    machine = f"{cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}"
+    machine = machine_line(args.threads)
     print(
         f"# {machine}, "
         f"model {os.path.basename(args.model)}, lamina dtype {args.dtype or 'default'}, "

@@ -20,12 +20,11 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import charts  # noqa: E402
-from bench_generate import commit, cpu_line  # noqa: E402
+from bench_generate import machine_line  # noqa: E402
 
 KINDS = ["f32", "f16", "bf16", "q8_0"]
 TEXT = "The quick brown fox jumps over the lazy dog while the river runs to the sea. " * 400
@@ -139,7 +138,7 @@ def main() -> int:
         return 0
     ours = {kind: run("lamina", kind, args) for kind in KINDS}
     theirs = {kind: run("llama.cpp", kind, args) for kind in ("f16", "q8_0")}
-    machine = f"{cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}"
+    machine = machine_line(args.threads)
     print(
         f"# {machine}, model {os.path.basename(args.model)}, {args.context}-token context, {args.tokens} new tokens, "
         f"median of {args.runs}, Python {platform.python_version()}"

@@ -29,13 +29,12 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_generate import commit, cpu_line  # noqa: E402
+from bench_generate import machine_line  # noqa: E402
 from bench_serving import free_port, launch, peak_rss_mb, ratio_table  # noqa: E402
 
 TOPICS = ["rivers", "bridges", "libraries", "volcanoes", "orchestras", "railways", "glaciers", "markets"]
@@ -202,7 +201,7 @@ def main() -> int:
             results[engine] = r
 
     print(
-        f"# {cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}, model "
+        f"# {machine_line(args.threads)}, model "
         f"{os.path.basename(args.model)}, Python {platform.python_version()}\n"
         f"# (a) {args.conversations} concurrent conversations x {args.turns} turns, a ~{args.system_tokens}-token "
         f"system message, {args.reply_tokens}-token greedy replies; (b) {args.items} items x 4 continuations scored "

@@ -23,14 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 import charts  # noqa: E402
-from bench_generate import commit, cpu_line  # noqa: E402
+from bench_generate import machine_line  # noqa: E402
 
 TEXTS = [
     "The history of the Roman Empire",
@@ -176,7 +175,7 @@ def main() -> int:
             proc.terminate()
             proc.wait(timeout=60)
 
-    machine = f"{cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}"
+    machine = machine_line(args.threads)
     workload_line = (
         f"{args.requests} streaming completions, {args.concurrency} concurrent clients, up to {args.max_tokens} "
         "tokens each, greedy"

@@ -25,12 +25,11 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import charts  # noqa: E402
-from bench_generate import commit, cpu_line  # noqa: E402
+from bench_generate import machine_line  # noqa: E402
 
 PERSON = {
     "type": "object",
@@ -162,7 +161,7 @@ def main() -> int:
         print(json.dumps((lamina_worker if args.worker == "lamina" else llama_cpp_worker)(args)))
         return 0
     results = {e: run_engine(e, args) for e in args.engines.split(",")}
-    machine = f"{cpu_line()}, {args.threads} threads, {date.today()}, commit {commit()}"
+    machine = machine_line(args.threads)
     print(
         f"# {machine}, model {os.path.basename(args.model)}, greedy, {args.tokens} new tokens, median of {args.runs}, "
         f"Python {platform.python_version()}"

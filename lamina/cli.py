@@ -398,7 +398,8 @@ def _serve_rank0(args, llama, tp, followers) -> int:
 
     if tp is not None:
         parallel.drive(llama.runner, tp)
-    name = args.served_model_name or Path(args.model or default_model_path()).name
+    path = Path(args.model or default_model_path())
+    name = args.served_model_name or path.name
     app = create_app(llama, model_name=name, api_key=args.api_key, max_queue=args.max_queue, ui=not args.no_ui)
     failed: list[str] = []
     if tp is not None:  # a rank gone: its requests were failed (5xx); say which, and stop
@@ -414,7 +415,7 @@ def _serve_rank0(args, llama, tp, followers) -> int:
 
         app.state.engine_loop.on_step_error = stop
         app.state.engine_loop.on_idle = parallel.heartbeat(tp, every_s=args.distributed_timeout / 3)
-    _startup_lines(args, llama, name, tp)
+    _startup_lines(args, llama, path, name, tp)
     # uvicorn's own lines (and its access log: lamina writes its own line per request) only at debug; its warnings
     # at info and warning.
     server_level = args.log_level if args.log_level in ("debug", "error") else "warning"
@@ -447,15 +448,13 @@ def _setup_logging(level: str) -> None:
     root.propagate = False
 
 
-def _startup_lines(args, llama, name: str, tp) -> None:
+def _startup_lines(args, llama, path: Path, name: str, tp) -> None:
     """What this server is: the model, how it computes, how much it can hold, and where to find it."""
     from lamina.engine.kv_cache import KVCache
-    from lamina.loader import default_model_path
     from lamina.quant import describe
 
     log = logging.getLogger("lamina.serve")
     c, e = llama.model.config, llama.config
-    path = Path(args.model or default_model_path())
     log.info(
         "model %s (%s, %.1fM parameters, %d layers), served as %r, max_seq_len %d",
         path.name,

@@ -20,20 +20,20 @@ from lamina import kernels
 from lamina.errors import ConfigError
 from lamina.model import ModelConfig, Transformer, build_transformer
 from lamina.quant import ggml
-from lamina.quant.linear import QEmbedding, QLinear, default_prefill_dtype
+from lamina.quant.linear import DEFAULT_PREFILL_DTYPE, QEmbedding, QLinear
 
 MODES = ("none", "gguf", "int8", "int4")
 
 
 def use_kernels(model: nn.Module, path: str | None = None, prefill_dtype: torch.dtype | None = None) -> str | None:
     """Every native block projection of `model` on the kernels of `path` (lamina.kernels.PATHS; None: the best this
-    CPU runs), its many-row products of float32 inputs in `prefill_dtype` (float32 or bfloat16; None: this CPU's
-    default, see lamina.quant.linear.default_prefill_dtype). Returns the path now in use, or None where the model
+    CPU runs), its many-row products of float32 inputs in `prefill_dtype` (float32 or bfloat16; None: float32,
+    lamina.quant.linear.DEFAULT_PREFILL_DTYPE). Returns the path now in use, or None where the model
     has no native projection. Raises RuntimeError for a path this CPU cannot run."""
     if prefill_dtype not in (None, torch.float32, torch.bfloat16):
         raise ValueError(f"prefill products run in float32 or bfloat16, not {prefill_dtype}")
     chosen = kernels.get(path)
-    prefill_dtype = prefill_dtype or default_prefill_dtype()
+    prefill_dtype = prefill_dtype or DEFAULT_PREFILL_DTYPE
     used = None
     for module in model.modules():
         if isinstance(module, QLinear) and module.native:

@@ -27,12 +27,11 @@ from lamina.quant import ggml
 NATIVE_MAX_ROWS = 32
 
 
-def default_prefill_dtype() -> torch.dtype:
-    """The GEMM dtype of a float32 model's many-row products: float32 on every CPU, so that a float32 model's prompt
-    log-probabilities stay those of float32 arithmetic (within the 1e-3 of transformers' that the reference tests
-    hold). bfloat16 is asked for (`prefill_dtype="bfloat16"`, `--prefill-dtype bfloat16`): where the CPU multiplies
-    it natively (AMX, AVX-512 BF16) it is ~2x faster, at a measured cost (README, "Kernel paths")."""
-    return torch.float32
+# The GEMM dtype of a float32 model's many-row products: float32 on every CPU, so that a float32 model's prompt
+# log-probabilities stay those of float32 arithmetic (within the 1e-3 of transformers' that the reference tests hold).
+# bfloat16 is asked for (`prefill_dtype="bfloat16"`, `--prefill-dtype bfloat16`): where the CPU multiplies it natively
+# (AMX, AVX-512 BF16) it is ~2x faster, at a measured cost (README, "Kernel paths").
+DEFAULT_PREFILL_DTYPE = torch.float32
 
 
 class QLinear(nn.Module):
@@ -48,8 +47,8 @@ class QLinear(nn.Module):
         self.register_buffer("blocks", blocks.contiguous())
         # The native kernels' best path for this CPU (None: no native kernel here); `use_kernels` picks another.
         self.kernels = kernels.get() if blocks.device.type == "cpu" and kernels.available() else None
-        # A float32 input's many-row products run in this dtype (see default_prefill_dtype; lamina.quant.use_kernels)
-        self.prefill_dtype = default_prefill_dtype() if blocks.device.type == "cpu" else torch.float32
+        # A float32 input's many-row products run in this dtype (see DEFAULT_PREFILL_DTYPE; lamina.quant.use_kernels)
+        self.prefill_dtype = DEFAULT_PREFILL_DTYPE
         self._qtype_id = kernels.QTYPES[qtype]
 
     @property

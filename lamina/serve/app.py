@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from dataclasses import dataclass
 
 from fastapi import APIRouter, FastAPI
@@ -117,12 +116,13 @@ def _served(request: HTTPRequest) -> Served:
     return request.app.state.served
 
 
-def _trace(request: HTTPRequest, requests: list[Request], prompt_tokens: int) -> Trace:
-    """The request's log record (lamina.serve.log), told what it runs: called once the engine has its requests, so
-    a refused request's line has no token fields."""
-    trace = request.scope.get("state", {}).get("trace") or Trace(uuid.uuid4().hex, request.method, request.url.path)
-    trace.prompt_tokens, trace.choices = prompt_tokens, len(requests)
-    return trace
+def _logged(request: HTTPRequest, outputs, choices: int, prompt_tokens: int):
+    """The request's log record (lamina.serve.log, set by RequestLog), told what it runs, and the engine's outputs
+    counted in it as they are read. Called once the engine has the requests: a refused request's line has no token
+    fields."""
+    trace: Trace = request.scope["state"]["trace"]
+    trace.prompt_tokens, trace.choices = prompt_tokens, choices
+    return trace, _traced(outputs, trace)
 
 
 def _unknown_model(served: Served, name: str | None) -> JSONResponse | None:
@@ -166,8 +166,7 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
         outputs = await served.loop.submit(requests)
     except (LaminaError, ValueError, ValidationError) as e:
         return _failure(e)
-    trace = _trace(request, requests, sum(len(p) for p in prompts))
-    outputs = _traced(outputs, trace)
+    trace, outputs = _logged(request, outputs, len(requests), sum(len(p) for p in prompts))
     rid, now = f"cmpl-{trace.id}", int(time.time())
     tokenizer = served.llama.tokenizer
     echoed: set[int] = set()
@@ -311,8 +310,7 @@ async def chat(body: ChatCompletionRequest, request: HTTPRequest):
         outputs = await served.loop.submit(requests)
     except (LaminaError, ValueError, ValidationError) as e:
         return _failure(e)
-    trace = _trace(request, requests, len(prompt))
-    outputs = _traced(outputs, trace)
+    trace, outputs = _logged(request, outputs, len(requests), len(prompt))
     rid, now = f"chatcmpl-{trace.id}", int(time.time())
     fmt = llama.formatter.tool_format if tools else None
 

@@ -10,6 +10,7 @@ const state = {
   messages: [],      // {role: "user" | "assistant", content, stats?}
   model: null,       // the served model's id, from /v1/models
   controller: null,  // the running request's AbortController
+  modelRequests: 0,  // /v1/models requests sent: only the latest one's answer counts (a key tried mid-request)
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -292,13 +293,11 @@ function askForKey() {
   $("api-key").focus();
 }
 
-let modelRequests = 0; // only the latest /v1/models answer counts (a key may be tried while another is in flight)
-
 async function loadModel() {
-  const mine = ++modelRequests;
+  const mine = ++state.modelRequests;
   try {
     const response = await fetch("/v1/models", { headers: headers() });
-    if (mine !== modelRequests) return;
+    if (mine !== state.modelRequests) return;
     if (!response.ok) {
       showError(await errorText(response));
       return;
@@ -309,7 +308,7 @@ async function loadModel() {
     $("key-form").hidden = true;
     showError("");
   } catch (e) {
-    if (mine === modelRequests) showError(`Cannot reach the server: ${e.message}`);
+    if (mine === state.modelRequests) showError(`Cannot reach the server: ${e.message}`);
   }
 }
 
