@@ -552,7 +552,7 @@ def _kernel_path(llama) -> str:
 
 def _info(args) -> int:
     from lamina.loader import default_model_path, detect_format
-    from lamina.quant import describe
+    from lamina.quant import describe, weight_types
 
     llama = _load(args, show_progress=True)
     c = llama.model.config
@@ -588,6 +588,9 @@ def _info(args) -> int:
     ]
     for key, value in rows:
         print(f"{key:>16}: {value}")
+    print(f"{'tensor types':>16}:")
+    for name, count, size, runs in weight_types(llama.model):
+        print(f"{'':>16}  {name:<8} {count:>4} tensors {size / 2**20:>10.1f} MiB  {runs}")
     return 0
 
 

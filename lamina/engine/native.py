@@ -26,6 +26,25 @@ def _inner(p):
     return p.inner if isinstance(p, AllReduce) else p
 
 
+def _matrices(layer) -> list[tuple[str, QLinear, int]]:
+    """A layer's seven matrices for the C step's table, as (name, the projection holding it, its first row there):
+    a fused q/k/v or gate/up projection holds several, one after the other."""
+    attention, ffn, D = layer.attention, layer.feed_forward, layer.attention.head_dim
+    H, KVH = layer.attention.n_heads, layer.attention.n_kv_heads
+    out = []
+    if attention.wqkv is not None:
+        out += [("wq", attention.wqkv, 0), ("wk", attention.wqkv, H * D), ("wv", attention.wqkv, (H + KVH) * D)]
+    else:
+        out += [("wq", attention.wq, 0), ("wk", attention.wk, 0), ("wv", attention.wv, 0)]
+    out.append(("wo", _inner(attention.wo), 0))
+    if ffn.w13 is not None:
+        out += [("w1", ffn.w13, 0), ("w3", ffn.w13, ffn.w13.out_features // 2)]
+    else:
+        out += [("w1", ffn.w1, 0), ("w3", ffn.w3, 0)]
+    out.append(("w2", _inner(ffn.w2), 0))
+    return out
+
+
 def unsupported(model: Transformer, cache: KVCache) -> str | None:
     """Why the native step cannot run this model and cache, or None when it can."""
     if not kernels.available():
@@ -35,13 +54,13 @@ def unsupported(model: Transformer, cache: KVCache) -> str | None:
         return "the model is not on the CPU"
     if first.attention_norm.weight.dtype != torch.float32:
         return "the model is not float32"
+    paths = set()
     for i, layer in enumerate(model.layers):
-        projections = tuple(
-            _inner(p) for p in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
-        )
+        projections = [p for _, p, _ in _matrices(layer)]
         if not all(isinstance(p, QLinear) and p.native for p in projections):
-            return f"layer {i}'s projections are not all fused GGML blocks (quantize='gguf', 'int8' or 'int4')"
-        if len({p.kernels.path for p in projections} | {first.attention.wqkv.kernels.path}) > 1:
+            return f"layer {i}'s projections are not all GGML blocks (quantize='gguf', 'int8', 'int4' or a format)"
+        paths |= {p.kernels.path for p in projections}
+        if len(paths) > 1:
             return f"layer {i}'s projections are on different kernel paths (see lamina.quant.use_kernels)"
     return None
 
@@ -56,20 +75,14 @@ class NativeDecode:
             raise ValueError(f"the native decode step cannot run this model: {reason}")
         c = model.config
         self.model = model
-        self.kernels = model.layers[0].attention.wqkv.kernels  # the path every projection is on (checked above)
+        self.kernels = _matrices(model.layers[0])[0][1].kernels  # the path every projection is on (checked above)
         self.num_blocks, self.block_size = cache.num_blocks, cache.block_size
         self._tensors = [model.inv_freq, model.norm.weight]  # every tensor whose address the tables hold
         layers = (kernels.DecodeLayer * c.n_layers)()
         for table, layer, (k_cache, v_cache) in zip(layers, model.layers, cache.layers, strict=True):
-            attention, ffn = layer.attention, layer.feed_forward
-            for name, qtype, p in (
-                ("wqkv", "qkv_type", attention.wqkv),
-                ("wo", "o_type", _inner(attention.wo)),
-                ("w13", "w13_type", ffn.w13),
-                ("w2", "w2_type", _inner(ffn.w2)),
-            ):
-                setattr(table, name, p.blocks.data_ptr())
-                setattr(table, qtype, kernels.QTYPES[p.qtype])
+            for name, p, row in _matrices(layer):
+                setattr(table, name, p.blocks.data_ptr() + row * p.blocks.stride(0))
+                setattr(table, f"{name}_type", kernels.QTYPES[p.qtype])
                 self._tensors.append(p.blocks)
             for name, t in (
                 ("attention_norm", layer.attention_norm.weight),

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from lamina.kernels.types import TYPES, GGMLType, type_of
+
 HERE = Path(__file__).parent
 SOURCES = tuple(HERE / name for name in ("qmatmul.c", "decode.c"))
 HEADER = HERE / "kernels.h"
@@ -51,8 +53,7 @@ PATH_FLAGS = {  # what each path's library is compiled for
 }
 NEEDS = {"avx2": "AVX2 with FMA and F16C", "avx512": "AVX-512 F/BW/VL/DQ with VNNI"}  # in words, for errors
 FEATURES = {"avx2": 1, "avx512": 2, "avx512_bf16": 4, "amx_bf16": 8, "amx_int8": 16}  # cpu.c's bits
-QTYPES = {"Q4_1": 0, "Q8_0": 1}  # the block formats the kernel reads, by GGML name
-BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # bytes per block of 32 weights: the C structs' sizes
+QTYPES = {name: t.kid for name, t in TYPES.items()}  # the block formats the kernels read, by GGML name: their ids
 
 _lock = threading.Lock()
 _kernels: dict[tuple[str, bool], "Kernels | str"] = {}  # (path, emulated) -> built kernels, or why they cannot be
@@ -158,6 +159,9 @@ def _load(path: str, emulate: bool) -> "Kernels":
     step.argtypes = [ctypes.POINTER(DecodeModel), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     step.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
     step.restype = ctypes.c_int
+    for t in TYPES.values():  # the C side of the type table agrees with the Python side
+        if (lib.lamina_type_block(t.kid), lib.lamina_type_bytes(t.kid)) != (t.block, t.nbytes):
+            raise RuntimeError(f"{name}: the C kernels' {t.name} is not {t.block} weights in {t.nbytes} bytes")
     return Kernels(path, lib, emulate)
 
 
@@ -192,11 +196,12 @@ def get(path: str | None = None, *, emulate: bool = False) -> "Kernels":
 
 
 class DecodeLayer(ctypes.Structure):
-    """decode.c's lamina_layer: one layer's block matrices, norms and KV cache, by address."""
+    """decode.c's lamina_layer: one layer's block matrices (each with its format's id), norms and KV cache, by
+    address."""
 
     _fields_ = [
-        *((name, ctypes.c_void_p) for name in ("wqkv", "wo", "w13", "w2")),
-        *((name, ctypes.c_int32) for name in ("qkv_type", "o_type", "w13_type", "w2_type")),
+        *((name, ctypes.c_void_p) for name in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")),
+        *((f"{name}_type", ctypes.c_int32) for name in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")),
         *((name, ctypes.c_void_p) for name in ("attention_norm", "ffn_norm", "k_cache", "v_cache")),
         *((name, ctypes.c_void_p) for name in ("k_scale", "v_scale")),
     ]
@@ -252,14 +257,13 @@ def unavailable_reason() -> str | None:
 
 
 def _check(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features: int) -> None:
-    if qtype not in QTYPES:
-        raise ValueError(f"qmatmul reads {', '.join(QTYPES)} blocks, not {qtype}")
+    t = type_of(qtype)
     if x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
         raise ValueError(f"qmatmul needs a 2-D float32 CPU input, got {tuple(x.shape)} {x.dtype} on {x.device}")
     if (
-        x.shape[1] % 32
+        x.shape[1] % t.block
         or blocks.dtype != torch.uint8
-        or blocks.shape != (out_features, x.shape[1] // 32 * BLOCK_BYTES[qtype])
+        or blocks.shape != (out_features, t.row_bytes(x.shape[1]))
     ):
         raise ValueError(
             f"qmatmul: {qtype} blocks {tuple(blocks.shape)} {blocks.dtype} do not match {out_features} rows "

@@ -15,8 +15,10 @@
 #include <string.h>
 
 typedef struct {
-    const void *wqkv, *wo, *w13, *w2;      /* blocks: [(H + 2 KVH) D, dim], [dim, H D], [2 F, dim], [dim, F] */
-    int32_t qkv_type, o_type, w13_type, w2_type; /* 0: Q4_1, 1: Q8_0 */
+    /* blocks: [H D, dim], [KVH D, dim] twice, [dim, H D], [F, dim] twice, [dim, F]; each in its own format (a file
+     * mixes them: a Q4_K_M file has Q6_K wv in some layers), of kernels.h's enum */
+    const void *wq, *wk, *wv, *wo, *w1, *w3, *w2;
+    int32_t wq_type, wk_type, wv_type, wo_type, w1_type, w3_type, w2_type;
     const float *attention_norm, *ffn_norm; /* [dim] */
     void *k_cache, *v_cache;               /* [num_blocks, KVH, block_size, D] of kv_type */
     float *k_scale, *v_scale;              /* q8_0 only: [num_blocks, KVH, block_size, D / 32] */
@@ -287,10 +289,10 @@ static void residual_product(const lamina_model *m, int32_t qtype, const void *w
     int64_t lo, hi;
     lamina_split(N, NR, tid, nth, &lo, &hi);
     if (!m->reduce) {
-        lamina_matmul_rows(qtype, w, N, K, q, qd, qs, B, h, lo, hi, 1);
+        lamina_matmul_rows(qtype, w, N, K, q, qd, qs, B, h, N, lo, hi, 1);
         return;
     }
-    lamina_matmul_rows(qtype, w, N, K, q, qd, qs, B, part, lo, hi, 0);
+    lamina_matmul_rows(qtype, w, N, K, q, qd, qs, B, part, N, lo, hi, 0);
 #pragma omp barrier
 #pragma omp master
     if (m->reduce(part, B * N)) *failed = 1;
@@ -298,6 +300,19 @@ static void residual_product(const lamina_model *m, int32_t qtype, const void *w
     if (*failed) return;
     lamina_split(B * N, 1, tid, nth, &lo, &hi);
     for (int64_t u = lo; u < hi; u++) h[u] += part[u];
+}
+
+/* Columns lo..hi-1 of y [B, N] (row stride N) = x @ [W_0; W_1; W_2]^T, the matrices W_i [rows_i, K] stacked (q, k
+ * and v; or gate and up): each thread's share of the stacked columns, cut where one matrix ends and the next
+ * begins, so that matrices in different formats still make one stage. */
+static void stacked_rows(int parts, const void *const *w, const int32_t *types, const int64_t *rows, int64_t K,
+                         const int16_t *q, const float *qd, const float *qs, int64_t B, float *y, int64_t N,
+                         int64_t lo, int64_t hi) {
+    int64_t first = 0;
+    for (int i = 0; i < parts; first += rows[i], i++) {
+        const int64_t a = lo > first ? lo : first, b = hi < first + rows[i] ? hi : first + rows[i];
+        if (a < b) lamina_matmul_rows(types[i], w[i], rows[i], K, q, qd, qs, B, y + first, N, a - first, b - first, 0);
+    }
 }
 
 /* One decode step for B sequences: h [B, dim] holds the new tokens' embeddings on entry and their final normalised
@@ -349,7 +364,12 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
             quantize_stage(h, dim, L->attention_norm, m->norm_eps, lo, hi, q, qd, qs);
 #pragma omp barrier
             SPLIT(QKV, NR);
-            lamina_matmul_rows(L->qkv_type, L->wqkv, QKV, dim, q, qd, qs, B, qkv, lo, hi, 0);
+            {
+                const void *w[3] = {L->wq, L->wk, L->wv};
+                const int32_t types[3] = {L->wq_type, L->wk_type, L->wv_type};
+                const int64_t rows[3] = {H * D, KVH * D, KVH * D};
+                stacked_rows(3, w, types, rows, dim, q, qd, qs, B, qkv, QKV, lo, hi);
+            }
 #pragma omp barrier
             SPLIT(B * (H + KVH), 1); /* rotate q and k heads; store k and v in the cache */
             for (int64_t u = lo; u < hi; u++) {
@@ -373,14 +393,19 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
             SPLIT(B * H * D / QK, 1);
             quantize_stage(att, H * D, NULL, 0.0, lo, hi, q, qd, qs);
 #pragma omp barrier
-            residual_product(m, L->o_type, L->wo, dim, H * D, q, qd, qs, B, h, part, &failed); /* h += attention */
+            residual_product(m, L->wo_type, L->wo, dim, H * D, q, qd, qs, B, h, part, &failed); /* h += attention */
             if (failed) break;
 #pragma omp barrier
             SPLIT(B * dim / QK, 1);
             quantize_stage(h, dim, L->ffn_norm, m->norm_eps, lo, hi, q, qd, qs);
 #pragma omp barrier
             SPLIT(2 * F, NR);
-            lamina_matmul_rows(L->w13_type, L->w13, 2 * F, dim, q, qd, qs, B, gu, lo, hi, 0);
+            {
+                const void *w[2] = {L->w1, L->w3};
+                const int32_t types[2] = {L->w1_type, L->w3_type};
+                const int64_t rows[2] = {F, F};
+                stacked_rows(2, w, types, rows, dim, q, qd, qs, B, gu, 2 * F, lo, hi);
+            }
 #pragma omp barrier
             SPLIT(B * F / QK, 1);
             swiglu_stage(gu, F, lo, hi, q, qd, qs);
@@ -401,7 +426,8 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
                 quantize_stage(h, dim, NULL, 0.0, lo, hi, q, qd, qs);
 #pragma omp barrier
                 SPLIT(m->vocab_size, NR);
-                lamina_matmul_rows(m->output_type, m->output, m->vocab_size, dim, q, qd, qs, B, logits, lo, hi, 0);
+                lamina_matmul_rows(m->output_type, m->output, m->vocab_size, dim, q, qd, qs, B, logits, m->vocab_size,
+                                   lo, hi, 0);
             }
         }
 #undef SPLIT

@@ -45,7 +45,13 @@ static inline int omp_get_num_threads(void) { return 1; }
 static inline int omp_get_max_threads(void) { return 1; }
 #endif
 
-#define QK 32 /* weights (and activations) per block */
+#define QK 32 /* activations per block, and weights per block of the 32-weight formats (a "chunk" of the others) */
+
+/* The weight formats, by the ids of lamina/kernels/types.py's table (the same order). */
+enum {
+    T_Q4_1, T_Q8_0, T_Q4_0, T_Q5_0, T_Q5_1, T_IQ4_NL, T_IQ4_XS, T_Q2_K, T_Q3_K, T_Q4_K, T_Q5_K, T_Q6_K,
+    LAMINA_NTYPES
+};
 #define NR 4  /* weight rows handled together for a single activation row; row ranges are split in multiples of it */
 
 /* Where the scale (and sum) of block b of activation row m lies in the d and s arrays: rows in groups of 4, each
@@ -61,10 +67,11 @@ void lamina_quantize_block(const float *x, int16_t *q, float *d, float *s);
 /* x [M, K] float -> per block of 32: int16 q, scale d (x ~= d * q) and d * sum(q), the last two at SCALE_AT. */
 void lamina_quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, float *d, float *s);
 
-/* Rows n0..n1-1 of y [M, N] = x @ W^T, W [N, K] in `wtype` blocks (0: Q4_1, 1: Q8_0), x quantized by
- * lamina_quantize_rows; written to y, or added to it when `accumulate`. Runs on the calling thread only. */
+/* Columns n0..n1-1 of y [M, N] = x @ W^T (row m of y at y + m * ldy), W [N, K] in `wtype` blocks (the enum above),
+ * x quantized by lamina_quantize_rows; written to y, or added to it when `accumulate`. Runs on the calling thread
+ * only. */
 void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, const int16_t *q, const float *d,
-                        const float *s, int64_t M, float *y, int64_t n0, int64_t n1, int accumulate);
+                        const float *s, int64_t M, float *y, int64_t ldy, int64_t n0, int64_t n1, int accumulate);
 
 /* Part `part` of `parts` of the range 0..n-1, cut at multiples of `align`: [*lo, *hi). */
 void lamina_split(int64_t n, int64_t align, int part, int parts, int64_t *lo, int64_t *hi);

@@ -1,16 +1,15 @@
 /* Quantized matrix products for the CPU: y[M, N] = x[M, K] @ W[N, K]^T with W in GGML's block formats.
  *
- * Weights stay in the blocks a GGUF file stores (32 weights a block, row-major, K/32 blocks per row):
- *   Q4_1: float16 d, float16 m, 16 bytes of nibbles   w[j] = d * q[j] + m  (byte j: q[j] low, q[j+16] high)
- *   Q8_0: float16 d, 32 int8                          w[j] = d * q[j]
- * Activations are quantized per block of 32 to int16 with one float scale (and, for Q4_1's offset, the block's sum),
- * so the inner product is an integer dot product (on AVX2 16 multiply-adds in one madd). llama.cpp quantizes the
- * activations to int8 instead, one instruction cheaper a block but 256 times coarser: enough to change a greedy
- * continuation of a small model within a few tokens; with int16 the products match float32 on the same weights to
- * about 1e-5. Each weight is read once however many rows x has.
+ * Weights stay in the blocks a GGUF file stores, in every format of lamina/kernels/types.py's table (its docstring
+ * has their layouts): the 32-weight Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL, and the 256-weight K-quants (Q2_K to
+ * Q6_K) and IQ4_XS. Activations are quantized per block of 32 to int16 with one float scale (and the block's sum,
+ * for formats with an offset), so the inner product is an integer dot product (on AVX2 16 multiply-adds in one
+ * madd). llama.cpp quantizes the activations to int8 instead, one instruction cheaper a block but 256 times
+ * coarser: enough to change a greedy continuation of a small model within a few tokens; with int16 the products
+ * match float32 on the same weights to about 1e-5. Each weight is read once however many rows x has.
  *
- * Built by lamina/kernels/__init__.py with the machine's compiler (-O3 -march=native -fopenmp); parallel over
- * output rows with OpenMP, which resolves to the libgomp torch has already loaded.
+ * Built by lamina/kernels/__init__.py once per path (portable C, AVX2, AVX-512 VNNI); parallel over output rows
+ * with OpenMP, which resolves to the libgomp torch has already loaded.
  */
 #include "kernels.h"
 
@@ -23,7 +22,6 @@
 #endif
 
 typedef struct { uint16_t d, m; uint8_t qs[QK / 2]; } block_q4_1;
-typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;
 
 const char *lamina_path(void) { return LAMINA_PATH; }
 
@@ -97,30 +95,239 @@ void lamina_quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, floa
         lamina_quantize_block(x + i * QK, q + i * QK, d + SCALE_AT(i / nb, i % nb, nb), s + SCALE_AT(i / nb, i % nb, nb));
 }
 
-/* The register tile of the product: TR weight rows against TM = 4 activation rows, block by block. Each activation
- * row's per-block scales d and sums s come transposed, four rows side by side (dT, sT: [nb][4]), so that one vector
- * holds a block's four scales.
+/* ---- The formats: one row of TRAITS and one unpacking function (scalar, and SIMD) each ------------------------
  *
- * SIMD paths: a block's integer dot product with one activation row is 8 int32 partial sums (two madd and an add on
- * AVX2; a madd and a vpdpwssd, which fuses the second multiply with the add, on AVX-512 VNNI). Two rounds of hadd fold
- * the four rows' partial sums into one vector [t0 t1 t2 t3 | t0 t1 t2 t3], converted and scaled by the block's four
- * (weight scale x activation scale) products with one multiply-add: the float work of a block is shared by four rows
- * instead of repeated for each (15 instructions per row and block before, about 7 now). Q4_1's offset m adds
- * m * s for the four rows in one more multiply-add. */
-#define TM 4
-#if defined(LAMINA_AVX2)
-#define TR 2
-typedef struct { __m256i lo, hi; } vblock; /* a block's 32 int16, 0-15 and 16-31 */
-static inline vblock unpack_q4_1(const block_q4_1 *b) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)b->qs), low = _mm_set1_epi8(0x0f);
-    return (vblock){_mm256_cvtepu8_epi16(_mm_and_si128(raw, low)),
-                    _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low))};
+ * Every format is read a chunk of 32 weights at a time: chunk c of a block becomes 32 small integers w (int16) and
+ * floats with which weight j = scale * w[j] + off[j / 16]. Integer sub-scales (Q6_K's, Q3_K's and Q2_K's per 16
+ * weights) are multiplied into w, so a chunk's product with an activation block is one integer dot product times
+ * one float (|w| <= 4096 for Q6_K: 16 products of it with int16 activations still fit an int32). An offset that is
+ * constant over the chunk (Q4_1, Q5_1, Q4_K, Q5_K) is multiplied by the activation block's sum, s; Q2_K's, which
+ * changes every 16 weights, is a second dot product (of the 4-bit mins with the activations). */
+typedef struct { int block, bytes; } lamina_traits;
+static const lamina_traits TRAITS[LAMINA_NTYPES] = {
+    [T_Q4_1] = {32, 20},    [T_Q8_0] = {32, 34},   [T_Q4_0] = {32, 18},   [T_Q5_0] = {32, 22},
+    [T_Q5_1] = {32, 24},    [T_IQ4_NL] = {32, 18}, [T_IQ4_XS] = {256, 136}, [T_Q2_K] = {256, 84},
+    [T_Q3_K] = {256, 110},  [T_Q4_K] = {256, 144}, [T_Q5_K] = {256, 176}, [T_Q6_K] = {256, 210},
+};
+static const int8_t KVALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+int lamina_type_block(int t) { return t >= 0 && t < LAMINA_NTYPES ? TRAITS[t].block : 0; }
+int lamina_type_bytes(int t) { return t >= 0 && t < LAMINA_NTYPES ? TRAITS[t].bytes : 0; }
+
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return fp16_to_float(h);
 }
-static inline vblock unpack_q8_0(const block_q8_0 *b) {
-    return (vblock){_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b->qs)),
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b->qs + 16)))};
+static inline uint32_t u32_at(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
-/* 8 int32 partial sums of the 32 products of weight block w and the activation block at a */
+
+/* Q4_K's and Q5_K's 6-bit scale and min of sub-block j (0..7), packed in 12 bytes. */
+static inline void k4_scale_min(const uint8_t *s, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63, *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+/* Q3_K's 6-bit scale of sub-block i (0..15), less 32: low 4 bits in bytes 0..7, high 2 bits in bytes 8..11. */
+static inline int q3_scale(const uint8_t *s, int i) {
+    const int low = i < 8 ? s[i] & 0xf : s[i - 8] >> 4, high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+    return (low | (high << 4)) - 32;
+}
+/* IQ4_XS's 6-bit scale of sub-block c (0..7), less 32. */
+static inline int iq4xs_scale(const uint8_t *x, int c) {
+    const uint16_t high = (uint16_t)(x[2] | (x[3] << 8));
+    return (((x[4 + c / 2] >> (4 * (c % 2))) & 0xf) | (((high >> (2 * c)) & 3) << 4)) - 32;
+}
+
+/* The chunk's float scale, and its offset (the first half's, for Q2_K). */
+static inline __attribute__((always_inline)) float chunk_scale(const int t, const uint8_t *x, int c, float *off) {
+    int sc, m;
+    switch (t) {
+    case T_Q4_1: case T_Q5_1: *off = f16_at(x + 2); return f16_at(x);
+    case T_IQ4_XS: *off = 0.0f; return f16_at(x) * (float)iq4xs_scale(x, c);
+    case T_Q2_K: *off = -f16_at(x + 82) * (float)(x[2 * c] >> 4); return f16_at(x + 80);
+    case T_Q3_K: *off = 0.0f; return f16_at(x + 108);
+    case T_Q4_K: case T_Q5_K:
+        k4_scale_min(x + 4, c, &sc, &m);
+        *off = -(f16_at(x + 2) * (float)m);
+        return f16_at(x) * (float)sc;
+    case T_Q6_K: *off = 0.0f; return f16_at(x + 208);
+    default: *off = 0.0f; return f16_at(x); /* Q8_0, Q4_0, Q5_0, IQ4_NL */
+    }
+}
+
+/* The reference unpacking, every path's dequantization edges and the portable path's products: chunk c of block x
+ * of format t -> w [32], scale, off [2] (weight j = scale * w[j] + off[j / 16]). */
+static inline __attribute__((always_inline)) float unpack_ref(const int t, const uint8_t *x, int c, int16_t *w,
+                                                              float *off) {
+    const float scale = chunk_scale(t, x, c, &off[0]);
+    off[1] = off[0];
+    switch (t) {
+    case T_Q4_0: case T_Q4_1: case T_IQ4_NL: case T_IQ4_XS: {
+        const uint8_t *qs = t == T_Q4_0 || t == T_IQ4_NL ? x + 2 : t == T_Q4_1 ? x + 4 : x + 8 + 16 * c;
+        for (int j = 0; j < 16; j++) {
+            const int lo = qs[j] & 0xf, hi = qs[j] >> 4;
+            if (t == T_Q4_0) w[j] = (int16_t)(lo - 8), w[j + 16] = (int16_t)(hi - 8);
+            else if (t == T_Q4_1) w[j] = (int16_t)lo, w[j + 16] = (int16_t)hi;
+            else w[j] = KVALUES[lo], w[j + 16] = KVALUES[hi];
+        }
+        break;
+    }
+    case T_Q5_0: case T_Q5_1: {
+        const uint32_t qh = u32_at(x + (t == T_Q5_0 ? 2 : 4));
+        const uint8_t *qs = x + (t == T_Q5_0 ? 6 : 8);
+        const int bias = t == T_Q5_0 ? 16 : 0;
+        for (int j = 0; j < 16; j++) {
+            w[j] = (int16_t)(((qs[j] & 0xf) | (((qh >> j) & 1) << 4)) - bias);
+            w[j + 16] = (int16_t)(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - bias);
+        }
+        break;
+    }
+    case T_Q8_0:
+        for (int j = 0; j < 32; j++) w[j] = (int8_t)x[2 + j];
+        break;
+    case T_Q2_K: {
+        const uint8_t *q = x + 16 + 32 * (c / 4);
+        const int shift = 2 * (c % 4), s0 = x[2 * c] & 0xf, s1 = x[2 * c + 1] & 0xf;
+        for (int j = 0; j < 16; j++) {
+            w[j] = (int16_t)(((q[j] >> shift) & 3) * s0);
+            w[j + 16] = (int16_t)(((q[j + 16] >> shift) & 3) * s1);
+        }
+        off[1] = -f16_at(x + 82) * (float)(x[2 * c + 1] >> 4);
+        break;
+    }
+    case T_Q3_K: {
+        const uint8_t *q = x + 32 + 32 * (c / 4);
+        const int shift = 2 * (c % 4), s0 = q3_scale(x + 96, 2 * c), s1 = q3_scale(x + 96, 2 * c + 1);
+        for (int j = 0; j < 32; j++)
+            w[j] = (int16_t)((((q[j] >> shift) & 3) - ((x[j] >> c) & 1 ? 0 : 4)) * (j < 16 ? s0 : s1));
+        break;
+    }
+    case T_Q4_K: case T_Q5_K: {
+        const uint8_t *qs = x + (t == T_Q4_K ? 16 : 48) + 32 * (c / 2);
+        const int shift = 4 * (c % 2);
+        for (int j = 0; j < 32; j++)
+            w[j] = (int16_t)(((qs[j] >> shift) & 0xf) | (t == T_Q5_K ? ((x[16 + j] >> c) & 1) << 4 : 0));
+        break;
+    }
+    case T_Q6_K: {
+        const int n = c / 4, k = c % 4;
+        const uint8_t *ql = x + 64 * n + 32 * (k & 1), *qh = x + 128 + 32 * n;
+        const int8_t *sc = (const int8_t *)(x + 192) + 8 * n + 2 * k;
+        for (int j = 0; j < 32; j++)
+            w[j] = (int16_t)(((((ql[j] >> (4 * (k >> 1))) & 0xf) | (((qh[j] >> (2 * k)) & 3) << 4)) - 32) * sc[j / 16]);
+        break;
+    }
+    default: memset(w, 0, sizeof(int16_t) * QK); /* not a format (the callers check) */
+    }
+    return scale;
+}
+
+#ifdef LAMINA_AVX2
+typedef struct { __m256i lo, hi; } vblock; /* a chunk's 32 int16, 0-15 and 16-31 */
+
+static inline __m256i widen_u8(const uint8_t *p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)); }
+/* 16 bits of v as 16 int16 lanes: 16 where the bit is set, else 0 (Q5_0/Q5_1's fifth bits). */
+static inline __m256i bits_to_16(uint32_t v) {
+    const __m256i mask = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+                                           (short)32768);
+    const __m256i set = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)v), mask), mask);
+    return _mm256_and_si256(set, _mm256_set1_epi16(16));
+}
+/* 16 nibble indices (int16 lanes) -> the IQ4 grid's values. */
+static inline __m256i iq4_lookup(__m128i nibbles) {
+    const __m128i grid = _mm_loadu_si128((const __m128i *)KVALUES);
+    return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(grid, nibbles));
+}
+
+/* unpack_ref's w as vectors (the scale and offsets come from chunk_scale). */
+static inline __attribute__((always_inline)) vblock unpack(const int t, const uint8_t *x, int c) {
+    const __m256i low4 = _mm256_set1_epi16(0x0f);
+    switch (t) {
+    case T_Q4_0: case T_Q4_1: {
+        const __m256i raw = widen_u8(x + (t == T_Q4_0 ? 2 : 4));
+        vblock w = {_mm256_and_si256(raw, low4), _mm256_srli_epi16(raw, 4)};
+        if (t == T_Q4_0) w.lo = _mm256_sub_epi16(w.lo, _mm256_set1_epi16(8)), w.hi = _mm256_sub_epi16(w.hi, _mm256_set1_epi16(8));
+        return w;
+    }
+    case T_IQ4_NL: case T_IQ4_XS: {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(x + (t == T_IQ4_NL ? 2 : 8 + 16 * c)));
+        const __m128i m = _mm_set1_epi8(0x0f);
+        return (vblock){iq4_lookup(_mm_and_si128(raw, m)), iq4_lookup(_mm_and_si128(_mm_srli_epi16(raw, 4), m))};
+    }
+    case T_Q5_0: case T_Q5_1: {
+        const uint32_t qh = u32_at(x + (t == T_Q5_0 ? 2 : 4));
+        const __m256i raw = widen_u8(x + (t == T_Q5_0 ? 6 : 8));
+        vblock w = {_mm256_or_si256(_mm256_and_si256(raw, low4), bits_to_16(qh)),
+                    _mm256_or_si256(_mm256_srli_epi16(raw, 4), bits_to_16(qh >> 16))};
+        if (t == T_Q5_0) w.lo = _mm256_sub_epi16(w.lo, _mm256_set1_epi16(16)), w.hi = _mm256_sub_epi16(w.hi, _mm256_set1_epi16(16));
+        return w;
+    }
+    case T_Q8_0:
+        return (vblock){_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(x + 2))),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(x + 18)))};
+    case T_Q2_K: {
+        const uint8_t *q = x + 16 + 32 * (c / 4);
+        const int shift = 2 * (c % 4);
+        const __m256i three = _mm256_set1_epi16(3);
+        return (vblock){_mm256_mullo_epi16(_mm256_and_si256(_mm256_srli_epi16(widen_u8(q), shift), three),
+                                           _mm256_set1_epi16(x[2 * c] & 0xf)),
+                        _mm256_mullo_epi16(_mm256_and_si256(_mm256_srli_epi16(widen_u8(q + 16), shift), three),
+                                           _mm256_set1_epi16(x[2 * c + 1] & 0xf))};
+    }
+    case T_Q3_K: {
+        const uint8_t *q = x + 32 + 32 * (c / 4);
+        const int shift = 2 * (c % 4);
+        const __m256i three = _mm256_set1_epi16(3), one = _mm256_set1_epi16(1), four = _mm256_set1_epi16(4);
+        /* ((q >> shift) & 3) - 4 + 4 * (bit c of the high mask) */
+#define Q3_HALF(off, i)                                                                                             \
+    _mm256_mullo_epi16(                                                                                             \
+        _mm256_sub_epi16(_mm256_add_epi16(_mm256_and_si256(_mm256_srli_epi16(widen_u8(q + off), shift), three),      \
+                                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(widen_u8(x + off), c), one), 2)), \
+                         four),                                                                                     \
+        _mm256_set1_epi16((short)q3_scale(x + 96, i)))
+        return (vblock){Q3_HALF(0, 2 * c), Q3_HALF(16, 2 * c + 1)};
+#undef Q3_HALF
+    }
+    case T_Q4_K: case T_Q5_K: {
+        const uint8_t *qs = x + (t == T_Q4_K ? 16 : 48) + 32 * (c / 2);
+        const int shift = 4 * (c % 2);
+        vblock w = {_mm256_and_si256(_mm256_srli_epi16(widen_u8(qs), shift), low4),
+                    _mm256_and_si256(_mm256_srli_epi16(widen_u8(qs + 16), shift), low4)};
+        if (t == T_Q5_K) {
+            const __m256i sixteen = _mm256_set1_epi16(16);
+            w.lo = _mm256_or_si256(w.lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(widen_u8(x + 16), c), 4), sixteen));
+            w.hi = _mm256_or_si256(w.hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(widen_u8(x + 32), c), 4), sixteen));
+        }
+        return w;
+    }
+    default: { /* T_Q6_K */
+        const int n = c / 4, k = c % 4;
+        const uint8_t *ql = x + 64 * n + 32 * (k & 1), *qh = x + 128 + 32 * n;
+        const int8_t *sc = (const int8_t *)(x + 192) + 8 * n + 2 * k;
+        const __m256i thirty_two = _mm256_set1_epi16(32), high2 = _mm256_set1_epi16(0x30);
+#define Q6_HALF(off)                                                                                                \
+    _mm256_sub_epi16(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(widen_u8(ql + off), 4 * (k >> 1)), low4),   \
+                                     _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(widen_u8(qh + off), 2 * k), 4), high2)), \
+                     thirty_two)
+        return (vblock){_mm256_mullo_epi16(Q6_HALF(0), _mm256_set1_epi16(sc[0])),
+                        _mm256_mullo_epi16(Q6_HALF(16), _mm256_set1_epi16(sc[1]))};
+#undef Q6_HALF
+    }
+    }
+}
+/* Q2_K's 4-bit mins of chunk c's two halves, as weights (their float scale is -dmin). */
+static inline vblock q2k_mins(const uint8_t *x, int c) {
+    return (vblock){_mm256_set1_epi16(x[2 * c] >> 4), _mm256_set1_epi16(x[2 * c + 1] >> 4)};
+}
+
+/* 8 int32 partial sums of the 32 products of chunk w and the activation block at a */
 static inline __m256i dot_block(vblock w, const int16_t *a) {
     const __m256i lo = _mm256_madd_epi16(w.lo, _mm256_loadu_si256((const __m256i *)a));
 #if defined(LAMINA_AVX512)
@@ -129,103 +336,229 @@ static inline __m256i dot_block(vblock w, const int16_t *a) {
     return _mm256_add_epi32(lo, _mm256_madd_epi16(w.hi, _mm256_loadu_si256((const __m256i *)(a + 16))));
 #endif
 }
+#endif
 
-/* Weight rows 0..tr-1 of `weights` (nb blocks of type wtype each) against activation rows 0..tm-1 of q (row stride
- * K); out[r * TM + t] = their products. wtype, tr and tm are constants at every call, so the loops unroll and the
- * accumulators are registers. */
-static inline __attribute__((always_inline)) void tile_kernel(const int wtype, const void *weights, int64_t nb,
-                                                              const int16_t *q, const float *dT, const float *sT,
-                                                              int64_t K, const int tr, const int tm, float *out) {
-    __m256 acc[TR];
-    __m128 off[TR];
-    for (int r = 0; r < tr; r++) acc[r] = _mm256_setzero_ps(), off[r] = _mm_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const __m256 D = _mm256_broadcast_ps((const __m128 *)(dT + TM * b)); /* [d0 d1 d2 d3 | d0 d1 d2 d3] */
+/* ---- The product: a register tile of TR weight rows against TM = 4 (or 1) activation rows ------------------------
+ *
+ * Each activation row's per-block scales d and sums s come transposed, four rows side by side (dT, sT: [nb][4]), so
+ * that one vector holds a block's four scales. SIMD paths: a chunk's integer dot product with one activation row is
+ * 8 int32 partial sums (two madd and an add on AVX2; a madd and a vpdpwssd, which fuses the second multiply with
+ * the add, on AVX-512 VNNI). For four rows, two rounds of hadd fold their partial sums into one vector
+ * [t0 t1 t2 t3 | t0 t1 t2 t3], converted and scaled by the chunk's four (weight scale x activation scale) products
+ * with one multiply-add: the float work of a chunk is shared by four rows. An offset adds off * s for the four rows
+ * in one more multiply-add. */
+#define TM 4
+#if defined(LAMINA_AVX2)
+#define TR 2
+/* acc += the products of chunk w (float scale `scale`) with activation block b of rows 0..tm-1 */
+static inline __attribute__((always_inline)) void accumulate(vblock w, float scale, const int16_t *q, int64_t K,
+                                                             int64_t b, const float *dT, const int tm, const int rows,
+                                                             __m256 *acc) {
+    if (tm == 1) {
+        acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(w, q + b * QK)), _mm256_set1_ps(scale * dT[TM * b]), acc[0]);
+        return;
+    }
+    __m256i p[TM];
+    for (int t = 0; t < TM; t++) p[t] = t < rows ? dot_block(w, q + t * K + b * QK) : _mm256_setzero_si256();
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    const __m256 D = _mm256_mul_ps(_mm256_broadcast_ps((const __m128 *)(dT + TM * b)), _mm256_set1_ps(scale));
+    acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), D, acc[0]);
+}
+
+/* The float scales and offsets (weight j of chunk c = scales[c] * w[j] + offsets[c]) of 8 chunks from `x`: chunks
+ * 0..7 of one 256-weight block, or the one chunk of each of 8 consecutive 32-weight blocks. */
+static inline __attribute__((always_inline)) void group_scales(const int t, const uint8_t *x, __m256 *scales,
+                                                               __m256 *offsets) {
+    if (t == T_Q4_K || t == T_Q5_K) { /* the 12 bytes of 6-bit scales and mins, unpacked 4 at a time */
+        uint32_t u[3];
+        memcpy(u, x + 4, 12);
+        const uint32_t sc_lo = u[0] & 0x3f3f3f3f, m_lo = u[1] & 0x3f3f3f3f;
+        const uint32_t sc_hi = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+        const uint32_t m_hi = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32((int)sc_lo, (int)sc_hi, 0, 0)));
+        const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32((int)m_lo, (int)m_hi, 0, 0)));
+        *scales = _mm256_mul_ps(_mm256_set1_ps(f16_at(x)), sc);
+        *offsets = _mm256_mul_ps(_mm256_set1_ps(-f16_at(x + 2)), m);
+        return;
+    }
+    if (t == T_Q6_K || t == T_Q3_K || t == T_Q2_K) { /* one float scale; sub-scales are in the integers */
+        *scales = _mm256_set1_ps(f16_at(x + (t == T_Q6_K ? 208 : t == T_Q3_K ? 108 : 80)));
+        *offsets = _mm256_setzero_ps();
+        return;
+    }
+    float S[8], O[8];
+    if (t == T_IQ4_XS) {
+        for (int c = 0; c < 8; c++) S[c] = (float)iq4xs_scale(x, c), O[c] = 0.0f;
+        *scales = _mm256_mul_ps(_mm256_set1_ps(f16_at(x)), _mm256_loadu_ps(S));
+        *offsets = _mm256_setzero_ps();
+        return;
+    }
+    /* 32-weight blocks: each its float16 d (and m) */
+    const int bytes = TRAITS[t].bytes;
+    uint16_t d[8], m[8];
+    for (int c = 0; c < 8; c++) memcpy(&d[c], x + c * bytes, 2), memcpy(&m[c], x + c * bytes + 2, 2);
+    *scales = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)d));
+    *offsets = t == T_Q4_1 || t == T_Q5_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)m)) : _mm256_setzero_ps();
+    (void)O;
+}
+
+/* One activation row (decode of one sequence) against weight rows 0..tr-1, 8 chunks (256 weights) at a time: the
+ * 8 chunks' weight scales times their activation scales are computed together (S), their offsets times the
+ * activation sums in one multiply-add, and two accumulator chains run side by side a row. Chunks past the last
+ * whole 8 (rows of 576 weights) go one at a time. out[r * TM] = the products. */
+static inline __attribute__((always_inline)) void row_kernel(const int wtype, const uint8_t *weights,
+                                                             int64_t row_bytes, int64_t K, const int16_t *q,
+                                                             const float *dT, const float *sT, const int tr,
+                                                             float *out) {
+    const int block = TRAITS[wtype].block, bytes = TRAITS[wtype].bytes, chunks = block / QK;
+    const int has_off = wtype == T_Q4_1 || wtype == T_Q5_1 || wtype == T_Q4_K || wtype == T_Q5_K;
+    const __m256i every4 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28); /* row 0's scales in the [b][4] layout */
+    __m256 acc[TR][2], off[TR];
+    for (int r = 0; r < tr; r++) acc[r][0] = acc[r][1] = off[r] = _mm256_setzero_ps();
+    const int64_t nb = K / QK, groups = nb / 8;
+    for (int64_t g = 0; g < groups; g++) {
+        const __m256 XD = _mm256_i32gather_ps(dT + TM * 8 * g, every4, 4);
+        const __m256 XS = has_off ? _mm256_i32gather_ps(sT + TM * 8 * g, every4, 4) : _mm256_setzero_ps();
         for (int r = 0; r < tr; r++) {
-            const void *blk = (const char *)weights + (r * nb + b) * (wtype == 0 ? sizeof(block_q4_1) : sizeof(block_q8_0));
-            const vblock w = wtype == 0 ? unpack_q4_1((const block_q4_1 *)blk) : unpack_q8_0((const block_q8_0 *)blk);
-            int32_t dm; /* the block's float16 d (and Q4_1's m) */
-            memcpy(&dm, blk, sizeof dm);
-            const __m128 scales = _mm_cvtph_ps(_mm_cvtsi32_si128(dm)); /* [d m . .] */
-            const __m256 wd = _mm256_broadcastss_ps(scales);
-            if (tm == 1) { /* one row: its 8 partial sums scaled alike, summed at the end */
-                const __m256i p = dot_block(w, q + b * QK);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(wd, _mm256_set1_ps(dT[4 * b])), acc[r]);
-            } else {
-                __m256i p[TM];
-                for (int t = 0; t < TM; t++) p[t] = t < tm ? dot_block(w, q + t * K + b * QK) : _mm256_setzero_si256();
-                const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(wd, D), acc[r]);
+            /* the 8 chunks: chunks 0..7 of one 256-weight block, or 8 consecutive 32-weight blocks */
+            const uint8_t *base = weights + r * row_bytes + (chunks == 8 ? g * bytes : 8 * g * bytes);
+            float S[8], O[8];
+            __m256 scales, offsets;
+            group_scales(wtype, base, &scales, &offsets);
+            _mm256_storeu_ps(S, _mm256_mul_ps(scales, XD));
+            if (has_off) off[r] = _mm256_fmadd_ps(offsets, XS, off[r]);
+            (void)O;
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++) {
+                const int64_t b = 8 * g + c;
+                const uint8_t *x = chunks == 8 ? base : base + c * bytes;
+                const int cc = chunks == 8 ? c : 0;
+                const __m256i p = dot_block(unpack(wtype, x, cc), q + b * QK);
+                acc[r][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(S[c]), acc[r][c & 1]);
+                if (wtype == T_Q2_K) {
+                    const __m256i m = dot_block(q2k_mins(x, cc), q + b * QK);
+                    acc[r][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(-f16_at(x + 82) * dT[TM * b]),
+                                                    acc[r][c & 1]);
+                }
             }
-            if (wtype == 0)
-                off[r] = _mm_fmadd_ps(_mm_permute_ps(scales, 0x55), _mm_loadu_ps(sT + 4 * b), off[r]);
+        }
+    }
+    float tail[TR] = {0.0f};
+    for (int64_t b = groups * 8; b < nb; b++) /* 32-weight formats only: 256-weight rows are whole groups */
+        for (int r = 0; r < tr; r++) {
+            float o;
+            const uint8_t *x = weights + r * row_bytes + b / chunks * bytes;
+            const float scale = chunk_scale(wtype, x, (int)(b % chunks), &o);
+            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(unpack(wtype, x, (int)(b % chunks)), q + b * QK)),
+                                        _mm256_set1_ps(scale * dT[TM * b]), acc[r][0]);
+            if (has_off) tail[r] += o * sT[TM * b];
+        }
+    for (int r = 0; r < tr; r++) out[r * TM] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), off[r])) + tail[r];
+}
+
+/* Weight rows 0..tr-1 (row_bytes apart) against activation rows 0..rows-1 of q (row stride K; tm: 1, or TM for
+ * 1..4 rows); out[r * TM + t] = their products. wtype, tr and tm are constants at every call, so the loops unroll
+ * and the accumulators are registers. */
+static inline __attribute__((always_inline)) void tile_kernel(const int wtype, const uint8_t *weights,
+                                                              int64_t row_bytes, int64_t K, const int16_t *q,
+                                                              const float *dT, const float *sT, const int tr,
+                                                              const int tm, const int rows, float *out) {
+    if (tm == 1) {
+        row_kernel(wtype, weights, row_bytes, K, q, dT, sT, tr, out);
+        return;
+    }
+    const int block = TRAITS[wtype].block, bytes = TRAITS[wtype].bytes, chunks = block / QK;
+    const int has_off = wtype == T_Q4_1 || wtype == T_Q5_1 || wtype == T_Q4_K || wtype == T_Q5_K;
+    __m256 acc[TR][2];
+    __m128 off[TR];
+    float off1[TR];
+    for (int r = 0; r < tr; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps(), off[r] = _mm_setzero_ps(), off1[r] = 0.0f;
+    const int64_t nsb = K / block;
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        for (int r = 0; r < tr; r++) {
+            const uint8_t *x = weights + r * row_bytes + sb * bytes;
+#pragma GCC unroll 8
+            for (int c = 0; c < chunks; c++) {
+                const int64_t b = sb * chunks + c;
+                float o;
+                const float scale = chunk_scale(wtype, x, c, &o);
+                accumulate(unpack(wtype, x, c), scale, q, K, b, dT, tm, rows, &acc[r][tm == 1 ? c & 1 : 0]);
+                if (wtype == T_Q2_K)
+                    accumulate(q2k_mins(x, c), -f16_at(x + 82), q, K, b, dT, tm, rows, &acc[r][tm == 1 ? c & 1 : 0]);
+                else if (has_off && tm == 1)
+                    off1[r] += o * sT[TM * b];
+                else if (has_off)
+                    off[r] = _mm_fmadd_ps(_mm_set1_ps(o), _mm_loadu_ps(sT + TM * b), off[r]);
+            }
         }
     }
     for (int r = 0; r < tr; r++) {
-        float o[4];
-        _mm_storeu_ps(o, off[r]);
         if (tm == 1) {
-            out[r * TM] = hsum8(acc[r]) + o[0];
+            out[r * TM] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1])) + off1[r];
             continue;
         }
-        float lanes[4];
-        _mm_storeu_ps(lanes, _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1)));
-        for (int t = 0; t < tm; t++) out[r * TM + t] = lanes[t] + o[t];
+        float lanes[4], o[4];
+        _mm_storeu_ps(o, off[r]);
+        _mm_storeu_ps(lanes, _mm_add_ps(_mm256_castps256_ps128(acc[r][0]), _mm256_extractf128_ps(acc[r][0], 1)));
+        for (int t = 0; t < rows; t++) out[r * TM + t] = lanes[t] + o[t];
     }
 }
 #else
 #define TR 1
-static inline __attribute__((always_inline)) void tile_kernel(const int wtype, const void *weights, int64_t nb,
-                                                              const int16_t *q, const float *dT, const float *sT,
-                                                              int64_t K, const int tr, const int tm, float *out) {
-    for (int t = 0; t < tm; t++) {
-        float total = 0.0f;
-        for (int64_t b = 0; b < nb; b++) {
-            const int16_t *a = q + t * K + b * QK;
-            int dot = 0;
-            if (wtype == 0) {
-                const block_q4_1 *w = (const block_q4_1 *)weights + b;
-                for (int j = 0; j < QK / 2; j++) dot += (w->qs[j] & 0x0f) * a[j] + (w->qs[j] >> 4) * a[j + QK / 2];
-                total += fp16_to_float(w->d) * dT[4 * b + t] * (float)dot + fp16_to_float(w->m) * sT[4 * b + t];
-            } else {
-                const block_q8_0 *w = (const block_q8_0 *)weights + b;
-                for (int j = 0; j < QK; j++) dot += w->qs[j] * a[j];
-                total += fp16_to_float(w->d) * dT[4 * b + t] * (float)dot;
+static inline __attribute__((always_inline)) void tile_kernel(const int wtype, const uint8_t *weights,
+                                                              int64_t row_bytes, int64_t K, const int16_t *q,
+                                                              const float *dT, const float *sT, const int tr,
+                                                              const int tm, const int rows, float *out) {
+    const int block = TRAITS[wtype].block, bytes = TRAITS[wtype].bytes, chunks = block / QK;
+    float total[TM] = {0.0f};
+    int16_t w[QK];
+    for (int64_t sb = 0; sb < K / block; sb++)
+        for (int c = 0; c < chunks; c++) {
+            const int64_t b = sb * chunks + c;
+            float off[2];
+            const float scale = unpack_ref(wtype, weights + sb * bytes, c, w, off);
+            for (int t = 0; t < rows; t++) {
+                const int16_t *a = q + t * K + b * QK;
+                int64_t lo = 0, hi = 0, sum_hi = 0, sum = 0;
+                for (int j = 0; j < 16; j++) lo += w[j] * a[j], hi += w[j + 16] * a[j + 16], sum_hi += a[j + 16];
+                for (int j = 0; j < 32; j++) sum += a[j];
+                /* off * s is off * d * sum(a); Q2_K's two halves' offsets each take their half's sum */
+                const float halves = off[0] == off[1] ? off[0] * sT[TM * b + t]
+                                                      : dT[TM * b + t] * (off[0] * (float)(sum - sum_hi) + off[1] * (float)sum_hi);
+                total[t] += scale * dT[TM * b + t] * (float)(lo + hi) + halves;
             }
         }
-        out[t] = total;
-    }
-    (void)tr;
+    for (int t = 0; t < rows; t++) out[t] = total[t];
+    (void)tr, (void)tm, (void)row_bytes;
 }
 #endif
 
-/* Weight rows n..n+tr-1 against activation rows m0..m0+tm-1 (their scales transposed in dT, sT), written to (or
+/* Weight rows n..n+tr-1 against activation rows m0..m0+rows-1 (their scales transposed in dT, sT), written to (or
  * added to) y [M, N]. */
-static void tile(int wtype, const void *weights, int64_t n, int64_t N, int64_t K, const int16_t *q, const float *dT,
-                 const float *sT, int64_t m0, int tr, int tm, float *y, int accumulate) {
-    const int64_t nb = K / QK, row_bytes = nb * (wtype == 0 ? (int64_t)sizeof(block_q4_1) : (int64_t)sizeof(block_q8_0));
-    const void *w = (const char *)weights + n * row_bytes;
-    float out[TR * TM];
-    q += m0 * K;
-#define LAMINA_TILE(TRC, TMC)                                                                                       \
-    (wtype == 0 ? tile_kernel(0, w, nb, q, dT, sT, K, TRC, TMC, out) : tile_kernel(1, w, nb, q, dT, sT, K, TRC, TMC, out))
-#define LAMINA_TILES(TRC)                                                                                           \
-    switch (tm) {                                                                                                   \
-    case 1: LAMINA_TILE(TRC, 1); break;                                                                             \
-    case 2: LAMINA_TILE(TRC, 2); break;                                                                             \
-    case 3: LAMINA_TILE(TRC, 3); break;                                                                             \
-    default: LAMINA_TILE(TRC, 4); break;                                                                            \
+#define LAMINA_TILE(T)                                                                                              \
+    static void tile_##T(const uint8_t *w, int64_t row_bytes, int64_t K, const int16_t *q, const float *dT,         \
+                         const float *sT, int tr, int rows, float *out) {                                           \
+        if (tr == TR) {                                                                                             \
+            if (rows == 1) tile_kernel(T, w, row_bytes, K, q, dT, sT, TR, 1, 1, out);                                \
+            else tile_kernel(T, w, row_bytes, K, q, dT, sT, TR, TM, rows, out);                                      \
+        } else {                                                                                                    \
+            if (rows == 1) tile_kernel(T, w, row_bytes, K, q, dT, sT, 1, 1, 1, out);                                 \
+            else tile_kernel(T, w, row_bytes, K, q, dT, sT, 1, TM, rows, out);                                       \
+        }                                                                                                           \
     }
-    if (tr == TR) { LAMINA_TILES(TR) }
-    else { LAMINA_TILES(1) }
-#undef LAMINA_TILES
+LAMINA_TILE(T_Q4_1) LAMINA_TILE(T_Q8_0) LAMINA_TILE(T_Q4_0) LAMINA_TILE(T_Q5_0) LAMINA_TILE(T_Q5_1)
+LAMINA_TILE(T_IQ4_NL) LAMINA_TILE(T_IQ4_XS) LAMINA_TILE(T_Q2_K) LAMINA_TILE(T_Q3_K) LAMINA_TILE(T_Q4_K)
+LAMINA_TILE(T_Q5_K) LAMINA_TILE(T_Q6_K)
 #undef LAMINA_TILE
-    for (int r = 0; r < tr; r++)
-        for (int t = 0; t < tm; t++) {
-            float *o = y + (m0 + t) * N + n + r;
-            *o = out[r * TM + t] + (accumulate ? *o : 0.0f);
-        }
-}
+
+typedef void (*tile_fn)(const uint8_t *, int64_t, int64_t, const int16_t *, const float *, const float *, int, int,
+                        float *);
+/* This path's kernel per format: the C side of the type table. */
+static const tile_fn TILES[LAMINA_NTYPES] = {
+    [T_Q4_1] = tile_T_Q4_1, [T_Q8_0] = tile_T_Q8_0, [T_Q4_0] = tile_T_Q4_0, [T_Q5_0] = tile_T_Q5_0,
+    [T_Q5_1] = tile_T_Q5_1, [T_IQ4_NL] = tile_T_IQ4_NL, [T_IQ4_XS] = tile_T_IQ4_XS, [T_Q2_K] = tile_T_Q2_K,
+    [T_Q3_K] = tile_T_Q3_K, [T_Q4_K] = tile_T_Q4_K, [T_Q5_K] = tile_T_Q5_K, [T_Q6_K] = tile_T_Q6_K,
+};
 
 #ifdef LAMINA_AVX2
 /* One activation row against NR = 4 weight rows (decode of one sequence): each activation block is loaded once for
@@ -267,23 +600,25 @@ static void rows_q4_1_m1(const block_q4_1 *w, int64_t nb, const int16_t *q, cons
 #endif
 
 void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, const int16_t *q, const float *d,
-                        const float *s, int64_t M, float *y, int64_t n0, int64_t n1, int accumulate) {
+                        const float *s, int64_t M, float *y, int64_t ldy, int64_t n0, int64_t n1, int accumulate) {
     int64_t n = n0;
+    const int64_t row_bytes = K / TRAITS[wtype].block * TRAITS[wtype].bytes;
 #ifdef LAMINA_AVX2
-    if (M == 1 && wtype == 0) { /* one Q4_1 row of x: NR weight rows at a time (for Q8_0 that measured slower) */
+    if (M == 1 && wtype == T_Q4_1) { /* one Q4_1 row of x: NR weight rows at a time (for the others that measured slower) */
         const int64_t nb = K / QK;
         float out[NR];
         for (; n + NR <= n1; n += NR) {
             rows_q4_1_m1((const block_q4_1 *)weights + n * nb, nb, q, d, s, out);
-            for (int r = 0; r < NR; r++) y[n + r] = out[r] + (accumulate ? y[n + r] : 0.0f);
+            for (int r = 0; r < NR; r++) y[n + r] = out[r] + (accumulate ? y[n + r] : 0.0f); /* M = 1: row 0 */
         }
     }
 #endif
     /* TR weight rows at a time against every activation row, TM at a time; the rows ~2 KB ahead are fetched
      * meanwhile (as above). */
     const int64_t nb = K / QK, groups = (M + TM - 1) / TM;
-    const int64_t row_bytes = nb * (wtype == 0 ? (int64_t)sizeof(block_q4_1) : (int64_t)sizeof(block_q8_0));
     const int64_t ahead = (PF_BYTES + row_bytes - 1) / row_bytes;
+    const tile_fn tile = TILES[wtype];
+    float out[TR * TM];
     for (; n < n1;) {
         const int tr = n + TR <= n1 ? TR : 1;
         if (n + ahead + tr <= N) {
@@ -291,8 +626,14 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
             for (int64_t off = 0; off < tr * row_bytes; off += 64) __builtin_prefetch(next + off);
         }
         for (int64_t g = 0; g < groups; g++) {
-            const int tm = M - g * TM < TM ? (int)(M - g * TM) : TM;
-            tile(wtype, weights, n, N, K, q, d + g * nb * TM, s + g * nb * TM, g * TM, tr, tm, y, accumulate);
+            const int rows = M - g * TM < TM ? (int)(M - g * TM) : TM;
+            tile((const uint8_t *)weights + n * row_bytes, row_bytes, K, q + g * TM * K, d + g * nb * TM,
+                 s + g * nb * TM, tr, rows, out);
+            for (int r = 0; r < tr; r++)
+                for (int t = 0; t < rows; t++) {
+                    float *o = y + (g * TM + t) * ldy + n + r;
+                    *o = out[r * TM + t] + (accumulate ? *o : 0.0f);
+                }
         }
         n += tr;
     }
@@ -317,42 +658,61 @@ int lamina_qmatmul(int wtype, const void *weights, int64_t N, int64_t K, const f
     {
         int64_t lo, hi;
         lamina_split(N, NR, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        lamina_matmul_rows(wtype, weights, N, K, q, d, s, M, y, lo, hi, 0);
+        lamina_matmul_rows(wtype, weights, N, K, q, d, s, M, y, N, lo, hi, 0);
     }
     free(q); free(d); free(s);
     return 0;
 }
 
-/* W [N, K] in `wtype` blocks (0: Q4_1, 1: Q8_0) -> out [N, K], float32 (bf16 = 0) or bfloat16 rounded to nearest
- * even (bf16 = 1), in parallel over rows: prefill multiplies the dequantized matrix with a float GEMM (oneDNN's
- * bfloat16 GEMM on CPUs with AMX or AVX-512 BF16). */
+
+/* W [N, K] in `wtype` blocks -> out [N, K], float32 (bf16 = 0) or bfloat16 rounded to nearest even (bf16 = 1), in
+ * parallel over rows: prefill multiplies the dequantized matrix with a float GEMM, and embeddings look rows up. */
 void lamina_dequantize(int wtype, const void *weights, int64_t N, int64_t K, void *out, int bf16) {
-    const int64_t nb = K / QK;
+    const int block = TRAITS[wtype].block, bytes = TRAITS[wtype].bytes, chunks = block / QK;
+    const int64_t row_bytes = K / block * bytes;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         float row[QK];
-        for (int64_t b = 0; b < nb; b++) {
-            float *o = bf16 ? row : (float *)out + n * K + b * QK;
-            if (wtype == 0) {
-                const block_q4_1 *blk = (const block_q4_1 *)weights + n * nb + b;
-                const float d = fp16_to_float(blk->d), m = fp16_to_float(blk->m);
-                for (int j = 0; j < QK / 2; j++) {
-                    o[j] = d * (float)(blk->qs[j] & 0x0f) + m;
-                    o[j + QK / 2] = d * (float)(blk->qs[j] >> 4) + m;
+        for (int64_t sb = 0; sb < K / block; sb++)
+            for (int c = 0; c < chunks; c++) {
+                const uint8_t *x = (const uint8_t *)weights + n * row_bytes + sb * bytes;
+                const int64_t at = n * K + sb * block + c * QK;
+                float *o = bf16 ? row : (float *)out + at, off[2];
+#ifdef LAMINA_AVX2
+                switch (wtype) { /* the vector unpacking (a constant format in each case, so it inlines) */
+#define LAMINA_DEQ(T)                                                                                               \
+    case T: {                                                                                                       \
+        const float scale = chunk_scale(T, x, c, &off[0]);                                                          \
+        off[1] = T == T_Q2_K ? -f16_at(x + 82) * (float)(x[2 * c + 1] >> 4) : off[0];                               \
+        const vblock w = unpack(T, x, c);                                                                           \
+        const __m256 sv = _mm256_set1_ps(scale), o0 = _mm256_set1_ps(off[0]), o1 = _mm256_set1_ps(off[1]);          \
+        const __m256i parts[2] = {w.lo, w.hi};                                                                       \
+        for (int h = 0; h < 2; h++)                                                                                 \
+            for (int e = 0; e < 2; e++) {                                                                           \
+                const __m128i half = e ? _mm256_extracti128_si256(parts[h], 1) : _mm256_castsi256_si128(parts[h]);   \
+                const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(half));                                   \
+                _mm256_storeu_ps(o + 16 * h + 8 * e, _mm256_add_ps(_mm256_mul_ps(sv, v), h ? o1 : o0));              \
+            }                                                                                                       \
+        break;                                                                                                      \
+    }
+                LAMINA_DEQ(T_Q4_1) LAMINA_DEQ(T_Q8_0) LAMINA_DEQ(T_Q4_0) LAMINA_DEQ(T_Q5_0) LAMINA_DEQ(T_Q5_1)
+                LAMINA_DEQ(T_IQ4_NL) LAMINA_DEQ(T_IQ4_XS) LAMINA_DEQ(T_Q2_K) LAMINA_DEQ(T_Q3_K) LAMINA_DEQ(T_Q4_K)
+                LAMINA_DEQ(T_Q5_K) LAMINA_DEQ(T_Q6_K)
+#undef LAMINA_DEQ
                 }
-            } else {
-                const block_q8_0 *blk = (const block_q8_0 *)weights + n * nb + b;
-                const float d = fp16_to_float(blk->d);
-                for (int j = 0; j < QK; j++) o[j] = d * (float)blk->qs[j];
-            }
-            if (bf16) {
-                uint16_t *dst = (uint16_t *)out + n * K + b * QK;
-                for (int j = 0; j < QK; j++) {
-                    uint32_t bits;
-                    memcpy(&bits, &row[j], 4);
-                    dst[j] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16); /* finite values only */
+#else
+                int16_t w[QK];
+                const float scale = unpack_ref(wtype, x, c, w, off);
+                for (int j = 0; j < QK; j++) o[j] = scale * (float)w[j] + off[j / 16];
+#endif
+                if (bf16) {
+                    uint16_t *dst = (uint16_t *)out + at;
+                    for (int j = 0; j < QK; j++) {
+                        uint32_t bits;
+                        memcpy(&bits, &row[j], 4);
+                        dst[j] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16); /* finite values only */
+                    }
                 }
             }
-        }
     }
 }

@@ -37,7 +37,7 @@ from torch import nn
 from lamina.errors import ConfigError
 from lamina.model import ModelConfig
 from lamina.quant import Blocks
-from lamina.quant.ggml import BLOCK_BYTES, QK
+from lamina.kernels.types import type_of
 
 COLUMN = ("wq", "wk", "wv", "w1", "w3")  # split by output rows
 ROW = ("wo", "w2")  # split by input columns, then all-reduced
@@ -189,13 +189,13 @@ def _take(name: str, w, dim: int, lo: int, hi: int, world: int):
     if isinstance(w, Blocks):
         if dim == 0:
             return Blocks(w.qtype, w.data[lo:hi].clone(), w.cols)
-        if lo % QK or hi % QK:
+        t = type_of(w.qtype)
+        if lo % t.block or hi % t.block:
             raise ConfigError(
-                f"{name}: {w.qtype} blocks of {QK} columns cannot be split {world} ways (columns {lo}..{hi - 1} of "
-                f"{w.cols}: dimension 1 must divide into whole blocks per rank)"
+                f"{name}: {w.qtype} blocks of {t.block} columns cannot be split {world} ways (columns {lo}..{hi - 1} "
+                f"of {w.cols}: dimension 1 must divide into whole blocks per rank)"
             )
-        size = BLOCK_BYTES[w.qtype]
-        return Blocks(w.qtype, w.data[:, lo // QK * size : hi // QK * size].clone(), hi - lo)
+        return Blocks(w.qtype, w.data[:, t.row_bytes(lo) : t.row_bytes(hi)].clone(), hi - lo)
     return w.narrow(dim, lo, hi - lo).clone()
 
 

@@ -2,10 +2,15 @@
 
 Modes (`quantize=` in lamina.load, `--quantize` on the CLI):
   none   every weight in the float dtype (the exact path, for checking)
-  gguf   a GGUF's Q8_0, Q4_0 and Q4_1 matrices kept as the file stores them (Q4_0 as the equal Q4_1); others float
+  gguf   a GGUF's block matrices kept as the file stores them, in every format of lamina.kernels.types (a file
+         mixes them: Q4_K_M is Q4_K, Q6_K and a 32-weight fallback where rows are not whole 256-weight blocks)
   int8   every projection Q8_0 (groups of 32, one scale each); a file's Q8_0 kept as it is
   int4   every projection Q4_1 (groups of 32, scale and offset); a file's Q4_0/Q4_1 kept as they are; the output
          projection (the logits, the most sensitive product) Q8_0 unless the file stores it in 4 bits
+  q4_k, q6_k, q8_0, iq4_xs, ... (a format's name, lower case)
+         every projection in that format (GGML's reference quantizer, lamina.quant.ggml), where a row is not whole
+         blocks of it in llama.cpp's fallback format (FALLBACK); the output projection Q6_K (Q8_0 for q8_0, or where
+         its rows are not whole 256-weight blocks), as llama.cpp writes it; a matrix already in the format is kept
 With a tied output projection the embedding table is read from the same blocks, so no float copy of it exists.
 """
 
@@ -18,11 +23,15 @@ from torch import nn
 
 from lamina import kernels
 from lamina.errors import ConfigError
+from lamina.kernels.types import TYPES
 from lamina.model import ModelConfig, Transformer, build_transformer
 from lamina.quant import ggml
 from lamina.quant.linear import DEFAULT_PREFILL_DTYPE, QEmbedding, QLinear
 
-MODES = ("none", "gguf", "int8", "int4")
+FORMAT_MODES = tuple(name.lower() for name in TYPES)  # "q4_1", "q8_0", ..., "q6_k"
+MODES = ("none", "gguf", "int8", "int4", *FORMAT_MODES)
+# What llama.cpp's quantizer writes where a row is not whole blocks of a 256-weight format (rows of 576 weights).
+FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 def use_kernels(model: nn.Module, path: str | None = None, prefill_dtype: torch.dtype | None = None) -> str | None:
@@ -71,20 +80,25 @@ def _cols(w: Weight) -> int:
     return w.cols if isinstance(w, Blocks) else w.shape[1]
 
 
-def _as_q4_1(w: Blocks) -> Blocks:
-    """Q4_0 blocks as the equal Q4_1 ones (the kernel reads Q4_1 and Q8_0); other blocks as they are."""
-    return Blocks("Q4_1", ggml.q4_0_to_q4_1(w.data), w.cols) if w.qtype == "Q4_0" else w
+def _format_for(mode: str, cols: int, output: bool) -> str:
+    """The format a projection of rows of `cols` weights gets in a format mode (or int8 / int4)."""
+    if mode == "int8":
+        return "Q8_0"
+    if mode == "int4":
+        return "Q8_0" if output else "Q4_1"
+    want = mode.upper()
+    if output and want != "Q8_0":
+        want = "Q6_K"
+    return want if cols % TYPES[want].block == 0 else FALLBACK.get(want, "Q8_0")
 
 
 def _blocks_for(w: Weight, mode: str, output: bool) -> tuple[torch.Tensor, str] | None:
     """The block matrix (data, qtype) a weight gets in `mode`, or None to keep it float."""
     kept = isinstance(w, Blocks)
-    if kept:
-        w = _as_q4_1(w)
     if mode == "gguf":
         return (w.data, w.qtype) if kept else None
-    want = "Q8_0" if mode == "int8" or output else "Q4_1"
-    if kept and (w.qtype == want or (output and w.qtype == "Q4_1")):
+    want = _format_for(mode, _cols(w), output)
+    if kept and (w.qtype == want or (mode == "int4" and w.qtype in ("Q4_0", "Q4_1"))):
         return w.data, w.qtype
     return ggml.QUANTIZE[want](w.dequantize(torch.float32) if kept else w), want
 
@@ -115,8 +129,8 @@ def quantized_modules(
     _fuse(modules, "attention", ("wq", "wk", "wv"), "wqkv")
     _fuse(modules, "feed_forward", ("w1", "w3"), "w13")
     embed = state.get("tok_embeddings.weight")
-    if isinstance(embed, Blocks) and embed.qtype in ggml.BLOCK_BYTES:  # untied, stored in blocks: look rows up there
-        embed = _as_q4_1(state.pop("tok_embeddings.weight"))
+    if isinstance(embed, Blocks):  # untied, stored in blocks: look rows up there
+        embed = state.pop("tok_embeddings.weight")
         modules["tok_embeddings"] = QEmbedding(embed.data.to(device), embed.qtype, embed.cols, dtype)
     return modules
 
@@ -145,6 +159,27 @@ def _fuse(modules: dict[str, nn.Module | None], part: str, names: tuple[str, ...
                 modules[f"{prefix}.{part}.{name}"] = None
 
 
+def weight_types(model: nn.Module) -> list[tuple[str, int, int, str]]:
+    """What a built model's weights are stored as, one row per format or float dtype: (name, how many tensors, their
+    bytes, what runs their products). A tied embedding shares its output projection's blocks (counted once)."""
+    rows: dict[str, list] = {}
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (QLinear, QEmbedding)):
+            row = rows.setdefault(module.qtype, [0, 0, set()])
+            if isinstance(module, QEmbedding):
+                row[2].add("embedding rows dequantized")
+            else:
+                row[2].add(f"lamina's {module.kernels.path} C kernels" if module.native else "dequantized per product")
+            if module.blocks.data_ptr() not in seen:
+                seen.add(module.blocks.data_ptr())
+                row[0], row[1] = row[0] + 1, row[1] + module.blocks.numel()
+    for _, p in model.named_parameters():
+        row = rows.setdefault(str(p.dtype).removeprefix("torch."), [0, 0, {"PyTorch"}])
+        row[0], row[1] = row[0] + 1, row[1] + p.numel() * p.element_size()
+    return [(name, n, size, ", ".join(sorted(runs))) for name, (n, size, runs) in rows.items()]
+
+
 def describe(model: nn.Module) -> str:
     """What a built model's weights are stored as, e.g. "Q4_1 x120, Q8_0 x1 projections; the rest float"."""
     counts: dict[str, int] = {}
@@ -156,4 +191,4 @@ def describe(model: nn.Module) -> str:
     return ", ".join(f"{qtype} x{n}" for qtype, n in sorted(counts.items())) + " projections; the rest float"
 
 
-__all__ = ["MODES", "build_model", "describe", "Blocks", "QEmbedding", "QLinear", "ggml", "quantized_modules"]
+__all__ = ["FALLBACK", "FORMAT_MODES", "MODES", "weight_types", "build_model", "describe", "Blocks", "QEmbedding", "QLinear", "ggml", "quantized_modules"]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lamina import kernels
+from lamina.kernels.types import type_of
 from lamina.quant import ggml
 
 # Rows up to which the native kernel runs a product; more go to dequantize + GEMM. On SmolLM2 shapes, 2 cores of an AVX2
@@ -35,13 +36,15 @@ DEFAULT_PREFILL_DTYPE = torch.float32
 
 
 class QLinear(nn.Module):
-    """y = x @ W.T with W [out_features, in_features] held as `qtype` blocks (uint8 [out, in/32 * block bytes])."""
+    """y = x @ W.T with W [out_features, in_features] held as `qtype` blocks (uint8 [out, row bytes]), any format of
+    lamina.kernels.types.TYPES."""
 
     def __init__(self, blocks: torch.Tensor, qtype: str, in_features: int):
         super().__init__()
-        if qtype not in kernels.QTYPES or blocks.dtype != torch.uint8 or blocks.dim() != 2:
-            raise ValueError(f"QLinear takes uint8 Q4_1 or Q8_0 blocks, got {qtype} {blocks.dtype}")
-        if in_features % ggml.QK or blocks.shape[1] != in_features // ggml.QK * ggml.BLOCK_BYTES[qtype]:
+        t = type_of(qtype)
+        if blocks.dtype != torch.uint8 or blocks.dim() != 2:
+            raise ValueError(f"QLinear takes a uint8 matrix of {qtype} blocks, got {blocks.dtype} {tuple(blocks.shape)}")
+        if in_features % t.block or blocks.shape[1] != t.row_bytes(in_features):
             raise ValueError(f"{qtype} blocks {tuple(blocks.shape)} do not hold rows of {in_features} weights")
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
         self.register_buffer("blocks", blocks.contiguous())
@@ -92,13 +95,21 @@ class QEmbedding(nn.Module):
 
     def __init__(self, blocks: torch.Tensor, qtype: str, dim: int, dtype: torch.dtype):
         super().__init__()
-        if qtype not in ggml.BLOCK_BYTES or blocks.shape[1] != dim // ggml.QK * ggml.BLOCK_BYTES[qtype]:
+        t = type_of(qtype)
+        if dim % t.block or blocks.shape[1] != t.row_bytes(dim):
             raise ValueError(f"{qtype} blocks {tuple(blocks.shape)} do not hold rows of {dim} weights")
-        self.qtype, self.dim, self.dtype = qtype, dim, dtype
+        self.qtype, self.dim, self.dtype, self._kid = qtype, dim, dtype, t.kid
         self.register_buffer("blocks", blocks)
+        self.kernels = kernels.get() if blocks.device.type == "cpu" and kernels.available() else None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return ggml.dequantize(self.blocks[tokens], self.qtype, self.dtype)
+        rows = self.blocks[tokens.reshape(-1)]
+        if self.kernels is not None and not torch.compiler.is_compiling():
+            direct = self.dtype if self.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            out = self.kernels.dequantize(self._kid, rows, rows.shape[0], self.dim, direct).to(self.dtype)
+        else:
+            out = ggml.dequantize(rows, self.qtype, self.dtype)
+        return out.reshape(*tokens.shape, self.dim)
 
     def extra_repr(self) -> str:
         return f"{self.blocks.shape[0]} x {self.dim}, {self.qtype}"

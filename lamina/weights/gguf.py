@@ -1,5 +1,6 @@
-"""GGUF files of architecture `llama`: metadata to ModelConfig, tensors dequantized (with the `gguf` package) and
-renamed to lamina's scheme. llama.cpp stores q/k rows in Meta's interleaved RoPE order already: no permute here."""
+"""GGUF files of architecture `llama`: metadata to ModelConfig, tensors kept in their blocks or dequantized
+(lamina.quant.ggml) and renamed to lamina's scheme. llama.cpp stores q/k rows in Meta's interleaved RoPE order
+already: no permute here."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from lamina.errors import ConfigError, WeightsError
 from lamina.model import ModelConfig, RopeScaling
 from lamina.model.rope import inverse_frequencies
+from lamina.kernels.types import FLOAT_TYPES, TYPES, readable
 from lamina.quant import Blocks, ggml
 from lamina.weights.common import Progress, Select, Span, check_shapes, cut, target_name
 from lamina.weights.gguf_file import read_gguf_file
@@ -45,9 +47,11 @@ def load_gguf(
     keep: bool = False,
     select: Select | None = None,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor | Blocks], dict]:
-    """Read a llama GGUF: (config, state dict in `dtype`, metadata). Every GGML type the `gguf` package can
-    dequantize is accepted (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...). With `keep`, matrices
-    in Q8_0, Q4_0 or Q4_1 come back as they are stored, as `Blocks` (for lamina.quant), not dequantized.
+    """Read a llama GGUF: (config, state dict in `dtype`, metadata). The GGML types of lamina.kernels.types are read
+    (F32, F16, BF16, and every block format of its table: Q4_0 to Q8_0, the K-quants, IQ4_NL, IQ4_XS); a tensor of
+    any other type is a WeightsError naming it, its type and the types lamina reads, raised before any weight is
+    unpacked. With `keep`, block matrices come back as they are stored, as `Blocks` (for lamina.quant), not
+    dequantized.
 
     The configuration is read and every tensor's name and shape checked against it before any weight is unpacked;
     tensors are then dequantized one at a time straight to `dtype`, so a float32 copy of the model never exists
@@ -65,6 +69,11 @@ def load_gguf(
         if target is None and name != _ROPE_FREQS:
             raise WeightsError(f"{path} holds tensor {name!r}, which a llama model does not have")
         names[name] = target
+        qtype = gf.tensors[name].qtype
+        if qtype not in TYPES and qtype not in FLOAT_TYPES:
+            raise WeightsError(
+                f"{path}: tensor {name} has GGML type {qtype}, which lamina does not read; it reads {readable()}"
+            )
     scaling = None
     if _ROPE_FREQS in gf.tensors:
         t = gf.tensors[_ROPE_FREQS]
@@ -82,7 +91,7 @@ def load_gguf(
                 progress(i, len(todo))
             t = gf.tensors[name]
             span = select(config, names[name]) if select else None
-            if keep and t.qtype in ggml.BLOCK_BYTES and len(t.shape) == 2:
+            if keep and t.qtype in TYPES and len(t.shape) == 2:
                 state[names[name]] = _read_blocks(f, t, names[name], span)
             elif span is not None and span[0] == 0:  # whole rows: only their bytes are unpacked
                 rows = t.data.nbytes // t.shape[0]
@@ -104,13 +113,13 @@ def _read_blocks(f, t, name: str, span: Span | None) -> Blocks:
     dim, lo, hi = span if span is not None else (0, 0, rows)
     if dim == 0:
         return Blocks(t.qtype, _read(f, t, lo * row_bytes, (hi - lo) * row_bytes).view(hi - lo, row_bytes), cols)
-    if lo % ggml.QK or hi % ggml.QK:
+    kind = TYPES[t.qtype]
+    if lo % kind.block or hi % kind.block:
         raise ConfigError(
-            f"{name}: {t.qtype} blocks of {ggml.QK} columns cannot be cut to columns {lo}..{hi - 1} of {cols}: "
+            f"{name}: {t.qtype} blocks of {kind.block} columns cannot be cut to columns {lo}..{hi - 1} of {cols}: "
             "dimension 1 must divide into whole blocks per rank"
         )
-    size = ggml.BLOCK_BYTES[t.qtype]
-    first, last = lo // ggml.QK * size, hi // ggml.QK * size
+    first, last = kind.row_bytes(lo), kind.row_bytes(hi)
     out = torch.empty(rows, last - first, dtype=torch.uint8)
     step = max((4 << 20) // row_bytes, 1)
     for r in range(0, rows, step):
@@ -130,23 +139,15 @@ def _read(f, t, start: int = 0, size: int | None = None) -> torch.Tensor:
 
 
 def dequantize(data: np.ndarray, qtype: str, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:
-    """A GGML tensor's raw data -> float32 tensor of `shape`. F32/F16/BF16, Q8_0, Q4_0 and Q4_1 are unpacked here
-    in torch (lamina.quant.ggml, vectorised, fast); every other type goes through the `gguf` package's numpy
-    dequantizer."""
-    import gguf
-
+    """A GGML tensor's raw data -> float32 tensor of `shape` (lamina.quant.ggml's dequantizer, in torch)."""
     raw = torch.from_numpy(np.array(data, copy=True)).flatten()
     if qtype == "F32":
         return raw.view(torch.float32).reshape(shape)
     if qtype in ("F16", "BF16"):
         return raw.view(torch.float16 if qtype == "F16" else torch.bfloat16).float().reshape(shape)
-    if qtype in ggml.BLOCK_BYTES:
+    if qtype in TYPES:
         return ggml.dequantize(raw.view(torch.uint8), qtype).reshape(shape)
-    try:
-        array = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
-    except (NotImplementedError, KeyError):
-        raise WeightsError(f"tensor {name} has GGML type {qtype}, which lamina cannot dequantize") from None
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(shape)
+    raise WeightsError(f"tensor {name} has GGML type {qtype}, which lamina does not read; it reads {readable()}")
 
 
 def _target_name(name: str) -> str | None:
