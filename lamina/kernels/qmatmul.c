@@ -350,6 +350,13 @@ static inline __m256i dot_block(vblock w, const int16_t *a) {
 #define TM 4
 #if defined(LAMINA_AVX2)
 #define TR 2
+#define EVEN_ODD(t) ((t) == T_Q4_K || (t) == T_Q5_K || (t) == T_Q6_K) /* formats whose one-row product wants it */
+
+/* One activation row's int16 values, each block of 32 as its 16 even values then its 16 odd ones. */
+static void even_odd(const int16_t *q, int64_t K, int16_t *out) {
+    for (int64_t b = 0; b < K; b += QK)
+        for (int j = 0; j < QK / 2; j++) out[b + j] = q[b + 2 * j], out[b + QK / 2 + j] = q[b + 2 * j + 1];
+}
 /* acc += the products of chunk w (float scale `scale`) with activation block b of rows 0..tm-1 */
 static inline __attribute__((always_inline)) void accumulate(vblock w, float scale, const int16_t *q, int64_t K,
                                                              int64_t b, const float *dT, const int tm, const int rows,
@@ -400,6 +407,77 @@ static inline __attribute__((always_inline)) void group_scales(const int t, cons
     *scales = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)d));
     *offsets = t == T_Q4_1 || t == T_Q5_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)m)) : _mm256_setzero_ps();
     (void)O;
+}
+
+/* Q4_K, Q5_K and Q6_K for one activation row, without a cross-lane shuffle per chunk: a chunk's bytes are read
+ * as 16 little-endian 16-bit lanes, so that masks and shifts alone give its even weights (the low byte of each
+ * lane) and its odd ones (the high byte), and the activations come permuted to match (even_odd: per block of 32,
+ * the 16 even values then the 16 odd ones). vblock.lo = the 16 even weights, .hi = the 16 odd ones. */
+static inline __attribute__((always_inline)) vblock unpack_even_odd(const int t, const uint8_t *x, int c) {
+    const __m256i low4 = _mm256_set1_epi16(0x0f);
+    if (t == T_Q6_K) { /* raw q - 32: the sub-scales are applied in float (kquant_row) */
+        const int n = c / 4, k = c % 4, shift = 4 * (k >> 1);
+        const __m256i l = _mm256_loadu_si256((const __m256i *)(x + 64 * n + 32 * (k & 1)));
+        const __m256i h = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * n));
+        const __m256i three = _mm256_set1_epi16(3), thirty_two = _mm256_set1_epi16(32);
+        const __m256i even = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l, shift), low4),
+                                             _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * k), three), 4));
+        const __m256i odd = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l, 8 + shift), low4),
+                                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 8 + 2 * k), three), 4));
+        return (vblock){_mm256_sub_epi16(even, thirty_two), _mm256_sub_epi16(odd, thirty_two)};
+    }
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(x + (t == T_Q4_K ? 16 : 48) + 32 * (c / 2)));
+    vblock w = c % 2 == 0 ? (vblock){_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 8), low4)}
+                          : (vblock){_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), _mm256_srli_epi16(v, 12)};
+    if (t == T_Q5_K) { /* bit c of qh[j] is weight j's fifth bit */
+        const __m256i h = _mm256_loadu_si256((const __m256i *)(x + 16)), sixteen = _mm256_set1_epi16(16);
+        const __m256i he = c <= 4 ? _mm256_slli_epi16(h, 4 - c) : _mm256_srli_epi16(h, c - 4);
+        w.lo = _mm256_or_si256(w.lo, _mm256_and_si256(he, sixteen));
+        w.hi = _mm256_or_si256(w.hi, _mm256_and_si256(_mm256_srli_epi16(h, c + 4), sixteen));
+    }
+    return w;
+}
+
+static inline __attribute__((always_inline)) void kquant_row(const int t, const uint8_t *weights, int64_t row_bytes,
+                                                             int64_t K, const int16_t *qp, const float *dT,
+                                                             const float *sT, const int tr, float *out) {
+    const int bytes = TRAITS[t].bytes;
+    const __m256i every4 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28); /* row 0's scales in the [b][4] layout */
+    __m256 acc[TR][2], off[TR];
+    for (int r = 0; r < tr; r++) acc[r][0] = acc[r][1] = off[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / 256; g++) {
+        const __m256 XD = _mm256_i32gather_ps(dT + TM * 8 * g, every4, 4);
+        const __m256 XS = t == T_Q6_K ? _mm256_setzero_ps() : _mm256_i32gather_ps(sT + TM * 8 * g, every4, 4);
+        for (int r = 0; r < tr; r++) {
+            const uint8_t *x = weights + r * row_bytes + g * bytes;
+            float S[16]; /* Q4_K/Q5_K: each chunk's scale x its activation scale; Q6_K: each 16 weights' */
+            if (t == T_Q6_K) {
+                const __m128i sc = _mm_loadu_si128((const __m128i *)(x + 192));
+                const __m256 d = _mm256_set1_ps(f16_at(x + 208));
+                const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc));
+                const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)));
+                const __m256 xlo = _mm256_permutevar8x32_ps(XD, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+                const __m256 xhi = _mm256_permutevar8x32_ps(XD, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
+                _mm256_storeu_ps(S, _mm256_mul_ps(_mm256_mul_ps(lo, d), xlo));
+                _mm256_storeu_ps(S + 8, _mm256_mul_ps(_mm256_mul_ps(hi, d), xhi));
+            } else {
+                __m256 scales, offsets;
+                group_scales(t, x, &scales, &offsets);
+                _mm256_storeu_ps(S, _mm256_mul_ps(scales, XD));
+                off[r] = _mm256_fmadd_ps(offsets, XS, off[r]);
+            }
+            __asm__ volatile("" ::: "memory"); /* broadcast S from memory (a load), not by shuffles */
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++) {
+                const __m256i p = dot_block(unpack_even_odd(t, x, c), qp + (8 * g + c) * QK);
+                /* Q6_K: lanes 0-3 hold the chunk's first 16 weights' products, 4-7 its last 16's */
+                const __m256 scale = t == T_Q6_K ? _mm256_set_m128(_mm_broadcast_ss(&S[2 * c + 1]), _mm_broadcast_ss(&S[2 * c]))
+                                                 : _mm256_broadcast_ss(&S[c]);
+                acc[r][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r][c & 1]);
+            }
+        }
+    }
+    for (int r = 0; r < tr; r++) out[r * TM] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), off[r]));
 }
 
 /* One activation row (decode of one sequence) against weight rows 0..tr-1, 8 chunks (256 weights) at a time: the
@@ -463,6 +541,10 @@ static inline __attribute__((always_inline)) void tile_kernel(const int wtype, c
                                                               int64_t row_bytes, int64_t K, const int16_t *q,
                                                               const float *dT, const float *sT, const int tr,
                                                               const int tm, const int rows, float *out) {
+    if (tm == 1 && EVEN_ODD(wtype)) { /* q: the activations permuted by even_odd */
+        kquant_row(wtype, weights, row_bytes, K, q, dT, sT, tr, out);
+        return;
+    }
     if (tm == 1) {
         row_kernel(wtype, weights, row_bytes, K, q, dT, sT, tr, out);
         return;
@@ -619,6 +701,15 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
     const int64_t ahead = (PF_BYTES + row_bytes - 1) / row_bytes;
     const tile_fn tile = TILES[wtype];
     float out[TR * TM];
+#ifdef LAMINA_AVX2
+    /* a group of one activation row (M = 1, or the last of M = 4k + 1) is multiplied from its values permuted */
+    int16_t permuted_here[16384], *permuted = NULL; /* rows of up to 16384 weights on the stack (8B: 14336) */
+    if (M % TM == 1 && EVEN_ODD(wtype)) {
+        permuted = K <= 16384 ? permuted_here : malloc(sizeof(int16_t) * (size_t)K);
+        if (!permuted) abort(); /* out of memory for one row of activations */
+        even_odd(q + (M - 1) * K, K, permuted);
+    }
+#endif
     for (; n < n1;) {
         const int tr = n + TR <= n1 ? TR : 1;
         if (n + ahead + tr <= N) {
@@ -627,7 +718,8 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
         }
         for (int64_t g = 0; g < groups; g++) {
             const int rows = M - g * TM < TM ? (int)(M - g * TM) : TM;
-            tile((const uint8_t *)weights + n * row_bytes, row_bytes, K, q + g * TM * K, d + g * nb * TM,
+            const int16_t *qg = rows == 1 && permuted ? permuted : q + g * TM * K;
+            tile((const uint8_t *)weights + n * row_bytes, row_bytes, K, qg, d + g * nb * TM,
                  s + g * nb * TM, tr, rows, out);
             for (int r = 0; r < tr; r++)
                 for (int t = 0; t < rows; t++) {
@@ -637,6 +729,9 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
         }
         n += tr;
     }
+#ifdef LAMINA_AVX2
+    if (permuted != permuted_here) free(permuted);
+#endif
 }
 
 void lamina_split(int64_t n, int64_t align, int part, int parts, int64_t *lo, int64_t *hi) {

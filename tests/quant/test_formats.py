@@ -220,3 +220,33 @@ def _rss_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+_MEMORY_PROBE = """
+import json, sys, torch, lamina
+from lamina.loader import default_model_path
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+torch.zeros(1)
+before = rss()
+llama = lamina.load(max_seq_len=256, max_batch_size=2)
+after = rss()
+kv = sum(t.numel() * t.element_size() for layer in llama.runner.cache.layers for t in layer
+         for t in ([t.data, t.scales] if hasattr(t, "scales") else [t]))
+print(json.dumps({"before": before, "after": after, "kv": kv, "file": default_model_path().stat().st_size}))
+"""
+
+
+def test_a_loaded_block_model_takes_its_file_size_and_a_fixed_overhead():
+    """The weights stay in the file's blocks: loading the default model (Q4_1 and Q8_0) grows the process by at most
+    the file's size, its KV cache and a fixed runtime overhead of 64 MiB (the tokenizer, the chat template, the
+    kernels' library, PyTorch's first kernels and the engine's buffers: measured 51 MiB on the default model, Intel
+    Sapphire Rapids, 2026-12-04), in a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], capture_output=True, text=True, timeout=300, check=True)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    grown = m["after"] - m["before"]
+    assert grown <= m["file"] + m["kv"] + 64 * 2**20, {k: v / 2**20 for k, v in m.items()}
