@@ -701,9 +701,10 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
     const int64_t ahead = (PF_BYTES + row_bytes - 1) / row_bytes;
     const tile_fn tile = TILES[wtype];
     float out[TR * TM];
+    int16_t *permuted = NULL;
 #ifdef LAMINA_AVX2
     /* a group of one activation row (M = 1, or the last of M = 4k + 1) is multiplied from its values permuted */
-    int16_t permuted_here[16384], *permuted = NULL; /* rows of up to 16384 weights on the stack (8B: 14336) */
+    int16_t permuted_here[16384]; /* rows of up to 16384 weights on the stack (8B: 14336) */
     if (M % TM == 1 && EVEN_ODD(wtype)) {
         permuted = K <= 16384 ? permuted_here : malloc(sizeof(int16_t) * (size_t)K);
         if (!permuted) abort(); /* out of memory for one row of activations */

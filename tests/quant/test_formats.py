@@ -186,8 +186,8 @@ def _runner(path, mode: str, native: bool) -> ModelRunner:
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_a_mixed_file_runs_in_its_blocks_as_the_dequantized_model(tmp_path, mix):
     """Kept in blocks (quantize='gguf', the native decode step) and dequantized to float32 (quantize='none'), the same
-    file gives the same prompt logits (prefill: the blocks dequantized for a float32 GEMM), the same logits a decode
-    step (within the products' bound, 1e-3 of scale over two layers) and the same greedy tokens."""
+    file gives the same prompt logits and the same logits a decode step (both short: lamina's int16 kernels, within
+    the products' bound grown over two layers, 1e-3 of scale; measured 1.2e-4) and the same greedy tokens."""
     path = tmp_path / f"{mix}.gguf"
     _write_model(path, MIXES[mix])
     ours, exact = _runner(path, "gguf", native=True), _runner(path, "none", native=False)
@@ -198,7 +198,7 @@ def test_a_mixed_file_runs_in_its_blocks_as_the_dequantized_model(tmp_path, mix)
     with torch.inference_mode():
         hidden = [runner.prefill(prompts, tables) for runner in (ours, exact)]
         a, b = (runner.model.logits(h) for runner, h in zip((ours, exact), hidden))
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * b.abs().max().item())
         tokens, positions = b[[4, 7]].argmax(-1).tolist(), [5, 3]
         for _ in range(8):
             logits, expected = ours.native(tokens, tables, positions), exact.decode(tokens, tables, positions)
