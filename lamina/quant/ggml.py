@@ -35,10 +35,10 @@ from lamina.kernels.types import KVALUES, TYPES
 QK = 32  # weights per block of the 32-weight formats (the K-quants and IQ4_XS have 256: TYPES[name].block)
 BLOCK_BYTES = {name: t.nbytes for name, t in TYPES.items()}
 _EPS = 1e-15  # GGML's GROUP_MAX_EPS: a group whose largest magnitude is below it is all zero
-# Weights quantized at a time. On a CPU, 2**15 keeps the searches' temporaries in cache and every op below torch's
-# grain for splitting it across threads: a busy core then stalls nothing (split, each op waited on it).
-_CHUNK = {"cpu": 1 << 15}
-_CHUNK_OTHER = 1 << 22  # an accelerator wants large launches
+# Weights quantized at a time: on a CPU the searches' temporaries then stay in cache (2**15 to 2**17 measured
+# fastest); an accelerator wants large launches.
+_CHUNK = {"cpu": 1 << 16}
+_CHUNK_OTHER = 1 << 22
 
 
 # ---- bytes and numbers -----------------------------------------------------------------------------------------------
@@ -118,11 +118,12 @@ def _pack(fields: torch.Tensor, width: int) -> torch.Tensor:
 
 def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool):
     """make_qkx2_quants: x ~ scale * L - min with L in 0..nmax, fitted by weighted least squares over nstep + 1
-    trial scales (weights w). Returns (scale, min, L) with scale and min [..., 1] (min >= 0, the subtracted one)."""
-    lo = x.amin(-1, keepdim=True).clamp(max=0)
+    trial scales (weights w); each trial grids x from the best min so far. Returns (scale, min, L) with scale and
+    min [..., 1] (min >= 0, the subtracted one)."""
     hi = x.amax(-1, keepdim=True)
-    flat = hi == lo
-    span = torch.where(flat, 1.0, hi - lo)
+    m = x.amin(-1, keepdim=True).clamp(max=0)
+    flat = hi == m
+    m0 = m
     sum_w = w.sum(-1, keepdim=True)
     sum_x = (w * x).sum(-1, keepdim=True)
 
@@ -130,13 +131,13 @@ def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: boo
         diff = scale * L + m - x
         return (w * (diff.abs() if mad else diff * diff)).sum(-1, keepdim=True)
 
-    iscale = nmax / span
-    scale, m = 1 / iscale, lo
-    L = _nearest(iscale * (x - lo)).clamp(0, nmax)
+    iscale = nmax / torch.where(flat, 1.0, hi - m)
+    scale = 1 / iscale
+    L = _nearest(iscale * (x - m)).clamp(0, nmax)
     best = error(scale, m, L)
     for step in range(nstep + 1):
         trial = _f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax)  # (rmin + rdelta*is + nmax) in float
-        Laux = _nearest(trial / span * (x - lo)).clamp(0, nmax)
+        Laux = _nearest(trial / (hi - m) * (x - m)).clamp(0, nmax)
         sum_l = (w * Laux).sum(-1, keepdim=True)
         sum_l2 = (w * Laux * Laux).sum(-1, keepdim=True)
         sum_xl = (w * Laux * x).sum(-1, keepdim=True)
@@ -147,10 +148,10 @@ def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: boo
         this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
         this_min = torch.where(positive, 0.0, this_min)
         cur = error(this_scale, this_min, Laux)
-        better = (D > 0) & (cur < best)
+        better = (D > 0) & (cur < best) & ~flat
         L = torch.where(better, Laux, L)
         best, scale, m = torch.where(better, cur, best), torch.where(better, this_scale, scale), torch.where(better, this_min, m)
-    return torch.where(flat, 0.0, scale), -torch.where(flat, lo, m), torch.where(flat, 0.0, L)
+    return torch.where(flat, 0.0, scale), -torch.where(flat, m0, m), torch.where(flat, 0.0, L)
 
 
 def _make_qx(x, nmax: int):
@@ -211,9 +212,9 @@ def _grid(like):
     return index, _consts(like, KVALUES, torch.float32)[index]
 
 
-def _lookup(x, table):
-    """table[the grid level of x] for each x (x finite)."""
-    return table.take((x + x).floor().clamp(-256, 255).long() + 256)
+def _lookup(x2, table):
+    """table[the grid level of x] for each x, given x2 = 2x (finite)."""
+    return table.take(x2.floor().clamp(-256, 255).long() + 256)
 
 
 def _iq4_scale(x):
@@ -227,7 +228,7 @@ def _iq4_scale(x):
     wx = w * x  # GGML sums (w q) x: the same up to rounding, which the order of the sums changes anyway
 
     def fit(iscale):
-        q = _lookup(iscale * x, values)
+        q = _lookup(2 * iscale * x, values)
         return (wx * q).sum(-1, keepdim=True), (w * q * q).sum(-1, keepdim=True)
 
     sumqx, sumq2 = fit(1 / (-top / KVALUES[0]))
@@ -284,7 +285,7 @@ def _q5_1(x):
 def _iq4_nl(x):
     d = _iq4_scale(x)
     index, _ = _grid(x)
-    return torch.cat([_f16_bytes(d), _nibbles(_lookup(_inv(d) * x, index))], -1)
+    return torch.cat([_f16_bytes(d), _nibbles(_lookup(2 * _inv(d) * x, index))], -1)
 
 
 def _iq4_xs(x):
@@ -294,7 +295,7 @@ def _iq4_xs(x):
     d = -_signed_absmax(scales) / 32  # [B, 1]
     ls = _nearest(_inv(d) * scales).clamp(-32, 31)
     index, _ = _grid(x)
-    L = _lookup(_inv(d * ls)[..., None] * x, index)  # [B, 8, 32]
+    L = _lookup(2 * _inv(d * ls)[..., None] * x, index)  # [B, 8, 32]
     ls = ls.to(torch.int32) + 32
     scales_l = _u8((ls[:, 0::2] & 0xF) | ((ls[:, 1::2] & 0xF) << 4))
     high = ((ls >> 4) << (2 * _consts(x, list(range(8))))).sum(-1, keepdim=True)  # the uint16 scales_h
