@@ -1,5 +1,5 @@
-"""lamina's native CPU kernels: quantized matrix products over GGML blocks (`qmatmul.c`) and the whole decode step of
-a block-quantized model (`decode.c`, driven by lamina.engine.native).
+"""lamina's native CPU kernels: quantized matrix products over GGML blocks (`qmatmul.c`; F16 and BF16 matrices in
+`f16.c`) and the whole decode step of a block-quantized model (`decode.c`, driven by lamina.engine.native).
 
 One source, several paths: the C files are compiled once per instruction set into a library each (`PATHS`: portable
 C for any CPU, AVX2, AVX-512 with VNNI) and the process picks the best one the CPU and the OS support, asked at run
@@ -38,7 +38,7 @@ import torch
 from lamina.kernels.types import TYPES, GGMLType, type_of
 
 HERE = Path(__file__).parent
-SOURCES = tuple(HERE / name for name in ("qmatmul.c", "decode.c"))
+SOURCES = tuple(HERE / name for name in ("qmatmul.c", "f16.c", "decode.c"))
 HEADER = HERE / "kernels.h"
 BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
@@ -53,7 +53,7 @@ PATH_FLAGS = {  # what each path's library is compiled for
 }
 NEEDS = {"avx2": "AVX2 with FMA and F16C", "avx512": "AVX-512 F/BW/VL/DQ with VNNI"}  # in words, for errors
 FEATURES = {"avx2": 1, "avx512": 2, "avx512_bf16": 4, "amx_bf16": 8, "amx_int8": 16}  # cpu.c's bits
-QTYPES = {name: t.kid for name, t in TYPES.items()}  # the block formats the kernels read, by GGML name: their ids
+QTYPES = {name: t.kid for name, t in TYPES.items()}  # the formats the kernels read, by GGML name: their ids
 
 _lock = threading.Lock()
 _kernels: dict[tuple[str, bool], "Kernels | str"] = {}  # (path, emulated) -> built kernels, or why they cannot be

@@ -1,5 +1,6 @@
 /* What lamina's C files share: the block size, the threading helpers and the matrix-product pieces of qmatmul.c
- * that the decode step (decode.c) calls from inside its own parallel region. */
+ * (and of f16.c, which qmatmul.c hands the F16 and BF16 formats to) that the decode step (decode.c) calls from inside
+ * its own parallel region. */
 #pragma once
 #include <stdint.h>
 
@@ -50,6 +51,7 @@ static inline int omp_get_max_threads(void) { return 1; }
 /* The weight formats, by the ids of lamina/kernels/types.py's table (the same order). */
 enum {
     T_Q4_1, T_Q8_0, T_Q4_0, T_Q5_0, T_Q5_1, T_IQ4_NL, T_IQ4_XS, T_Q2_K, T_Q3_K, T_Q4_K, T_Q5_K, T_Q6_K,
+    T_F16, T_BF16, /* 16-bit floats, read by f16.c */
     LAMINA_NTYPES
 };
 #define NR 4  /* weight rows handled together for a single activation row; row ranges are split in multiples of it */
@@ -72,6 +74,14 @@ void lamina_quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, floa
  * only. */
 void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, const int16_t *q, const float *d,
                         const float *s, int64_t M, float *y, int64_t ldy, int64_t n0, int64_t n1, int accumulate);
+
+/* lamina_matmul_rows for W of T_F16 or T_BF16 (f16.c): W [N, K] 16-bit floats row by row, widened to float32 as they
+ * are read; the same activations (q and d; the F16 formats have no offset, so no s). */
+void lamina_f16_rows(int wtype, const void *w, int64_t N, int64_t K, const int16_t *q, const float *d, int64_t M,
+                     float *y, int64_t ldy, int64_t n0, int64_t n1, int accumulate);
+
+/* lamina_dequantize for W of T_F16 or T_BF16 (f16.c): out [N, K] float32 (bf16 = 0) or bfloat16 (bf16 = 1). */
+void lamina_f16_dequantize(int wtype, const void *w, int64_t N, int64_t K, void *out, int bf16);
 
 /* Part `part` of `parts` of the range 0..n-1, cut at multiples of `align`: [*lo, *hi). */
 void lamina_split(int64_t n, int64_t align, int part, int parts, int64_t *lo, int64_t *hi);

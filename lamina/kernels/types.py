@@ -1,10 +1,11 @@
-"""The one table of the GGML block formats lamina keeps as a file stores them: names, block geometry, kernel ids.
+"""The one table of the GGML formats lamina keeps as a file stores them: names, block geometry, kernel ids.
 
 A matrix [N, K] in one of these formats is stored row by row as K / `block` blocks of `nbytes` bytes each, held as
-uint8 [N, K / block * nbytes]. `kid` is the id the C kernels know the format by (kernels.h's `lamina_type`, the
-same order); `family` names the kernel that reads it. The decode step (decode.c), the quantized products
-(qmatmul.c), prefill's dequantization, tensor-parallel slicing, the quantizer (lamina.quant.ggml) and `lamina info`
-all read this table, so that adding a format is one row here and one unpacking function in qmatmul.c.
+uint8 [N, K / block * nbytes]. `kid` is the id the C kernels know the format by (kernels.h's enum, the same order);
+`family` names the kernel that reads it: "quant" the integer products of qmatmul.c, "float" the 16-bit float
+products of f16.c. The decode step (decode.c), the quantized products (qmatmul.c, f16.c), prefill's
+dequantization, tensor-parallel slicing, the quantizer (lamina.quant.ggml) and `lamina info` all read this table, so
+that adding a format is one row here and one unpacking function in qmatmul.c (or f16.c).
 
 Layouts (GGML's `block_*` structs; every float16 little-endian):
   Q4_0    d, qs[16]                              w = d * (q - 8)           q: 4 bits
@@ -19,7 +20,11 @@ Layouts (GGML's `block_*` structs; every float16 little-endian):
   Q4_K    d, dmin, scales[12], qs[128]           w = d * sc * q - dmin * m, 6-bit sc and m per 32
   Q5_K    d, dmin, scales[12], qh[32], qs[128]   w = d * sc * q - dmin * m, q: 4 + 1 bits
   Q6_K    ql[128], qh[64], scales[16], d         w = d * sc * (q - 32), an int8 sc per 16, q: 4 + 2 bits
-In the 32-weight formats a nibble byte j holds q[j] in its low half and q[j + 16] in its high half.
+  F16     w[32] (float16)                        w                         GGML's blocks of 1, counted 32 at a time
+  BF16    w[32] (bfloat16)                       w                         (a row of K values is K / 32 "blocks")
+In the 32-weight formats a nibble byte j holds q[j] in its low half and q[j + 16] in its high half. F16 and BF16 rows
+are the file's 16-bit values as they are; counting them in blocks of 32 (the activations' block) lets the loader,
+tensor-parallel cuts and the kernels treat them as the other formats (columns cut in whole blocks of 32).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class GGMLType:
     block: int  # weights per block
     nbytes: int  # bytes per block
     kid: int  # the C kernels' id (kernels.h)
+    family: str = "quant"  # the kernel that reads it: "quant" (qmatmul.c) or "float" (f16.c)
 
     def row_bytes(self, cols: int) -> int:
         """Bytes of one row of `cols` weights (a multiple of `block`)."""
@@ -59,14 +65,17 @@ TYPES: dict[str, GGMLType] = {
         GGMLType("Q4_K", 256, 144, 9),
         GGMLType("Q5_K", 256, 176, 10),
         GGMLType("Q6_K", 256, 210, 11),
+        GGMLType("F16", 32, 64, 12, "float"),
+        GGMLType("BF16", 32, 64, 13, "float"),
     )
 }
 
 # IQ4_NL's and IQ4_XS's grid: the value a 4-bit index stands for (GGML's kvalues_iq4nl).
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
-# The float formats a file may store matrices in, kept 16-bit (never widened to float32 at load).
-FLOAT_TYPES = ("F32", "F16", "BF16")
+# The format outside TYPES that lamina reads: F32, loaded as float tensors (as are 1-D tensors of every type, and F16
+# or BF16 matrices whose rows are not whole blocks of 32).
+FLOAT_TYPES = ("F32",)
 
 
 def type_of(name: str) -> GGMLType:
@@ -78,4 +87,5 @@ def type_of(name: str) -> GGMLType:
 
 def readable() -> str:
     """The GGML types lamina reads, in words (for errors)."""
-    return ", ".join((*FLOAT_TYPES, *TYPES))
+    floats = [name for name, t in TYPES.items() if t.family == "float"]
+    return ", ".join((*FLOAT_TYPES, *floats, *(name for name in TYPES if name not in floats)))

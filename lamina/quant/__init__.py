@@ -3,14 +3,16 @@
 Modes (`quantize=` in lamina.load, `--quantize` on the CLI):
   none   every weight in the float dtype (the exact path, for checking)
   gguf   a GGUF's block matrices kept as the file stores them, in every format of lamina.kernels.types (a file
-         mixes them: Q4_K_M is Q4_K, Q6_K and a 32-weight fallback where rows are not whole 256-weight blocks)
+         mixes them: Q4_K_M is Q4_K, Q6_K and a 32-weight fallback where rows are not whole 256-weight blocks),
+         F16 and BF16 matrices too (16-bit, never widened to float32)
   int8   every projection Q8_0 (groups of 32, one scale each); a file's Q8_0 kept as it is
   int4   every projection Q4_1 (groups of 32, scale and offset); a file's Q4_0/Q4_1 kept as they are; the output
          projection (the logits, the most sensitive product) Q8_0 unless the file stores it in 4 bits
   q4_k, q6_k, q8_0, iq4_xs, ... (a format's name, lower case)
          every projection in that format (GGML's reference quantizer, lamina.quant.ggml), where a row is not whole
          blocks of it in llama.cpp's fallback format (FALLBACK); the output projection Q6_K (Q8_0 for q8_0, or where
-         its rows are not whole 256-weight blocks), as llama.cpp writes it; a matrix already in the format is kept
+         its rows are not whole 256-weight blocks), as llama.cpp writes it; a matrix already in the format is kept;
+         f16 and bf16: every projection and the output projection 16-bit floats
 With a tied output projection the embedding table is read from the same blocks, so no float copy of it exists.
 """
 
@@ -28,7 +30,7 @@ from lamina.model import ModelConfig, Transformer, build_transformer
 from lamina.quant import ggml
 from lamina.quant.linear import DEFAULT_PREFILL_DTYPE, QEmbedding, QLinear
 
-FORMAT_MODES = tuple(name.lower() for name in TYPES)  # "q4_1", "q8_0", ..., "q6_k"
+FORMAT_MODES = tuple(name.lower() for name in TYPES)  # "q4_1", "q8_0", ..., "q6_k", "f16", "bf16"
 MODES = ("none", "gguf", "int8", "int4", *FORMAT_MODES)
 # What llama.cpp's quantizer writes where a row is not whole blocks of a 256-weight format (rows of 576 weights).
 FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
@@ -87,7 +89,7 @@ def _format_for(mode: str, cols: int, output: bool) -> str:
     if mode == "int4":
         return "Q8_0" if output else "Q4_1"
     want = mode.upper()
-    if output and want != "Q8_0":
+    if output and want != "Q8_0" and TYPES[want].family != "float":
         want = "Q6_K"
     return want if cols % TYPES[want].block == 0 else FALLBACK.get(want, "Q8_0")
 

@@ -16,6 +16,8 @@ A matrix [N, K] in a format of lamina.kernels.types.TYPES is stored row by row a
   Q4_K     256    144   4.5    d, dmin, 8 (6-bit scale, 6-bit min), 4-bit q        quantize_row_q4_K_ref
   Q5_K     256    176   5.5    d, dmin, 8 (6-bit scale, 6-bit min), 5-bit q        quantize_row_q5_K_ref
   Q6_K     256    210   6.56   d, 16 int8 scales, 6-bit q                          quantize_row_q6_K_ref
+  F16       32     64  16      32 float16 (GGML's blocks of 1, 32 at a time)       GGML_FP32_TO_FP16
+  BF16      32     64  16      32 bfloat16                                          GGML_FP32_TO_BF16
 
 These are the bytes a GGUF file holds, so a file's blocks are used as they are. `dequantize` equals GGML's (and the
 `gguf` package's) float32 result bit for bit, on any device. The 32-weight quantizers give GGML's bytes exactly; the
@@ -413,6 +415,8 @@ _QUANTIZERS = {
     "Q4_K": functools.partial(_q45_k, nmax=15, rmin=-1.0, nstep=20),
     "Q5_K": functools.partial(_q45_k, nmax=31, rmin=-0.5, nstep=15),
     "Q6_K": _q6_k,
+    "F16": _f16_bytes,  # rounded to nearest even, as GGML
+    "BF16": lambda x: x.to(torch.bfloat16).view(torch.uint8),  # rounded to nearest even, as GGML (NaN aside)
 }
 
 
@@ -557,6 +561,8 @@ _DEQUANTIZERS = {
     "Q4_K": _dq_q4_k,
     "Q5_K": _dq_q5_k,
     "Q6_K": _dq_q6_k,
+    "F16": _f16,
+    "BF16": lambda b: b.contiguous().view(torch.bfloat16).float(),
 }
 
 

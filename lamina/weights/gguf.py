@@ -48,10 +48,11 @@ def load_gguf(
     select: Select | None = None,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor | Blocks], dict]:
     """Read a llama GGUF: (config, state dict in `dtype`, metadata). The GGML types of lamina.kernels.types are read
-    (F32, F16, BF16, and every block format of its table: Q4_0 to Q8_0, the K-quants, IQ4_NL, IQ4_XS); a tensor of
-    any other type is a WeightsError naming it, its type and the types lamina reads, raised before any weight is
-    unpacked. With `keep`, block matrices come back as they are stored, as `Blocks` (for lamina.quant), not
-    dequantized.
+    (F32, and every format of its table: F16, BF16, Q4_0 to Q8_0, the K-quants, IQ4_NL, IQ4_XS); a tensor of any
+    other type is a WeightsError naming it, its type and the types lamina reads, raised before any weight is
+    unpacked. With `keep`, matrices in the table's formats (F16 and BF16 ones whose rows are whole blocks of 32: every
+    projection, embedding and output matrix of a real model) come back as they are stored, as `Blocks` (for
+    lamina.quant), neither dequantized nor widened.
 
     The configuration is read and every tensor's name and shape checked against it before any weight is unpacked;
     tensors are then dequantized one at a time straight to `dtype`, so a float32 copy of the model never exists
@@ -91,7 +92,7 @@ def load_gguf(
                 progress(i, len(todo))
             t = gf.tensors[name]
             span = select(config, names[name]) if select else None
-            if keep and t.qtype in TYPES and len(t.shape) == 2:
+            if keep and t.qtype in TYPES and len(t.shape) == 2 and t.shape[1] % TYPES[t.qtype].block == 0:
                 state[names[name]] = _read_blocks(f, t, names[name], span)
             elif span is not None and span[0] == 0:  # whole rows: only their bytes are unpacked
                 rows = t.data.nbytes // t.shape[0]

@@ -1,10 +1,10 @@
-"""Every GGML block format of lamina.kernels.types in lamina's C kernels, against the `gguf` package's dequantizer
-(an independent decoder): each format's product on every kernel path this CPU runs (and the AVX-512 source over
-SIMDe), its dequantization, files that mix formats, the clear error for a format lamina does not read, and the
-memory a block model takes.
+"""Every GGML format of lamina.kernels.types in lamina's C kernels (the block formats, and F16 and BF16 matrices),
+against the `gguf` package's dequantizer (an independent decoder): each format's product on every kernel path this
+CPU runs (and the AVX-512 source over SIMDe), its dequantization, files that mix formats, the clear error for a
+format lamina does not read, and the memory a block model takes.
 
 The blocks are random bytes (with finite float16 scales): every bit pattern a format can hold, so that no field of a
-layout goes unread."""
+layout goes unread; F16 and BF16 values are random finite floats (subnormals and zeros among them)."""
 
 from __future__ import annotations
 
@@ -35,13 +35,30 @@ F16_FIELDS = {
 
 
 def random_blocks(qtype: str, rows: int, cols: int, seed: int) -> np.ndarray:
-    """uint8 [rows, row bytes]: random blocks of `qtype` whose float16 fields are in [0.001, 0.021)."""
+    """uint8 [rows, row bytes]: random blocks of `qtype` whose float16 fields are in [0.001, 0.021) (F16 and BF16:
+    random_floats)."""
     t, rng = TYPES[qtype], np.random.default_rng(seed)
+    if t.family == "float":
+        return random_floats(qtype, rows, cols, rng)
     b = rng.integers(0, 256, size=(rows, cols // t.block, t.nbytes), dtype=np.uint8)
     for at in F16_FIELDS[qtype]:
         scale = (rng.random((rows, cols // t.block)) * 0.02 + 0.001).astype(np.float16)
         b[..., at : at + 2] = scale.view(np.uint8).reshape(rows, cols // t.block, 2)
     return b.reshape(rows, -1)
+
+
+def random_floats(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [rows, 2 cols]: random F16 or BF16 values of random sign and mantissa, with float16's exponents from
+    its subnormals (and zeros) to 2**-4 (so |w| < 0.125, of a size with the block formats' weights); BF16 the same
+    exponents in its 8-bit field, its own subnormals and zeros where float16 has its."""
+    sign = rng.integers(0, 2, (rows, cols), dtype=np.uint16) << 15
+    exp = rng.integers(0, 12, (rows, cols), dtype=np.uint16)  # float16's field: 0 subnormal, 15 is 2**0
+    if qtype == "F16":
+        bits = sign | (exp << 10) | rng.integers(0, 1 << 10, (rows, cols), dtype=np.uint16)
+    else:
+        exp = np.where(exp > 0, exp + 112, 0).astype(np.uint16)  # bfloat16's field: 127 is 2**0
+        bits = sign | (exp << 7) | rng.integers(0, 1 << 7, (rows, cols), dtype=np.uint16)
+    return bits.astype("<u2").view(np.uint8).reshape(rows, 2 * cols)
 
 
 def reference_matrix(blocks: np.ndarray, qtype: str) -> torch.Tensor:
@@ -50,9 +67,11 @@ def reference_matrix(blocks: np.ndarray, qtype: str) -> torch.Tensor:
 
 
 def test_the_c_table_is_the_python_table():
-    """Each format's id, block and bytes agree on both sides (checked when a library loads) and with gguf's."""
+    """Each format's id, block and bytes agree on both sides (checked when a library loads) and with gguf's (which
+    counts F16 and BF16 in blocks of one value, lamina in blocks of 32)."""
     for name, t in TYPES.items():
-        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (t.block, t.nbytes)
+        block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+        assert (t.block, t.nbytes) == ((block, nbytes) if t.family == "quant" else (32 * block, 32 * nbytes))
     for path, emulated in PATHS:
         lib = kernels.get(path, emulate=emulated).lib
         assert [(lib.lamina_type_block(t.kid), lib.lamina_type_bytes(t.kid)) for t in TYPES.values()] == [
@@ -78,7 +97,8 @@ def test_each_format_product_equals_the_float_product(path, emulated, qtype):
     model) and, for the 32-weight formats, of 18 blocks of 32 (576: the default model's rows, 8-chunk groups and a
     tail). Bound: int16 activations per block of 32 carry ~3e-5 of each block's largest value; on random-byte
     weights (uniform, so heavier than a trained matrix's) that is within 2e-4 of the output's scale (measured
-    <= 1.2e-4 with an outlier activation of 40 on rows of 256)."""
+    <= 1.2e-4 with an outlier activation of 40 on rows of 256; F16 and BF16, whose random floats' few largest weights
+    dominate a row, 1.64e-4 on every path, the activations' error alone)."""
     kern = kernels.get(path, emulate=emulated)
     shapes = [(13, 256), (40, 1536)] + ([(9, 576)] if TYPES[qtype].block == 32 else [])
     for n, k in shapes:
@@ -165,12 +185,17 @@ def _write_model(path, formats: dict[str, str], tied: bool = False, unread: str 
     return tensors
 
 
-# A Q4_K_M-like mix (llama.cpp writes Q6_K attn_v and ffn_down in some layers, Q6_K output), and one of every format.
+# A Q4_K_M-like mix (llama.cpp writes Q6_K attn_v and ffn_down in some layers, Q6_K output), one of every block
+# format, and one of 16-bit floats.
 MIXES = {
     "q4_k_m": {"*": "Q4_K", "attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K", "token_embd": "Q4_K"},
     "every": {
         "*": "Q5_K", "attn_q": "Q2_K", "attn_k": "Q3_K", "attn_v": "IQ4_XS", "attn_output": "Q4_0",
         "ffn_gate": "Q5_0", "ffn_up": "IQ4_NL", "ffn_down": "Q5_1", "output": "Q8_0", "token_embd": "Q4_K",
+    },
+    # 16-bit floats (fused q/k/v in F16, gate/up in BF16) with a block format, F16 embeddings and BF16 logits
+    "float16": {
+        "*": "F16", "ffn_gate": "BF16", "ffn_up": "BF16", "ffn_down": "Q6_K", "output": "BF16", "token_embd": "F16",
     },
 }  # fmt: skip
 

@@ -1,5 +1,6 @@
 """lamina.quant.ggml, every GGML block type of lamina.kernels.types, against independent references: the `gguf`
-package's dequantizer for every type and its quantizer for the 32-weight types (bit for bit / byte for byte), and,
+package's dequantizer for every type and its quantizer for the 32-weight types and F16/BF16 (bit for bit / byte for
+byte), and,
 for the searching quantizers (K-quants, IQ4), a block-at-a-time transliteration of ggml-quants.c's reference
 quantizers written below in numpy float32 (sums in C's order)."""
 
@@ -13,8 +14,9 @@ import torch
 from lamina.kernels.types import KVALUES, TYPES
 from lamina.quant import ggml
 
-SIMPLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # the types gguf.quants.quantize writes
-SEARCHED = tuple(t for t in TYPES if t not in SIMPLE)
+SIMPLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # the block types gguf.quants.quantize writes
+FLOATS = tuple(t for t in TYPES if TYPES[t].family == "float")  # F16, BF16: rounded, no search
+SEARCHED = tuple(t for t in TYPES if t not in SIMPLE + FLOATS)
 
 # Relative RMS round-trip error of N(0, 1) weights, rms(dequantize(quantize(w)) - w) / rms(w). A uniform grid of step s
 # errs by s / sqrt(12) in RMS; s follows from the format's bits and the largest |w| (or the range) of its group, which
@@ -30,6 +32,8 @@ SEARCHED = tuple(t for t in TYPES if t not in SIMPLE)
 #   IQ4_NL  16 non-linear levels    -> ~0.078    measured 0.076; IQ4_XS (6-bit sub-scales) 0.077
 #   Q3_K    s = 1.8 / 4 (per 16)    -> 0.13      measured 0.151
 #   Q2_K    s = 3.5 / 3 (per 16)    -> 0.34      measured 0.297 (the fitted min and scale beat the plain grid)
+#   F16     11 significant bits     -> ~2e-4     measured 0.00021
+#   BF16    8 significant bits      -> ~1.7e-3   measured 0.00167
 # measured on [32, 1024], seeds 0-2, all within 0.0005 of each other. Bounds: measured + 20%, far below what a
 # broken quantizer gives (a wrong bit layout or a lost scale errs by ~1).
 ROUND_TRIP_BOUND = {
@@ -45,10 +49,13 @@ ROUND_TRIP_BOUND = {
     "IQ4_XS": 0.093,
     "Q3_K": 0.182,
     "Q2_K": 0.36,
+    "F16": 0.00025,
+    "BF16": 0.002,
 }
 
 # Byte offsets of the float16 fields in each block (types.py's layouts), which random bytes must fill with finite
-# values; every other bit pattern of every type is a valid block.
+# values; every other bit pattern of every type is a valid block. F16 and BF16: every value (float16 bytes read as
+# bfloat16 are finite too).
 F16_FIELDS = {
     "Q8_0": (0,),
     "Q4_0": (0,),
@@ -62,6 +69,8 @@ F16_FIELDS = {
     "Q4_K": (0, 2),
     "Q5_K": (0, 2),
     "Q6_K": (208,),
+    "F16": tuple(range(0, 64, 2)),
+    "BF16": tuple(range(0, 64, 2)),
 }
 
 
@@ -175,6 +184,14 @@ def test_32_weight_types_are_gguf_bytes(qtype):
     ours = ggml.QUANTIZE[qtype](w)
     theirs = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[qtype])
     assert torch.equal(ours, torch.from_numpy(theirs))
+
+
+@pytest.mark.parametrize("qtype", FLOATS)
+def test_16_bit_float_types_are_gguf_bytes(qtype):
+    w = torch.cat([_normal(16, 256, seed=3) * torch.logspace(-3, 2, 16)[:, None], _awkward(256)])
+    ours = ggml.QUANTIZE[qtype](w)
+    theirs = np.ascontiguousarray(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[qtype]))
+    assert torch.equal(ours, torch.from_numpy(theirs.view(np.uint8).reshape(ours.shape)))
 
 
 @pytest.mark.parametrize("qtype", TYPES)

@@ -103,8 +103,10 @@ def _write_llama_gguf(
     arch="llama",
     with_output=True,
     rope_factors=None,
+    scale=1.0,
 ):
-    """A random llama GGUF written with the reference writer; returns the tensors as the reference dequantizes them."""
+    """A random llama GGUF written with the reference writer (matrices N(0, scale^2)); returns the tensors as the
+    reference dequantizes them."""
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(n_layers)
@@ -141,7 +143,7 @@ def _write_llama_gguf(
             expected[name] = torch.from_numpy(x)
             continue
         kind = gguf.GGMLQuantizationType[qtypes[j % len(qtypes)]]
-        q = gguf.quants.quantize(x, kind)
+        q = gguf.quants.quantize(x * np.float32(scale), kind)
         writer.add_tensor(name, q, raw_dtype=kind)
         expected[name] = torch.from_numpy(gguf.quants.dequantize(q, kind).astype(np.float32)).reshape(shape)
     if rope_factors is not None:
@@ -163,6 +165,51 @@ def test_llama_gguf_loads_exactly(tmp_path):
     assert torch.equal(state["layers.1.feed_forward.w2.weight"], expected["blk.1.ffn_down.weight"])
     assert torch.equal(state["layers.0.attention.wk.weight"], expected["blk.0.attn_k.weight"])
     assert torch.equal(state["norm.weight"], expected["output_norm.weight"])
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16"])
+def test_16_bit_matrices_stay_16_bit_and_decode_natively(tmp_path, qtype):
+    """An F16 (or BF16) file's matrices are kept as the file stores them, 2 bytes a weight (never widened to
+    float32), and its decode steps run in lamina's C kernels with the greedy tokens of the float32 model of the same
+    weights (logits within 1e-3 of their scale: the int16 activations every format gets)."""
+    from lamina import kernels
+    from lamina.engine.config import EngineConfig
+    from lamina.engine.runner import ModelRunner
+    from lamina.quant import Blocks, QEmbedding, QLinear, build_model
+
+    if not kernels.available():
+        pytest.skip(f"no native kernel: {kernels.unavailable_reason()}")
+    path = tmp_path / f"{qtype}.gguf"
+    expected = _write_llama_gguf(path, qtypes=(qtype,), scale=0.05)
+    config, state, _ = load_gguf(path, keep=True)
+    wq = state["layers.0.attention.wq.weight"]
+    assert isinstance(wq, Blocks) and wq.qtype == qtype and wq.data.nbytes == 2 * 64 * 64
+    assert torch.equal(wq.dequantize(torch.float32), expected["blk.0.attn_q.weight"])
+    matrices = sum(2 * t.numel() for t in expected.values() if t.dim() == 2)  # 2 bytes a weight
+
+    cpu = torch.device("cpu")
+    runners = []
+    for mode, native in (("gguf", True), ("none", False)):
+        config, state, _ = load_gguf(path, keep=mode != "none")
+        model = build_model(config, state, mode, device=cpu, dtype=torch.float32)
+        engine = EngineConfig(max_seq_len=64, max_batch_size=2, device=cpu, dtype=torch.float32)
+        runners.append(ModelRunner(model, engine, native=native))
+    ours, exact = runners
+    kept = [m for m in ours.model.modules() if isinstance(m, (QLinear, QEmbedding))]
+    assert {m.qtype for m in kept} == {qtype} and all(m.native for m in kept if isinstance(m, QLinear))
+    assert sum(m.blocks.nbytes for m in kept) == matrices  # every matrix at 2 bytes a weight
+    assert all(p.dim() == 1 for p in ours.model.parameters())  # only the norms are float tensors
+    assert ours.native is not None, "the C decode step runs the 16-bit model"
+    prompts, tables = [[1, 5, 9, 200, 33], [7, 7, 150]], [[0], [1]]
+    with torch.inference_mode():
+        a, b = (runner.model.logits(runner.prefill(prompts, tables)) for runner in (ours, exact))
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * b.abs().max().item())
+        tokens, positions = b[[4, 7]].argmax(-1).tolist(), [5, 3]
+        for _ in range(8):
+            logits, want = ours.decode(tokens, tables, positions), exact.decode(tokens, tables, positions)
+            torch.testing.assert_close(logits, want, rtol=0, atol=1e-3 * want.abs().max().item())
+            assert logits.argmax(-1).tolist() == want.argmax(-1).tolist()
+            tokens, positions = want.argmax(-1).tolist(), [p + 1 for p in positions]
 
 
 def test_tied_output_and_llama31_rope_factors(tmp_path):
