@@ -108,6 +108,7 @@ static const lamina_traits TRAITS[LAMINA_NTYPES] = {
     [T_Q4_1] = {32, 20},    [T_Q8_0] = {32, 34},   [T_Q4_0] = {32, 18},   [T_Q5_0] = {32, 22},
     [T_Q5_1] = {32, 24},    [T_IQ4_NL] = {32, 18}, [T_IQ4_XS] = {256, 136}, [T_Q2_K] = {256, 84},
     [T_Q3_K] = {256, 110},  [T_Q4_K] = {256, 144}, [T_Q5_K] = {256, 176}, [T_Q6_K] = {256, 210},
+    [T_F16] = {32, 64},     [T_BF16] = {32, 64}, /* 16-bit floats, 32 a "block": f16.c's */
 };
 static const int8_t KVALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
@@ -349,8 +350,16 @@ static inline __m256i dot_block(vblock w, const int16_t *a) {
  * in one more multiply-add. */
 #define TM 4
 #if defined(LAMINA_AVX2)
+#if defined(LAMINA_AVX512)
+#define TR 4 /* weight rows a tile: AVX-512 has the registers for four rows' accumulators */
+#else
 #define TR 2
+#endif
+#if defined(LAMINA_AVX512)
+#define EVEN_ODD(t) 0 /* row512 reads every format in natural order */
+#else
 #define EVEN_ODD(t) ((t) == T_Q4_K || (t) == T_Q5_K || (t) == T_Q6_K) /* formats whose one-row product wants it */
+#endif
 
 /* One activation row's int16 values, each block of 32 as its 16 even values then its 16 odd ones. */
 static void even_odd(const int16_t *q, int64_t K, int16_t *out) {
@@ -534,6 +543,170 @@ static inline __attribute__((always_inline)) void row_kernel(const int wtype, co
     for (int r = 0; r < tr; r++) out[r * TM] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), off[r])) + tail[r];
 }
 
+#if defined(LAMINA_AVX512)
+/* ---- One activation row on AVX-512: a chunk of 32 weights in one 512-bit register, in natural order ------------
+ *
+ * Decode of one sequence reads every weight once for 2 flops, so its speed is how few instructions a byte of weights
+ * costs. With 32 int16 lanes a register holds a whole chunk: its unpacking is a widening load and a mask or shift
+ * (two chunks of Q4_K from one load), its integer product one madd, its float part one convert and one multiply-add
+ * with the chunk's scale (weight scale x activation scale), broadcast from a small table built per 256 weights. A
+ * fifth bit (Q5_0, Q5_1, Q5_K) is a masked add straight from the stored bits; IQ4's grid one vpermw. */
+
+/* 32 bytes -> 32 int16 lanes, zero-extended */
+static inline __m512i zx32(const uint8_t *p) {
+#if defined(LAMINA_SIMDE) /* SIMDe has no 512-bit vpmovzxbw: two 256-bit halves */
+    const __m128i lo = _mm_loadu_si128((const __m128i *)p), hi = _mm_loadu_si128((const __m128i *)(p + 16));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_cvtepu8_epi16(lo)), _mm256_cvtepu8_epi16(hi), 1);
+#else
+    return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+#endif
+}
+/* The sum of a 512-bit vector's 16 lanes. */
+static inline float hsum16(__m512 v) {
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
+}
+/* Bit c of each of the 32 bytes at p, as a mask (bit j = bit c of byte j): each byte's bit c moved to its top */
+static inline __mmask32 bit_mask(const uint8_t *p, int c) {
+    return (__mmask32)_mm256_movemask_epi8(_mm256_slli_epi16(_mm256_loadu_si256((const __m256i *)p), 7 - c));
+}
+/* A 32-weight block's 16 nibble bytes -> its 32 nibbles in order (low halves are weights 0-15, high 16-31) */
+static inline __m512i nibbles32(const uint8_t *p) {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)), low4 = _mm256_set1_epi16(0x0f);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low4)), _mm256_srli_epi16(v, 4), 1);
+}
+
+/* Chunk c of the 8 chunks at `base` (one 256-weight block, or 8 consecutive 32-weight blocks of `bytes` each) as 32
+ * int16 in order; Q6_K's without its sub-scales (applied in float), Q2_K's with them (its mins go apart). */
+static inline __attribute__((always_inline)) __m512i unpack512(const int t, const uint8_t *base, int bytes, int c) {
+    const __m512i low4 = _mm512_set1_epi16(0x0f);
+    switch (t) {
+    case T_Q4_K: case T_Q5_K: {
+        const __m512i v = zx32(base + (t == T_Q4_K ? 16 : 48) + 32 * (c / 2));
+        __m512i w = c % 2 ? _mm512_srli_epi16(v, 4) : _mm512_and_si512(v, low4);
+        if (t == T_Q5_K) {
+            w = _mm512_mask_add_epi16(w, bit_mask(base + 16, c), w, _mm512_set1_epi16(16));
+        }
+        return w;
+    }
+    case T_Q6_K: {
+        const int n = c / 4, k = c % 4;
+        const __m512i l = zx32(base + 64 * n + 32 * (k & 1)), h = zx32(base + 128 + 32 * n);
+        const __m512i lo = k >> 1 ? _mm512_srli_epi16(l, 4) : _mm512_and_si512(l, low4);
+        const __m512i hi = _mm512_and_si512(k <= 2 ? _mm512_slli_epi16(h, 4 - 2 * k) : _mm512_srli_epi16(h, 2),
+                                            _mm512_set1_epi16(0x30));
+        return _mm512_sub_epi16(_mm512_or_si512(lo, hi), _mm512_set1_epi16(32));
+    }
+    case T_IQ4_XS: {
+        const __m512i grid = _mm512_cvtepi8_epi16(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES)));
+        return _mm512_permutexvar_epi16(nibbles32(base + 8 + 16 * c), grid);
+    }
+    case T_Q3_K: {
+        const __m512i q = zx32(base + 32 + 32 * (c / 4));
+        const __m512i low2 = _mm512_and_si512(_mm512_srli_epi16(q, 2 * (c % 4)), _mm512_set1_epi16(3));
+        /* q - 4, plus 4 where bit c of the high mask is set */
+        const __m512i less4 = _mm512_sub_epi16(low2, _mm512_set1_epi16(4));
+        const __m512i w = _mm512_mask_add_epi16(less4, bit_mask(base, c), less4, _mm512_set1_epi16(4));
+        const __m512i sc = _mm512_inserti64x4(_mm512_set1_epi16((short)q3_scale(base + 96, 2 * c)),
+                                              _mm256_set1_epi16((short)q3_scale(base + 96, 2 * c + 1)), 1);
+        return _mm512_mullo_epi16(w, sc);
+    }
+    case T_Q2_K: {
+        const __m512i q = zx32(base + 16 + 32 * (c / 4));
+        const __m512i sc = _mm512_inserti64x4(_mm512_set1_epi16(base[2 * c] & 0xf),
+                                              _mm256_set1_epi16(base[2 * c + 1] & 0xf), 1);
+        return _mm512_mullo_epi16(_mm512_and_si512(_mm512_srli_epi16(q, 2 * (c % 4)), _mm512_set1_epi16(3)), sc);
+    }
+    case T_Q8_0: return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(base + c * bytes + 2)));
+    case T_Q4_0: return _mm512_sub_epi16(nibbles32(base + c * bytes + 2), _mm512_set1_epi16(8));
+    case T_Q4_1: return nibbles32(base + c * bytes + 4);
+    case T_IQ4_NL: {
+        const __m512i grid = _mm512_cvtepi8_epi16(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES)));
+        return _mm512_permutexvar_epi16(nibbles32(base + c * bytes + 2), grid);
+    }
+    default: { /* T_Q5_0, T_Q5_1 */
+        const uint8_t *x = base + c * bytes;
+        const __m512i w = nibbles32(x + (t == T_Q5_0 ? 6 : 8));
+        const __m512i five = _mm512_mask_add_epi16(w, (__mmask32)u32_at(x + (t == T_Q5_0 ? 2 : 4)), w,
+                                                   _mm512_set1_epi16(16));
+        return t == T_Q5_0 ? _mm512_sub_epi16(five, _mm512_set1_epi16(16)) : five;
+    }
+    }
+}
+
+/* One activation row against weight rows 0..tr-1, 8 chunks (256 weights) at a time. First each row's table S of the
+ * 8 chunks' (for Q6_K the 16 half-chunks') weight scales times their activation scales, and its offsets times the
+ * activation sums in one multiply-add; then chunk by chunk, one activation load for all tr rows, two accumulator
+ * chains a row. Rows of 576 weights end with a part-group of 32-weight blocks. dT, sT: this row's activation
+ * scales and sums, contiguous. out[r * TM] = the products. */
+static inline __attribute__((always_inline)) void row512(const int wtype, const uint8_t *weights, int64_t row_bytes,
+                                                         int64_t K, const int16_t *q, const float *dT,
+                                                         const float *sT, const int tr, float *out) {
+    const int block = TRAITS[wtype].block, bytes = TRAITS[wtype].bytes, chunks = block / QK;
+    const int has_off = wtype == T_Q4_1 || wtype == T_Q5_1 || wtype == T_Q4_K || wtype == T_Q5_K;
+    const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    __m512 acc[TR][2];
+    __m256 off[TR];
+    for (int r = 0; r < tr; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps(), off[r] = _mm256_setzero_ps();
+    const int64_t nb = K / QK, groups = nb / 8;
+    for (int64_t g = 0; g < groups; g++) {
+        const __m256 XD = _mm256_loadu_ps(dT + 8 * g);
+        const __m256 XS = has_off ? _mm256_loadu_ps(sT + 8 * g) : _mm256_setzero_ps();
+        const uint8_t *base[TR];
+        float S[TR][16];
+        for (int r = 0; r < tr; r++) {
+            base[r] = weights + r * row_bytes + (chunks == 8 ? g * bytes : 8 * g * bytes);
+            if (wtype == T_Q6_K) { /* 16 sub-scales: S[i] = d * sc[i] * the activation scale of chunk i / 2 */
+                const __m128i sc8 = _mm_loadu_si128((const __m128i *)(base[r] + 192));
+                const __m512 sc = _mm512_insertf32x8(
+                    _mm512_castps256_ps512(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8))),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8))), 1);
+                const __m512 x16 = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(XD));
+                _mm512_storeu_ps(S[r], _mm512_mul_ps(_mm512_mul_ps(sc, _mm512_set1_ps(f16_at(base[r] + 208))), x16));
+            } else {
+                __m256 scales, offsets;
+                group_scales(wtype, base[r], &scales, &offsets);
+                _mm256_storeu_ps(S[r], _mm256_mul_ps(scales, XD));
+                if (has_off) off[r] = _mm256_fmadd_ps(offsets, XS, off[r]);
+            }
+        }
+        __asm__ volatile("" ::: "memory"); /* broadcast S from memory (a load), not by shuffles */
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++) {
+            const __m512i a = _mm512_loadu_si512((const void *)(q + (8 * g + c) * QK));
+            for (int r = 0; r < tr; r++) {
+                const __m512i p = _mm512_madd_epi16(unpack512(wtype, base[r], bytes, c), a);
+                /* Q6_K: lanes 0-7 hold the chunk's first 16 weights' products, 8-15 its last 16's */
+                const __m512 scale = wtype == T_Q6_K
+                    ? _mm512_insertf32x8(_mm512_set1_ps(S[r][2 * c]), _mm256_broadcast_ss(&S[r][2 * c + 1]), 1)
+                    : _mm512_set1_ps(S[r][c]);
+                acc[r][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[r][c & 1]);
+                if (wtype == T_Q2_K) { /* minus dmin x the 4-bit mins x the activations, each half its own */
+                    const uint8_t *x = base[r];
+                    const __m512i m = _mm512_inserti64x4(_mm512_set1_epi16(x[2 * c] >> 4),
+                                                         _mm256_set1_epi16(x[2 * c + 1] >> 4), 1);
+                    acc[r][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(m, a)),
+                                                    _mm512_set1_ps(-f16_at(x + 82) * dT[8 * g + c]), acc[r][c & 1]);
+                }
+            }
+        }
+    }
+    float tail[TR] = {0.0f};
+    for (int64_t b = groups * 8; b < nb; b++) /* 32-weight formats only: 256-weight rows are whole groups */
+        for (int r = 0; r < tr; r++) {
+            float o;
+            const uint8_t *x = weights + r * row_bytes + b * bytes;
+            const float scale = chunk_scale(wtype, x, 0, &o);
+            const __m512i p = _mm512_madd_epi16(unpack512(wtype, x, bytes, 0),
+                                                _mm512_loadu_si512((const void *)(q + b * QK)));
+            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(scale * dT[b]), acc[r][0]);
+            if (has_off) tail[r] += o * sT[b];
+        }
+    for (int r = 0; r < tr; r++)
+        out[r * TM] = hsum16(_mm512_add_ps(acc[r][0], acc[r][1])) + hsum8(off[r]) + tail[r];
+}
+#endif
+
 /* Weight rows 0..tr-1 (row_bytes apart) against activation rows 0..rows-1 of q (row stride K; tm: 1, or TM for
  * 1..4 rows); out[r * TM + t] = their products. wtype, tr and tm are constants at every call, so the loops unroll
  * and the accumulators are registers. */
@@ -541,6 +714,12 @@ static inline __attribute__((always_inline)) void tile_kernel(const int wtype, c
                                                               int64_t row_bytes, int64_t K, const int16_t *q,
                                                               const float *dT, const float *sT, const int tr,
                                                               const int tm, const int rows, float *out) {
+#if defined(LAMINA_AVX512)
+    if (tm == 1) {
+        row512(wtype, weights, row_bytes, K, q, dT, sT, tr, out);
+        return;
+    }
+#endif
     if (tm == 1 && EVEN_ODD(wtype)) { /* q: the activations permuted by even_odd */
         kquant_row(wtype, weights, row_bytes, K, q, dT, sT, tr, out);
         return;
@@ -640,6 +819,7 @@ static const tile_fn TILES[LAMINA_NTYPES] = {
     [T_Q4_1] = tile_T_Q4_1, [T_Q8_0] = tile_T_Q8_0, [T_Q4_0] = tile_T_Q4_0, [T_Q5_0] = tile_T_Q5_0,
     [T_Q5_1] = tile_T_Q5_1, [T_IQ4_NL] = tile_T_IQ4_NL, [T_IQ4_XS] = tile_T_IQ4_XS, [T_Q2_K] = tile_T_Q2_K,
     [T_Q3_K] = tile_T_Q3_K, [T_Q4_K] = tile_T_Q4_K, [T_Q5_K] = tile_T_Q5_K, [T_Q6_K] = tile_T_Q6_K,
+    [T_F16] = NULL,         [T_BF16] = NULL, /* lamina_f16_rows (f16.c) */
 };
 
 #ifdef LAMINA_AVX2
@@ -683,6 +863,10 @@ static void rows_q4_1_m1(const block_q4_1 *w, int64_t nb, const int16_t *q, cons
 
 void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, const int16_t *q, const float *d,
                         const float *s, int64_t M, float *y, int64_t ldy, int64_t n0, int64_t n1, int accumulate) {
+    if (wtype == T_F16 || wtype == T_BF16) { /* 16-bit floats: f16.c */
+        lamina_f16_rows(wtype, weights, N, K, q, d, M, y, ldy, n0, n1, accumulate);
+        return;
+    }
     int64_t n = n0;
     const int64_t row_bytes = K / TRAITS[wtype].block * TRAITS[wtype].bytes;
 #ifdef LAMINA_AVX2
@@ -711,6 +895,15 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
         even_odd(q + (M - 1) * K, K, permuted);
     }
 #endif
+#if defined(LAMINA_AVX512)
+    /* a group of one activation row takes its scales and sums contiguous (row512 reads 8 with one load) */
+    float one_here[2 * 512], *one = NULL;
+    if (M % TM == 1) {
+        one = nb <= 512 ? one_here : malloc(sizeof(float) * 2 * (size_t)nb);
+        if (!one) abort(); /* out of memory for one row's scales */
+        for (int64_t b = 0; b < nb; b++) one[b] = d[SCALE_AT(M - 1, b, nb)], one[nb + b] = s[SCALE_AT(M - 1, b, nb)];
+    }
+#endif
     for (; n < n1;) {
         const int tr = n + TR <= n1 ? TR : 1;
         if (n + ahead + tr <= N) {
@@ -720,6 +913,10 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
         for (int64_t g = 0; g < groups; g++) {
             const int rows = M - g * TM < TM ? (int)(M - g * TM) : TM;
             const int16_t *qg = rows == 1 && permuted ? permuted : q + g * TM * K;
+#if defined(LAMINA_AVX512)
+            if (rows == 1) tile((const uint8_t *)weights + n * row_bytes, row_bytes, K, qg, one, one + nb, tr, 1, out);
+            else
+#endif
             tile((const uint8_t *)weights + n * row_bytes, row_bytes, K, qg, d + g * nb * TM,
                  s + g * nb * TM, tr, rows, out);
             for (int r = 0; r < tr; r++)
@@ -732,6 +929,9 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
     }
 #ifdef LAMINA_AVX2
     if (permuted != permuted_here) free(permuted);
+#endif
+#if defined(LAMINA_AVX512)
+    if (one != one_here) free(one);
 #endif
 }
 
@@ -746,7 +946,7 @@ void lamina_split(int64_t n, int64_t align, int part, int parts, int64_t *lo, in
 int lamina_qmatmul(int wtype, const void *weights, int64_t N, int64_t K, const float *x, int64_t M, float *y) {
     const int64_t nb = K / QK;
     if (M <= 0 || N <= 0) return 0;
-    int16_t *q = malloc(sizeof(int16_t) * (size_t)(M * K));
+    int16_t *q = aligned_alloc(64, (sizeof(int16_t) * (size_t)(M * K) + 63) / 64 * 64);
     float *d = calloc((size_t)(SCALE_ROWS(M) * nb), sizeof(float)), *s = calloc((size_t)(SCALE_ROWS(M) * nb), sizeof(float));
     if (!q || !d || !s) { free(q); free(d); free(s); return -1; }
     lamina_quantize_rows(x, M, K, q, d, s);
@@ -764,6 +964,10 @@ int lamina_qmatmul(int wtype, const void *weights, int64_t N, int64_t K, const f
 /* W [N, K] in `wtype` blocks -> out [N, K], float32 (bf16 = 0) or bfloat16 rounded to nearest even (bf16 = 1), in
  * parallel over rows: prefill multiplies the dequantized matrix with a float GEMM, and embeddings look rows up. */
 void lamina_dequantize(int wtype, const void *weights, int64_t N, int64_t K, void *out, int bf16) {
+    if (wtype == T_F16 || wtype == T_BF16) { /* 16-bit floats: f16.c */
+        lamina_f16_dequantize(wtype, weights, N, K, out, bf16);
+        return;
+    }
     const int block = TRAITS[wtype].block, bytes = TRAITS[wtype].bytes, chunks = block / QK;
     const int64_t row_bytes = K / block * bytes;
 #pragma omp parallel for schedule(static)
