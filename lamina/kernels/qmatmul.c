@@ -705,6 +705,137 @@ static inline __attribute__((always_inline)) void row512(const int wtype, const 
     for (int r = 0; r < tr; r++)
         out[r * TM] = hsum16(_mm512_add_ps(acc[r][0], acc[r][1])) + hsum8(off[r]) + tail[r];
 }
+/* ---- Q4_K, Q5_K and Q6_K against one activation row at int8's instruction rate, exactly ------------------------
+ *
+ * These formats' weights are small unsigned integers (0..15, 0..31, and 0..63 before Q6_K's -32), so a weight fits
+ * either operand of vpdpbusd (unsigned x signed bytes, four products summed in each int32 lane: 64 a instruction,
+ * twice vpdpwssd's 32). Each int16 activation is split as a = 256 hi + lo, hi = a >> 8 (signed byte) and
+ * lo = a & 255 (unsigned byte); the weights are the unsigned operand against hi and the signed one against lo, and
+ * 256 (w . hi) + w . lo is w . a exactly: the int16 product, in two int8 instructions a 64 weights instead of two
+ * int16 ones a 32. The weights stay packed bytes (no widening): 64 bytes of Q4_K nibbles are two vectors of 64
+ * weights, the chunks (0, 2) and (1, 3), and the split activations come in that order (split_row). */
+
+/* The activations of one row (q, K values) split for the format's weight vectors: hi, lo [K] bytes, chunk by chunk
+ * in the order the vectors meet them (Q4_K, Q5_K: chunks 0 2 1 3 of each 4; Q6_K: in order); for Q6_K `half` [K/16]
+ * the sums of each 16 activations (its -32 becomes -32 x these). */
+static void split_row(const int t, const int16_t *q, int64_t K, int8_t *hi, uint8_t *lo, float *half) {
+    for (int64_t c = 0; c < K / QK; c++) {
+        const int64_t at = t == T_Q6_K ? c * QK : (c & ~3) * QK + ((c & 1) * 2 + ((c & 3) >> 1)) * QK;
+        const __m512i a = _mm512_loadu_si512((const void *)(q + c * QK));
+        _mm256_storeu_si256((__m256i *)(hi + at), _mm512_cvtepi16_epi8(_mm512_srai_epi16(a, 8)));
+        _mm256_storeu_si256((__m256i *)(lo + at), _mm512_cvtepi16_epi8(_mm512_and_si512(a, _mm512_set1_epi16(0xff))));
+        if (t == T_Q6_K) {
+            int s0 = 0, s1 = 0;
+            for (int j = 0; j < 16; j++) s0 += q[c * QK + j], s1 += q[c * QK + 16 + j];
+            half[2 * c] = (float)s0, half[2 * c + 1] = (float)s1;
+        }
+    }
+}
+
+/* Q4_K's and Q5_K's 8 six-bit scales and 8 six-bit mins (12 bytes at s, as k4_scale_min) as 16 floats: lanes 0-7
+ * the scales, 8-15 the mins. Byte j of the 12: scales 0-3 and mins 0-3 in the low 6 bits of bytes 0-3 and 4-7;
+ * scales and mins 4-7 in the low and high nibbles of bytes 8-11, their top 2 bits in the top bits of bytes 0-7. */
+static inline __m512 k4_scales_mins(const uint8_t *s) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)s); /* 16 bytes: the 12 and 4 of the next field */
+    const __m128i low = _mm_shuffle_epi8(b, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    const __m128i masked = _mm_and_si128(low, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0));
+    const __m128i nibble = _mm_and_si128(_mm_srli_epi16(low, 4), _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15));
+    const __m128i tops = _mm_shuffle_epi8(b, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    const __m128i top = _mm_and_si128(_mm_srli_epi16(tops, 2), _mm_set1_epi8(0x30)); /* (b >> 6) << 4 */
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_or_si128(_mm_or_si128(masked, nibble), top)));
+}
+
+/* Weight vector v (0..3: 64 weights) of the 256-weight block x, as bytes; the chunks it holds are those of SPLIT_IDX */
+static inline __attribute__((always_inline)) __m512i split_weights(const int t, const uint8_t *x, int v) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const int ternary = 0xf8; /* a | (b & c) */
+    if (t == T_Q6_K) { /* chunks (4n + 2m, 4n + 2m + 1), n = v / 2, m = v % 2: 4 low bits from ql, 2 high from qh */
+        const __m512i ql = _mm512_loadu_si512((const void *)(x + 64 * (v / 2)));
+        const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x + 128 + 32 * (v / 2))));
+        const __m512i low = v % 2 ? _mm512_and_si512(_mm512_srli_epi16(ql, 4), low4) : _mm512_and_si512(ql, low4);
+        /* chunk k of 4 takes bits 2k, 2k + 1 of qh to bits 4, 5: left 4 and 2 (k = 0, 1), right 0 and 2 (k = 2, 3) */
+        const __m512i high = v % 2 ? _mm512_srlv_epi16(qh, _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1))
+                                   : _mm512_sllv_epi16(qh, _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1));
+        return _mm512_ternarylogic_epi32(low, high, _mm512_set1_epi8(0x30), ternary);
+    }
+    /* Q4_K, Q5_K: 64 bytes of nibbles hold chunks 4i .. 4i + 3; v = 2i + m: the low (m = 0) or high nibbles */
+    const __m512i qs = _mm512_loadu_si512((const void *)(x + (t == T_Q4_K ? 16 : 48) + 64 * (v / 2)));
+    __m512i w = v % 2 ? _mm512_and_si512(_mm512_srli_epi16(qs, 4), low4) : _mm512_and_si512(qs, low4);
+    if (t == T_Q5_K) { /* chunk c's fifth bits are bit c of qh's 32 bytes: moved to bit 4 (left 4 - c, or right) */
+        const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x + 16)));
+        const int c0 = 4 * (v / 2) + v % 2, c1 = c0 + 2; /* the chunks in the low and high half */
+        const __m512i moved = c1 <= 4 ? _mm512_sllv_epi16(qh, _mm512_inserti64x4(_mm512_set1_epi16((short)(4 - c0)), _mm256_set1_epi16((short)(4 - c1)), 1))
+                                      : _mm512_srlv_epi16(qh, _mm512_inserti64x4(_mm512_set1_epi16((short)(c0 - 4)), _mm256_set1_epi16((short)(c1 - 4)), 1));
+        w = _mm512_ternarylogic_epi32(w, moved, _mm512_set1_epi8(0x10), ternary);
+    }
+    return w;
+}
+
+/* Q4_K, Q5_K or Q6_K, one activation row split by split_row, against weight rows 0..tr-1. Each 256 weights: each
+ * row's table of scales (weight scale x activation scale: 8 chunks', or Q6_K's 16 half-chunks'), offsets x the
+ * activation sums in one multiply-add; then 4 vectors of 64 weights, each two vpdpbusd, a shift, and one convert
+ * and multiply-add with its lanes' scales (one permute of the table). out[r * TM] = the products. */
+static inline __attribute__((always_inline)) void kquant_split(const int t, const uint8_t *weights, int64_t row_bytes,
+                                                               int64_t K, const int8_t *ahi, const uint8_t *alo,
+                                                               const float *half, const float *dT, const float *sT,
+                                                               const int tr, float *out) {
+    const int bytes = TRAITS[t].bytes;
+    /* which table entry each lane of vector v takes: Q4_K/Q5_K lanes 0-7 chunk c0, 8-15 chunk c0 + 2; Q6_K 4 lanes
+     * a half-chunk */
+    static const int32_t IDX45[4][16] = {{0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2},
+                                         {1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3},
+                                         {4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6},
+                                         {5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7}};
+    static const int32_t IDX6[4][16] = {{0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
+                                        {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
+                                        {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
+                                        {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
+    const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512 acc[TR][2], bias[TR], off[TR];
+    for (int r = 0; r < tr; r++) acc[r][0] = acc[r][1] = bias[r] = off[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < K / 256; g++) {
+        const __m256 XD = _mm256_loadu_ps(dT + 8 * g);
+        /* Q4_K, Q5_K: the 8 activation scales, then the 8 sums (with -dmin's sign) */
+        const __m512 XDS = t == T_Q6_K ? _mm512_setzero_ps()
+                                       : _mm512_insertf32x8(_mm512_castps256_ps512(XD),
+                                                            _mm256_sub_ps(_mm256_setzero_ps(), _mm256_loadu_ps(sT + 8 * g)), 1);
+        const uint8_t *x[TR];
+        __m512 S[TR];
+        for (int r = 0; r < tr; r++) {
+            x[r] = weights + r * row_bytes + g * bytes;
+            if (t == T_Q6_K) { /* S[h] = d * sc[h] * the activation scale of chunk h / 2; the -32 x S[h] x half[h] */
+                const __m128i sc8 = _mm_loadu_si128((const __m128i *)(x[r] + 192));
+                const __m512 sc = _mm512_insertf32x8(
+                    _mm512_castps256_ps512(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8))),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8))), 1);
+                const __m512 x16 = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(XD));
+                S[r] = _mm512_mul_ps(_mm512_mul_ps(sc, _mm512_set1_ps(f16_at(x[r] + 208))), x16);
+                bias[r] = _mm512_fmadd_ps(S[r], _mm512_loadu_ps(half + 16 * g), bias[r]);
+            } else { /* lanes 0-7: d * sc[c] * XD[c]; lanes 8-15: -dmin * m[c] * XS[c], summed into off */
+                const __m512 dm = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(
+                    _mm_cvtph_ps(_mm_cvtsi32_si128((int)u32_at(x[r])))));
+                const __m512 prod = _mm512_mul_ps(_mm512_mul_ps(k4_scales_mins(x[r] + 4), dm), XDS);
+                S[r] = prod;
+                off[r] = _mm512_mask_add_ps(off[r], 0xff00, off[r], prod);
+            }
+        }
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++) {
+            const __m512i hi = _mm512_loadu_si512((const void *)(ahi + 256 * g + 64 * v));
+            const __m512i lo = _mm512_loadu_si512((const void *)(alo + 256 * g + 64 * v));
+            const __m512i idx = _mm512_loadu_si512((const void *)(t == T_Q6_K ? IDX6[v] : IDX45[v]));
+            for (int r = 0; r < tr; r++) {
+                const __m512i w = split_weights(t, x[r], v);
+                const __m512i high = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, hi), 8);
+                const __m512i p = _mm512_dpbusd_epi32(high, lo, w);
+                acc[r][v & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, S[r]), acc[r][v & 1]);
+            }
+        }
+    }
+    for (int r = 0; r < tr; r++)
+        out[r * TM] = hsum16(_mm512_add_ps(acc[r][0], acc[r][1])) + hsum16(off[r]) - 32.0f * hsum16(bias[r]);
+}
 #endif
 
 /* Weight rows 0..tr-1 (row_bytes apart) against activation rows 0..rows-1 of q (row stride K; tm: 1, or TM for
@@ -812,6 +943,19 @@ LAMINA_TILE(T_IQ4_NL) LAMINA_TILE(T_IQ4_XS) LAMINA_TILE(T_Q2_K) LAMINA_TILE(T_Q3
 LAMINA_TILE(T_Q5_K) LAMINA_TILE(T_Q6_K)
 #undef LAMINA_TILE
 
+#if defined(LAMINA_AVX512)
+/* kquant_split for tr = TR or 1 rows, per format */
+#define LAMINA_SPLIT(T)                                                                                             \
+    static void split_##T(const uint8_t *w, int64_t row_bytes, int64_t K, const int8_t *hi, const uint8_t *lo,      \
+                          const float *half, const float *d, const float *s, int tr, float *out) {                  \
+        if (tr == TR) kquant_split(T, w, row_bytes, K, hi, lo, half, d, s, TR, out);                                \
+        else kquant_split(T, w, row_bytes, K, hi, lo, half, d, s, 1, out);                                          \
+    }
+LAMINA_SPLIT(T_Q4_K) LAMINA_SPLIT(T_Q5_K) LAMINA_SPLIT(T_Q6_K)
+#undef LAMINA_SPLIT
+#define SPLIT(t) ((t) == T_Q4_K || (t) == T_Q5_K || (t) == T_Q6_K) /* formats kquant_split reads */
+#endif
+
 typedef void (*tile_fn)(const uint8_t *, int64_t, int64_t, const int16_t *, const float *, const float *, int, int,
                         float *);
 /* This path's kernel per format: the C side of the type table. */
@@ -903,6 +1047,13 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
         if (!one) abort(); /* out of memory for one row's scales */
         for (int64_t b = 0; b < nb; b++) one[b] = d[SCALE_AT(M - 1, b, nb)], one[nb + b] = s[SCALE_AT(M - 1, b, nb)];
     }
+    /* and, for the formats kquant_split reads, its values split into bytes */
+    int8_t split_here[2 * 16384 + 4 * 1024], *split = NULL;
+    if (M % TM == 1 && SPLIT(wtype)) {
+        split = K <= 16384 ? split_here : malloc(2 * (size_t)K + 4 * (size_t)(K / 16));
+        if (!split) abort(); /* out of memory for one row of activations */
+        split_row(wtype, q + (M - 1) * K, K, split, (uint8_t *)split + K, (float *)(split + 2 * K));
+    }
 #endif
     for (; n < n1;) {
         const int tr = n + TR <= n1 ? TR : 1;
@@ -914,7 +1065,16 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
             const int rows = M - g * TM < TM ? (int)(M - g * TM) : TM;
             const int16_t *qg = rows == 1 && permuted ? permuted : q + g * TM * K;
 #if defined(LAMINA_AVX512)
-            if (rows == 1) tile((const uint8_t *)weights + n * row_bytes, row_bytes, K, qg, one, one + nb, tr, 1, out);
+            if (rows == 1 && split) {
+                const uint8_t *w = (const uint8_t *)weights + n * row_bytes;
+                const int8_t *hi = split;
+                const uint8_t *lo = (const uint8_t *)split + K;
+                const float *half = (const float *)(split + 2 * K);
+                if (wtype == T_Q4_K) split_T_Q4_K(w, row_bytes, K, hi, lo, half, one, one + nb, tr, out);
+                else if (wtype == T_Q5_K) split_T_Q5_K(w, row_bytes, K, hi, lo, half, one, one + nb, tr, out);
+                else split_T_Q6_K(w, row_bytes, K, hi, lo, half, one, one + nb, tr, out);
+            } else if (rows == 1)
+                tile((const uint8_t *)weights + n * row_bytes, row_bytes, K, qg, one, one + nb, tr, 1, out);
             else
 #endif
             tile((const uint8_t *)weights + n * row_bytes, row_bytes, K, qg, d + g * nb * TM,
@@ -932,6 +1092,7 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
 #endif
 #if defined(LAMINA_AVX512)
     if (one != one_here) free(one);
+    if (split != split_here) free(split);
 #endif
 }
 
