@@ -867,34 +867,41 @@ static inline __attribute__((always_inline)) void tile_kernel(const int wtype, c
     }
     const int block = TRAITS[wtype].block, bytes = TRAITS[wtype].bytes, chunks = block / QK;
     const int has_off = wtype == T_Q4_1 || wtype == T_Q5_1 || wtype == T_Q4_K || wtype == T_Q5_K;
-    __m256 acc[TR][2];
+    __m256 acc[TR][1];
     __m128 off[TR];
-    float off1[TR];
-    for (int r = 0; r < tr; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps(), off[r] = _mm_setzero_ps(), off1[r] = 0.0f;
-    const int64_t nsb = K / block;
-    for (int64_t sb = 0; sb < nsb; sb++) {
+    for (int r = 0; r < tr; r++) acc[r][0] = _mm256_setzero_ps(), off[r] = _mm_setzero_ps();
+    /* 8 chunks at a time (one 256-weight block, or 8 blocks of 32): their scales and offsets unpacked together */
+    const int64_t nb = K / QK, groups = nb / 8;
+    for (int64_t g = 0; g < groups; g++) {
         for (int r = 0; r < tr; r++) {
-            const uint8_t *x = weights + r * row_bytes + sb * bytes;
+            const uint8_t *base = weights + r * row_bytes + (chunks == 8 ? g * bytes : 8 * g * bytes);
+            float S[8], O[8];
+            __m256 scales, offsets;
+            group_scales(wtype, base, &scales, &offsets);
+            _mm256_storeu_ps(S, scales);
+            _mm256_storeu_ps(O, offsets);
 #pragma GCC unroll 8
-            for (int c = 0; c < chunks; c++) {
-                const int64_t b = sb * chunks + c;
-                float o;
-                const float scale = chunk_scale(wtype, x, c, &o);
-                accumulate(unpack(wtype, x, c), scale, q, K, b, dT, tm, rows, &acc[r][tm == 1 ? c & 1 : 0]);
+            for (int c = 0; c < 8; c++) {
+                const int64_t b = 8 * g + c;
+                const uint8_t *x = chunks == 8 ? base : base + c * bytes;
+                const int cc = chunks == 8 ? c : 0;
+                accumulate(unpack(wtype, x, cc), S[c], q, K, b, dT, tm, rows, &acc[r][0]);
                 if (wtype == T_Q2_K)
-                    accumulate(q2k_mins(x, c), -f16_at(x + 82), q, K, b, dT, tm, rows, &acc[r][tm == 1 ? c & 1 : 0]);
-                else if (has_off && tm == 1)
-                    off1[r] += o * sT[TM * b];
+                    accumulate(q2k_mins(x, cc), -f16_at(x + 82), q, K, b, dT, tm, rows, &acc[r][0]);
                 else if (has_off)
-                    off[r] = _mm_fmadd_ps(_mm_set1_ps(o), _mm_loadu_ps(sT + TM * b), off[r]);
+                    off[r] = _mm_fmadd_ps(_mm_set1_ps(O[c]), _mm_loadu_ps(sT + TM * b), off[r]);
             }
         }
     }
-    for (int r = 0; r < tr; r++) {
-        if (tm == 1) {
-            out[r * TM] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1])) + off1[r];
-            continue;
+    for (int64_t b = groups * 8; b < nb; b++) /* 32-weight formats only: 256-weight rows are whole groups */
+        for (int r = 0; r < tr; r++) {
+            const uint8_t *x = weights + r * row_bytes + b * bytes;
+            float o;
+            const float scale = chunk_scale(wtype, x, 0, &o);
+            accumulate(unpack(wtype, x, 0), scale, q, K, b, dT, tm, rows, &acc[r][0]);
+            if (has_off) off[r] = _mm_fmadd_ps(_mm_set1_ps(o), _mm_loadu_ps(sT + TM * b), off[r]);
         }
+    for (int r = 0; r < tr; r++) {
         float lanes[4], o[4];
         _mm_storeu_ps(o, off[r]);
         _mm_storeu_ps(lanes, _mm_add_ps(_mm256_castps256_ps128(acc[r][0]), _mm256_extractf128_ps(acc[r][0], 1)));
