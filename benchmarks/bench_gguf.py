@@ -1,9 +1,10 @@
 """lamina against llama.cpp (llama-cpp-python) and transformers at real model sizes: random-weight GGUF files of
 Llama-3.2-1B's and Llama-3.1-8B's shapes, with Llama 3's real tokenizer, quantized by llama.cpp's own quantizer.
 
-    python benchmarks/bench_gguf.py [--shapes 1b,8b] [--types Q4_K_M,Q6_K,Q8_0] [--engines lamina,llama.cpp,transformers]
-                                    [--new-tokens 64] [--runs 3] [--prompt-len 512] [--threads 2]
-                                    [--llama-cpp installed|build] [--make-only] [--chart benchmarks/charts/gguf.png]
+    python benchmarks/bench_gguf.py [--shapes 1b,8b] [--types Q4_K_M,Q6_K,Q8_0]
+                                    [--engines lamina,llama.cpp,transformers] [--new-tokens 64] [--runs 3]
+                                    [--prompt-len 512] [--threads 2] [--llama-cpp installed|build] [--make-only]
+                                    [--chart benchmarks/charts/gguf.png]
 
 The files: made once and cached in benchmarks/.models/ (gitignored). Each shape's weights are drawn from a normal
 distribution (std 0.02, norms 1.0, seeded by tensor name, so a file made again is the same file), written as F16
@@ -240,7 +241,8 @@ def quantize(src: Path, dst: Path, ftype: str, threads: int) -> None:
 
 
 def make_files(shape: Shape, ftypes: list[str], args, llama_env: dict) -> dict[str, float]:
-    """The shape's quantized files (made where missing; the F16 they come from deleted after); seconds each step took."""
+    """Make the shape's quantized files where missing (the F16 they come from deleted after); the seconds each step
+    took."""
     todo = [t for t in ftypes if not model_path(shape, t).is_file()]
     times: dict[str, float] = {}
     if not todo:
@@ -529,7 +531,8 @@ def lamina_tree() -> str:
     """Whether lamina's sources differ from the commit (the figures are the working tree's)."""
     proc = subprocess.run(["git", "status", "--porcelain", "--", "lamina"], capture_output=True, text=True,
                           cwd=Path(__file__).parent.parent)
-    return "lamina as committed" if proc.returncode == 0 and not proc.stdout.strip() else "lamina with uncommitted changes"
+    clean = proc.returncode == 0 and not proc.stdout.strip()
+    return "lamina as committed" if clean else "lamina with uncommitted changes"
 
 
 def median(r: dict | None, key: str) -> float | None:
@@ -687,7 +690,8 @@ def main() -> int:
             facts[(shape, t)] = file_facts(model_path(shape, t))
     if args.make_only:
         for (shape, t), f in facts.items():
-            print(f"{model_path(shape, t)}: {f['file_bytes'] / 1e6:.0f} MB, a token reads {f['token_bytes'] / 1e6:.0f} MB")
+            size, read = f["file_bytes"] / 1e6, f["token_bytes"] / 1e6
+            print(f"{model_path(shape, t)}: {size:.0f} MB, a token reads {read:.0f} MB")
         return 0
 
     before = bandwidth(args.threads)
@@ -703,9 +707,11 @@ def main() -> int:
     after = bandwidth(args.threads)  # again: a machine shared with other work reads slower at times
     bw = max(before, after)
     machine = machine_line(args.threads)
-    header = (f"# {machine}, {lamina_tree()}, {llama_note}, read bandwidth {before / 1e9:.1f} GB/s before the engines "
-              f"and {after / 1e9:.1f} after (torch.sum over 1 GiB of float32, best of 5; bounds from the higher), decode: {args.new_tokens} new tokens after a {DECODE_PROMPT}-token prompt, "
-              f"median (min-max) of {args.runs} runs")
+    header = (
+        f"# {machine}, {lamina_tree()}, {llama_note}, read bandwidth {before / 1e9:.1f} GB/s before the engines and "
+        f"{after / 1e9:.1f} after (torch.sum over 1 GiB of float32, best of 5; bounds from the higher), decode: "
+        f"{args.new_tokens} new tokens after a {DECODE_PROMPT}-token prompt, median (min-max) of {args.runs} runs"
+    )
     report(results, facts, bw, args, header)
     for name, times in made.items():
         print(f"- {SHAPES[name].label}: made this run, " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
