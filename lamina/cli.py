@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lamina.errors import LaminaError
+from lamina.quant import FORMAT_MODES, MODES as QUANT_MODES
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -71,10 +72,12 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quantize",
-        choices=["none", "gguf", "int8", "int4"],
+        choices=QUANT_MODES,
         default=None,
-        help="weight storage: none (all float), gguf (a GGUF's Q8_0/Q4_0/Q4_1 weights as stored), int8 (Q8_0 "
-        "blocks), int4 (Q4_1 blocks); default: gguf for a GGUF on CPU, else none",
+        metavar="MODE",
+        help="weight storage: none (all float), gguf (a GGUF's matrices as stored), int8 (Q8_0 blocks), int4 (Q4_1 "
+        f"blocks), or one GGML format for every matrix ({', '.join(FORMAT_MODES)}; llama.cpp's fallback where a row "
+        "is not whole blocks); default: gguf for a GGUF on CPU, else none",
     )
 
 
