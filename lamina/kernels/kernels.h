@@ -14,8 +14,8 @@
 #define LAMINA_AVX512 1
 #define LAMINA_AVX2 1
 #define LAMINA_PATH "avx512 (SIMDe)"
-#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) &&         \
-    defined(__F16C__) && defined(__FMA__)
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) &&          \
+    defined(__AVX512VNNI__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define LAMINA_AVX512 1
 #define LAMINA_AVX2 1

@@ -347,7 +347,7 @@ static inline __m256i dot_block(vblock w, const int16_t *a) {
  * the add, on AVX-512 VNNI). For four rows, two rounds of hadd fold their partial sums into one vector
  * [t0 t1 t2 t3 | t0 t1 t2 t3], converted and scaled by the chunk's four (weight scale x activation scale) products
  * with one multiply-add: the float work of a chunk is shared by four rows. An offset adds off * s for the four rows
- * in one more multiply-add. */
+ * in one more multiply-add. One activation row on AVX-512 goes to row512 or kquant_split instead (below). */
 #define TM 4
 #if defined(LAMINA_AVX2)
 #if defined(LAMINA_AVX512)
@@ -705,7 +705,7 @@ static inline __attribute__((always_inline)) void row512(const int wtype, const 
     for (int r = 0; r < tr; r++)
         out[r * TM] = hsum16(_mm512_add_ps(acc[r][0], acc[r][1])) + hsum8(off[r]) + tail[r];
 }
-/* ---- Q4_K, Q5_K and Q6_K against one activation row at int8's instruction rate, exactly ------------------------
+/* ---- Q4_K, Q5_K and Q6_K against one activation row at int8's instruction rate, exactly (but for Q6_K's -32) --
  *
  * These formats' weights are small unsigned integers (0..15, 0..31, and 0..63 before Q6_K's -32), so a weight fits
  * either operand of vpdpbusd (unsigned x signed bytes, four products summed in each int32 lane: 64 a instruction,
@@ -751,7 +751,8 @@ static inline __m512 k4_scales_mins(const uint8_t *s) {
 #endif
 }
 
-/* Weight vector v (0..3: 64 weights) of the 256-weight block x, as bytes; the chunks it holds are those of SPLIT_IDX */
+/* Weight vector v (0..3: 64 weights) of the 256-weight block x, as bytes: Q4_K, Q5_K the chunks (c0, c0 + 2) with
+ * c0 = 4 (v / 2) + v % 2; Q6_K the chunks (2v, 2v + 1) */
 static inline __attribute__((always_inline)) __m512i split_weights(const int t, const uint8_t *x, int v) {
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     const int ternary = 0xf8; /* a | (b & c) */
@@ -1027,7 +1028,8 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
     int64_t n = n0;
     const int64_t row_bytes = K / TRAITS[wtype].block * TRAITS[wtype].bytes;
 #ifdef LAMINA_AVX2
-    if (M == 1 && wtype == T_Q4_1) { /* one Q4_1 row of x: NR weight rows at a time (for the others that measured slower) */
+    if (M == 1 && wtype == T_Q4_1) { /* one Q4_1 row of x: NR weight rows at a time (for the others that measured slower;
+                                       * on AVX-512 the one-row path below measured the same, Zen 4) */
         const int64_t nb = K / QK;
         float out[NR];
         for (; n + NR <= n1; n += NR) {
@@ -1036,8 +1038,8 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
         }
     }
 #endif
-    /* TR weight rows at a time against every activation row, TM at a time; the rows ~2 KB ahead are fetched
-     * meanwhile (as above). */
+    /* TR weight rows at a time against every activation row, TM at a time; the rows past the tile (and ~2 KB more)
+     * are fetched meanwhile (as above), except for one stream on AVX-512 (below). */
     const int64_t nb = K / QK, groups = (M + TM - 1) / TM;
     const int64_t ahead = TR + (PF_BYTES + row_bytes - 1) / row_bytes; /* past the tile being multiplied */
 #if defined(LAMINA_AVX512)
@@ -1052,7 +1054,7 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
     const tile_fn tile = TILES[wtype];
     float out[TR * TM];
     int16_t *permuted = NULL;
-#ifdef LAMINA_AVX2
+#if defined(LAMINA_AVX2) && !defined(LAMINA_AVX512)
     /* a group of one activation row (M = 1, or the last of M = 4k + 1) is multiplied from its values permuted */
     int16_t permuted_here[16384]; /* rows of up to 16384 weights on the stack (8B: 14336) */
     if (M % TM == 1 && EVEN_ODD(wtype)) {
@@ -1070,11 +1072,13 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
         for (int64_t b = 0; b < nb; b++) one[b] = d[SCALE_AT(M - 1, b, nb)], one[nb + b] = s[SCALE_AT(M - 1, b, nb)];
     }
     /* and, for the formats kquant_split reads, its values split into bytes */
-    int8_t split_here[2 * 16384 + 4 * 1024], *split = NULL;
+    int8_t split_here[2 * 16384], *split = NULL; /* hi [K], then lo [K] */
+    float half_here[1024], *half = NULL;         /* Q6_K: the sums of each 16 values [K / 16] */
     if (M % TM == 1 && SPLIT(wtype)) {
-        split = K <= 16384 ? split_here : malloc(2 * (size_t)K + 4 * (size_t)(K / 16));
-        if (!split) abort(); /* out of memory for one row of activations */
-        split_row(wtype, q + (M - 1) * K, K, split, (uint8_t *)split + K, (float *)(split + 2 * K));
+        split = K <= 16384 ? split_here : malloc(2 * (size_t)K);
+        half = K <= 16384 ? half_here : malloc(sizeof(float) * (size_t)(K / 16));
+        if (!split || !half) abort(); /* out of memory for one row of activations */
+        split_row(wtype, q + (M - 1) * K, K, split, (uint8_t *)split + K, half);
     }
 #endif
     for (; n < n1;) {
@@ -1091,7 +1095,6 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
                 const uint8_t *w = (const uint8_t *)weights + n * row_bytes;
                 const int8_t *hi = split;
                 const uint8_t *lo = (const uint8_t *)split + K;
-                const float *half = (const float *)(split + 2 * K);
                 if (wtype == T_Q4_K) split_T_Q4_K(w, row_bytes, K, hi, lo, half, one, one + nb, tr, out);
                 else if (wtype == T_Q5_K) split_T_Q5_K(w, row_bytes, K, hi, lo, half, one, one + nb, tr, out);
                 else split_T_Q6_K(w, row_bytes, K, hi, lo, half, one, one + nb, tr, out);
@@ -1109,12 +1112,13 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
         }
         n += tr;
     }
-#ifdef LAMINA_AVX2
+#if defined(LAMINA_AVX2) && !defined(LAMINA_AVX512)
     if (permuted != permuted_here) free(permuted);
 #endif
 #if defined(LAMINA_AVX512)
     if (one != one_here) free(one);
     if (split != split_here) free(split);
+    if (half != half_here) free(half);
 #endif
 }
 
