@@ -56,9 +56,7 @@ typedef __m512 vec;
 static inline vec vzero(void) { return _mm512_setzero_ps(); }
 static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float vsum(vec v) {
-    return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
-}
+static inline float vsum(vec v) { return hsum16(v); }
 /* 16 weights from p, widened to float32 */
 static inline __attribute__((always_inline)) vec vweights(const int t, const uint16_t *p) {
     const __m256i h = _mm256_loadu_si256((const __m256i *)p);

@@ -38,6 +38,14 @@ static inline float hsum8(__m256 v) {
 }
 #endif
 
+#ifdef LAMINA_AVX512
+/* The sum of a 512-bit vector's 16 lanes. */
+static inline float hsum16(__m512 v) {
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
+}
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #else

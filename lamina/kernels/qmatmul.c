@@ -362,7 +362,7 @@ static inline __m256i dot_block(vblock w, const int16_t *a) {
 #endif
 
 /* One activation row's int16 values, each block of 32 as its 16 even values then its 16 odd ones. */
-static void even_odd(const int16_t *q, int64_t K, int16_t *out) {
+static inline void even_odd(const int16_t *q, int64_t K, int16_t *out) {
     for (int64_t b = 0; b < K; b += QK)
         for (int j = 0; j < QK / 2; j++) out[b + j] = q[b + 2 * j], out[b + QK / 2 + j] = q[b + 2 * j + 1];
 }
@@ -561,11 +561,6 @@ static inline __m512i zx32(const uint8_t *p) {
     return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
 #endif
 }
-/* The sum of a 512-bit vector's 16 lanes. */
-static inline float hsum16(__m512 v) {
-    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
-}
 /* Bit c of each of the 32 bytes at p, as a mask (bit j = bit c of byte j): each byte's bit c moved to its top */
 static inline __mmask32 bit_mask(const uint8_t *p, int c) {
     return (__mmask32)_mm256_movemask_epi8(_mm256_slli_epi16(_mm256_loadu_si256((const __m256i *)p), 7 - c));
@@ -577,26 +572,10 @@ static inline __m512i nibbles32(const uint8_t *p) {
 }
 
 /* Chunk c of the 8 chunks at `base` (one 256-weight block, or 8 consecutive 32-weight blocks of `bytes` each) as 32
- * int16 in order; Q6_K's without its sub-scales (applied in float), Q2_K's with them (its mins go apart). */
+ * int16 in order; Q2_K's and Q3_K's with their sub-scales (Q2_K's mins go apart). Every format but Q4_K, Q5_K and
+ * Q6_K, which kquant_split reads. */
 static inline __attribute__((always_inline)) __m512i unpack512(const int t, const uint8_t *base, int bytes, int c) {
-    const __m512i low4 = _mm512_set1_epi16(0x0f);
     switch (t) {
-    case T_Q4_K: case T_Q5_K: {
-        const __m512i v = zx32(base + (t == T_Q4_K ? 16 : 48) + 32 * (c / 2));
-        __m512i w = c % 2 ? _mm512_srli_epi16(v, 4) : _mm512_and_si512(v, low4);
-        if (t == T_Q5_K) {
-            w = _mm512_mask_add_epi16(w, bit_mask(base + 16, c), w, _mm512_set1_epi16(16));
-        }
-        return w;
-    }
-    case T_Q6_K: {
-        const int n = c / 4, k = c % 4;
-        const __m512i l = zx32(base + 64 * n + 32 * (k & 1)), h = zx32(base + 128 + 32 * n);
-        const __m512i lo = k >> 1 ? _mm512_srli_epi16(l, 4) : _mm512_and_si512(l, low4);
-        const __m512i hi = _mm512_and_si512(k <= 2 ? _mm512_slli_epi16(h, 4 - 2 * k) : _mm512_srli_epi16(h, 2),
-                                            _mm512_set1_epi16(0x30));
-        return _mm512_sub_epi16(_mm512_or_si512(lo, hi), _mm512_set1_epi16(32));
-    }
     case T_IQ4_XS: {
         const __m512i grid = _mm512_cvtepi8_epi16(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES)));
         return _mm512_permutexvar_epi16(nibbles32(base + 8 + 16 * c), grid);
@@ -634,17 +613,17 @@ static inline __attribute__((always_inline)) __m512i unpack512(const int t, cons
     }
 }
 
-/* One activation row against weight rows 0..tr-1, 8 chunks (256 weights) at a time. First each row's table S of the
- * 8 chunks' (for Q6_K the 16 half-chunks') weight scales times their activation scales, and its offsets times the
+/* One activation row against weight rows 0..tr-1 (unpack512's formats), 8 chunks (256 weights) at a time. First
+ * each row's table S of the 8 chunks' weight scales times their activation scales, and its offsets times the
  * activation sums in one multiply-add; then chunk by chunk, one activation load for all tr rows, two accumulator
  * chains a row. Rows of 576 weights end with a part-group of 32-weight blocks. dT, sT: this row's activation
  * scales and sums, contiguous. out[r * TM] = the products. */
 static inline __attribute__((always_inline)) void row512(const int wtype, const uint8_t *weights, int64_t row_bytes,
                                                          int64_t K, const int16_t *q, const float *dT,
                                                          const float *sT, const int tr, float *out) {
+    if (wtype == T_Q4_K || wtype == T_Q5_K || wtype == T_Q6_K) abort(); /* kquant_split's: never sent here */
     const int block = TRAITS[wtype].block, bytes = TRAITS[wtype].bytes, chunks = block / QK;
-    const int has_off = wtype == T_Q4_1 || wtype == T_Q5_1 || wtype == T_Q4_K || wtype == T_Q5_K;
-    const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const int has_off = wtype == T_Q4_1 || wtype == T_Q5_1;
     __m512 acc[TR][2];
     __m256 off[TR];
     for (int r = 0; r < tr; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps(), off[r] = _mm256_setzero_ps();
@@ -653,22 +632,13 @@ static inline __attribute__((always_inline)) void row512(const int wtype, const 
         const __m256 XD = _mm256_loadu_ps(dT + 8 * g);
         const __m256 XS = has_off ? _mm256_loadu_ps(sT + 8 * g) : _mm256_setzero_ps();
         const uint8_t *base[TR];
-        float S[TR][16];
+        float S[TR][8];
         for (int r = 0; r < tr; r++) {
             base[r] = weights + r * row_bytes + (chunks == 8 ? g * bytes : 8 * g * bytes);
-            if (wtype == T_Q6_K) { /* 16 sub-scales: S[i] = d * sc[i] * the activation scale of chunk i / 2 */
-                const __m128i sc8 = _mm_loadu_si128((const __m128i *)(base[r] + 192));
-                const __m512 sc = _mm512_insertf32x8(
-                    _mm512_castps256_ps512(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8))),
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8))), 1);
-                const __m512 x16 = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(XD));
-                _mm512_storeu_ps(S[r], _mm512_mul_ps(_mm512_mul_ps(sc, _mm512_set1_ps(f16_at(base[r] + 208))), x16));
-            } else {
-                __m256 scales, offsets;
-                group_scales(wtype, base[r], &scales, &offsets);
-                _mm256_storeu_ps(S[r], _mm256_mul_ps(scales, XD));
-                if (has_off) off[r] = _mm256_fmadd_ps(offsets, XS, off[r]);
-            }
+            __m256 scales, offsets;
+            group_scales(wtype, base[r], &scales, &offsets);
+            _mm256_storeu_ps(S[r], _mm256_mul_ps(scales, XD));
+            if (has_off) off[r] = _mm256_fmadd_ps(offsets, XS, off[r]);
         }
         __asm__ volatile("" ::: "memory"); /* broadcast S from memory (a load), not by shuffles */
 #pragma GCC unroll 8
@@ -676,11 +646,7 @@ static inline __attribute__((always_inline)) void row512(const int wtype, const 
             const __m512i a = _mm512_loadu_si512((const void *)(q + (8 * g + c) * QK));
             for (int r = 0; r < tr; r++) {
                 const __m512i p = _mm512_madd_epi16(unpack512(wtype, base[r], bytes, c), a);
-                /* Q6_K: lanes 0-7 hold the chunk's first 16 weights' products, 8-15 its last 16's */
-                const __m512 scale = wtype == T_Q6_K
-                    ? _mm512_insertf32x8(_mm512_set1_ps(S[r][2 * c]), _mm256_broadcast_ss(&S[r][2 * c + 1]), 1)
-                    : _mm512_set1_ps(S[r][c]);
-                acc[r][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[r][c & 1]);
+                acc[r][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(S[r][c]), acc[r][c & 1]);
                 if (wtype == T_Q2_K) { /* minus dmin x the 4-bit mins x the activations, each half its own */
                     const uint8_t *x = base[r];
                     const __m512i m = _mm512_inserti64x4(_mm512_set1_epi16(x[2 * c] >> 4),

@@ -12,6 +12,8 @@ from lamina.weights import load_gguf
 from lamina.weights.gguf import dequantize
 from lamina.weights.gguf_file import read_gguf_file
 
+from ..quant.test_formats import assert_prefill_and_greedy_decode_agree
+
 
 @pytest.fixture(scope="module")
 def smollm_path():
@@ -200,16 +202,7 @@ def test_16_bit_matrices_stay_16_bit_and_decode_natively(tmp_path, qtype):
     assert sum(m.blocks.nbytes for m in kept) == matrices  # every matrix at 2 bytes a weight
     assert all(p.dim() == 1 for p in ours.model.parameters())  # only the norms are float tensors
     assert ours.native is not None, "the C decode step runs the 16-bit model"
-    prompts, tables = [[1, 5, 9, 200, 33], [7, 7, 150]], [[0], [1]]
-    with torch.inference_mode():
-        a, b = (runner.model.logits(runner.prefill(prompts, tables)) for runner in (ours, exact))
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * b.abs().max().item())
-        tokens, positions = b[[4, 7]].argmax(-1).tolist(), [5, 3]
-        for _ in range(8):
-            logits, want = ours.decode(tokens, tables, positions), exact.decode(tokens, tables, positions)
-            torch.testing.assert_close(logits, want, rtol=0, atol=1e-3 * want.abs().max().item())
-            assert logits.argmax(-1).tolist() == want.argmax(-1).tolist()
-            tokens, positions = want.argmax(-1).tolist(), [p + 1 for p in positions]
+    assert_prefill_and_greedy_decode_agree(ours, exact, [[1, 5, 9, 200, 33], [7, 7, 150]], ours.decode)
 
 
 def test_tied_output_and_llama31_rope_factors(tmp_path):
