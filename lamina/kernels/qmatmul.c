@@ -638,7 +638,7 @@ static inline __attribute__((always_inline)) void row512(const int wtype, const 
         float S[TR][8];
         for (int r = 0; r < tr; r++) {
             base[r] = weights + r * row_bytes + (chunks == 8 ? g * bytes : 8 * g * bytes);
-            if (tr == 1) /* one stream: PF_ONE bytes ahead (see lamina_matmul_rows) */
+            if (tr == 1) /* one stream (or a tile's last rows): PF_ONE bytes ahead */
                 for (int o = 0; o < (chunks == 8 ? bytes : 8 * bytes); o += 64) __builtin_prefetch(base[r] + PF_ONE + o);
             __m256 scales, offsets;
             group_scales(wtype, base[r], &scales, &offsets);
@@ -782,7 +782,7 @@ static inline __attribute__((always_inline)) void kquant_split(const int t, cons
         __m512 S[TR];
         for (int r = 0; r < tr; r++) {
             x[r] = weights + r * row_bytes + g * bytes;
-            if (tr == 1) /* one stream: PF_ONE bytes ahead (see lamina_matmul_rows) */
+            if (tr == 1) /* one stream (or a tile's last rows): PF_ONE bytes ahead */
                 for (int o = 0; o < bytes; o += 64) __builtin_prefetch(x[r] + PF_ONE + o);
             if (t == T_Q6_K) { /* S[h] = d * sc[h] * the activation scale of chunk h / 2; the -32 x S[h] x half[h] */
                 const __m128i sc8 = _mm_loadu_si128((const __m128i *)(x[r] + 192));
@@ -932,50 +932,42 @@ LAMINA_TILE(T_Q5_K) LAMINA_TILE(T_Q6_K)
 #undef LAMINA_TILE
 
 #if defined(LAMINA_AVX512)
-/* One activation row (its scales and sums contiguous) against weight rows 0..rows-1, one at a time in one loop
- * (row512's formats), written to (or added to) y[0..rows-1]. A call per row cost as much as a third of the time
- * of a row of 2048 weights. */
-#define LAMINA_ROWS(T)                                                                                              \
-    static void rows_##T(const uint8_t *w, int64_t row_bytes, int64_t K, const int16_t *q, const float *d,          \
-                         const float *s, int64_t rows, float *y, int accumulate) {                                  \
-        for (int64_t r = 0; r < rows; r++) {                                                                        \
-            float o;                                                                                                \
-            row512(T, w + r * row_bytes, row_bytes, K, q, d, s, 1, &o);                                             \
-            y[r] = o + (accumulate ? y[r] : 0.0f);                                                                  \
-        }                                                                                                           \
-    }
-LAMINA_ROWS(T_Q4_1) LAMINA_ROWS(T_Q8_0) LAMINA_ROWS(T_Q4_0) LAMINA_ROWS(T_Q5_0) LAMINA_ROWS(T_Q5_1)
-LAMINA_ROWS(T_IQ4_NL) LAMINA_ROWS(T_IQ4_XS) LAMINA_ROWS(T_Q2_K) LAMINA_ROWS(T_Q3_K)
-#undef LAMINA_ROWS
-typedef void (*rows_fn)(const uint8_t *, int64_t, int64_t, const int16_t *, const float *, const float *, int64_t,
-                        float *, int);
-static const rows_fn ROWS[LAMINA_NTYPES] = {
-    [T_Q4_1] = rows_T_Q4_1, [T_Q8_0] = rows_T_Q8_0, [T_Q4_0] = rows_T_Q4_0, [T_Q5_0] = rows_T_Q5_0,
-    [T_Q5_1] = rows_T_Q5_1, [T_IQ4_NL] = rows_T_IQ4_NL, [T_IQ4_XS] = rows_T_IQ4_XS, [T_Q2_K] = rows_T_Q2_K,
-    [T_Q3_K] = rows_T_Q3_K,
-};
-#endif
-
-#if defined(LAMINA_AVX512)
 /* kquant_split for tr = TR or 1 rows, per format */
 #define LAMINA_SPLIT(T)                                                                                             \
     static void split_##T(const uint8_t *w, int64_t row_bytes, int64_t K, const int8_t *hi, const uint8_t *lo,      \
                           const float *half, const float *d, const float *s, int tr, float *out) {                  \
         if (tr == TR) kquant_split(T, w, row_bytes, K, hi, lo, half, d, s, TR, out);                                \
         else kquant_split(T, w, row_bytes, K, hi, lo, half, d, s, 1, out);                                          \
-    }                                                                                                               \
-    static void split_rows_##T(const uint8_t *w, int64_t row_bytes, int64_t K, const int8_t *hi, const uint8_t *lo, \
-                               const float *half, const float *d, const float *s, int64_t rows, float *y,           \
-                               int accumulate) {                                                                    \
-        for (int64_t r = 0; r < rows; r++) {                                                                        \
-            float o;                                                                                                \
-            kquant_split(T, w + r * row_bytes, row_bytes, K, hi, lo, half, d, s, 1, &o);                            \
-            y[r] = o + (accumulate ? y[r] : 0.0f);                                                                  \
-        }                                                                                                           \
     }
 LAMINA_SPLIT(T_Q4_K) LAMINA_SPLIT(T_Q5_K) LAMINA_SPLIT(T_Q6_K)
 #undef LAMINA_SPLIT
 #define SPLIT(t) ((t) == T_Q4_K || (t) == T_Q5_K || (t) == T_Q6_K) /* formats kquant_split reads */
+
+/* One activation row: its values q, for SPLIT formats split into bytes (hi, lo, half: split_row), and its scales d
+ * and sums s contiguous. */
+typedef struct { const int16_t *q; const int8_t *hi; const uint8_t *lo; const float *half, *d, *s; } one_row;
+/* That row against weight rows 0..rows-1, one at a time in one loop (kquant_split or row512), written to (or added
+ * to) y[0..rows-1]: a call per weight row cost as much as a third of the time of a row of 2048 weights. */
+#define LAMINA_ROWS(T)                                                                                              \
+    static void rows_##T(const uint8_t *w, int64_t row_bytes, int64_t K, const one_row *a, int64_t rows, float *y,  \
+                         int accumulate) {                                                                          \
+        for (int64_t r = 0; r < rows; r++) {                                                                        \
+            float o;                                                                                                \
+            if (SPLIT(T)) kquant_split(T, w + r * row_bytes, row_bytes, K, a->hi, a->lo, a->half, a->d, a->s, 1, &o); \
+            else row512(T, w + r * row_bytes, row_bytes, K, a->q, a->d, a->s, 1, &o);                               \
+            y[r] = o + (accumulate ? y[r] : 0.0f);                                                                  \
+        }                                                                                                           \
+    }
+LAMINA_ROWS(T_Q4_1) LAMINA_ROWS(T_Q8_0) LAMINA_ROWS(T_Q4_0) LAMINA_ROWS(T_Q5_0) LAMINA_ROWS(T_Q5_1)
+LAMINA_ROWS(T_IQ4_NL) LAMINA_ROWS(T_IQ4_XS) LAMINA_ROWS(T_Q2_K) LAMINA_ROWS(T_Q3_K) LAMINA_ROWS(T_Q4_K)
+LAMINA_ROWS(T_Q5_K) LAMINA_ROWS(T_Q6_K)
+#undef LAMINA_ROWS
+typedef void (*rows_fn)(const uint8_t *, int64_t, int64_t, const one_row *, int64_t, float *, int);
+static const rows_fn ROWS[LAMINA_NTYPES] = {
+    [T_Q4_1] = rows_T_Q4_1, [T_Q8_0] = rows_T_Q8_0, [T_Q4_0] = rows_T_Q4_0, [T_Q5_0] = rows_T_Q5_0,
+    [T_Q5_1] = rows_T_Q5_1, [T_IQ4_NL] = rows_T_IQ4_NL, [T_IQ4_XS] = rows_T_IQ4_XS, [T_Q2_K] = rows_T_Q2_K,
+    [T_Q3_K] = rows_T_Q3_K, [T_Q4_K] = rows_T_Q4_K, [T_Q5_K] = rows_T_Q5_K, [T_Q6_K] = rows_T_Q6_K,
+};
 #endif
 
 typedef void (*tile_fn)(const uint8_t *, int64_t, int64_t, const int16_t *, const float *, const float *, int, int,
@@ -1058,8 +1050,6 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
      * hardware prefetcher follows best); then, 32768 x 2048, one loop instead of a call per row: Q4_K 34 -> 47
      * Gw/s, Q8_0 36 -> 46; and the prefetch 8 KB ahead: Q4_K 47 -> 57, Q6_K 29 -> 45 (4-16 KB measured alike). */
     const int one_stream = M == 1;
-#else
-    const int one_stream = 0;
 #endif
     const tile_fn tile = TILES[wtype];
     float out[TR * TM];
@@ -1092,22 +1082,15 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
     }
 #endif
 #if defined(LAMINA_AVX512)
-    if (one_stream && split) { /* one row at a time, in one loop */
-        const uint8_t *w = (const uint8_t *)weights + n * row_bytes;
-        const int8_t *hi = split;
-        const uint8_t *lo = (const uint8_t *)split + K;
-        if (wtype == T_Q4_K) split_rows_T_Q4_K(w, row_bytes, K, hi, lo, half, one, one + nb, n1 - n, y + n, accumulate);
-        else if (wtype == T_Q5_K) split_rows_T_Q5_K(w, row_bytes, K, hi, lo, half, one, one + nb, n1 - n, y + n, accumulate);
-        else split_rows_T_Q6_K(w, row_bytes, K, hi, lo, half, one, one + nb, n1 - n, y + n, accumulate);
-        n = n1;
-    } else if (one_stream) {
-        ROWS[wtype]((const uint8_t *)weights + n * row_bytes, row_bytes, K, q, one, one + nb, n1 - n, y + n, accumulate);
+    if (one_stream) {
+        const one_row a = {q, split, split ? (const uint8_t *)split + K : NULL, half, one, one + nb};
+        ROWS[wtype]((const uint8_t *)weights + n * row_bytes, row_bytes, K, &a, n1 - n, y + n, accumulate);
         n = n1;
     }
 #endif
     for (; n < n1;) {
-        const int tr = one_stream ? 1 : n + TR <= n1 ? TR : 1;
-        if (!one_stream && n + ahead + tr <= N) {
+        const int tr = n + TR <= n1 ? TR : 1;
+        if (n + ahead + tr <= N) {
             const char *next = (const char *)weights + (n + ahead) * row_bytes;
             for (int64_t off = 0; off < tr * row_bytes; off += 64) __builtin_prefetch(next + off);
         }
