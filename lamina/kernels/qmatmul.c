@@ -968,6 +968,252 @@ static const rows_fn ROWS[LAMINA_NTYPES] = {
     [T_Q5_1] = rows_T_Q5_1, [T_IQ4_NL] = rows_T_IQ4_NL, [T_IQ4_XS] = rows_T_IQ4_XS, [T_Q2_K] = rows_T_Q2_K,
     [T_Q3_K] = rows_T_Q3_K, [T_Q4_K] = rows_T_Q4_K, [T_Q5_K] = rows_T_Q5_K, [T_Q6_K] = rows_T_Q6_K,
 };
+
+/* ---- Several activation rows on AVX-512: a panel of unpacked weights, 8 activation rows a vector ----------------
+ *
+ * With several rows the products stop being memory-bound, and what counts is how many instructions a multiply-add
+ * costs. Along K (the tile kernel above) every chunk's integer dot product needs its own convert and multiply-add
+ * with the chunk's scales, per weight row and activation row: as many float instructions as integer ones. Here the
+ * lanes are activation rows instead: a vector holds one pair of int16 values of 8 activation rows, and a vpdpwssd
+ * multiplies it by one weight pair broadcast from memory, so a chunk of 32 is 16 vpdpwssd per weight row and the
+ * float work (convert, scale, offset) comes once per chunk for 8 rows. PC weight rows at a time are unpacked once
+ * into a panel of int16 (each row's chunks in order, sub-scales multiplied in, as `unpack`) with their float scales
+ * and offsets, and multiplied against every group of 8 activation rows, transposed for it once a call (pairs:
+ * [group][K / 2][8] int32; scales, sums: [group][nb][8]). The integer products and their sums are those of the other
+ * paths; only the order of the float additions differs. Q6_K's weights (up to 4096 in size with their sub-scales)
+ * convert after each 16 products, as 32 could overflow an int32. */
+#ifndef PC
+#define PC 12 /* weight rows a panel (8: 7% slower, 16: no faster; Zen 4) */
+#endif
+#ifndef PG
+#define PG 8 /* activation rows a vector */
+#endif
+#if PG == 16 /* 512-bit vectors */
+#define VI __m512i
+#define VF __m512
+#define VF_ZERO _mm512_setzero_ps
+#define VI_ZERO _mm512_setzero_si512
+#define VF_LOAD _mm512_loadu_ps
+#define VI_LOAD(p) _mm512_loadu_si512((const void *)(p))
+#define VI_DPW _mm512_dpwssd_epi32
+#define VI_SET1 _mm512_set1_epi32
+#define VF_FMA _mm512_fmadd_ps
+#define VF_CVT _mm512_cvtepi32_ps
+#define VF_MUL _mm512_mul_ps
+#define VF_SET1 _mm512_set1_ps
+#define VF_SUB _mm512_sub_ps
+#define VF_STORE _mm512_storeu_ps
+#else
+#define VI __m256i
+#define VF __m256
+#define VF_ZERO _mm256_setzero_ps
+#define VI_ZERO _mm256_setzero_si256
+#define VF_LOAD _mm256_loadu_ps
+#define VI_LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define VI_DPW _mm256_dpwssd_epi32
+#define VI_SET1 _mm256_set1_epi32
+#define VF_FMA _mm256_fmadd_ps
+#define VF_CVT _mm256_cvtepi32_ps
+#define VF_MUL _mm256_mul_ps
+#define VF_SET1 _mm256_set1_ps
+#define VF_SUB _mm256_sub_ps
+#define VF_STORE _mm256_storeu_ps
+#endif
+#ifndef PANEL_ROWS
+#define PANEL_ROWS 6 /* activation rows from which products go through panels (5: as fast as the tiles; Zen 4) */
+#endif
+
+typedef struct {
+    const int32_t *a;        /* [groups][K / 2][PG] activation pairs */
+    const float *d, *s, *lo; /* [groups][nb][PG] scales, d * sums, and (Q2_K) d * sums of each block's first 16 */
+} panel_rows;
+
+/* unpack512 for every format: chunk c of the 8 at `base` as 32 int16 in order, sub-scales in (but Q4_K's and
+ * Q5_K's, which are in the chunk's float scale) */
+static inline __attribute__((always_inline)) __m512i unpack_any512(const int t, const uint8_t *base, int bytes, int c) {
+    const __m512i low4 = _mm512_set1_epi16(0x0f);
+    if (t == T_Q4_K || t == T_Q5_K) {
+        const __m512i w = _mm512_and_si512(_mm512_srli_epi16(zx32(base + (t == T_Q4_K ? 16 : 48) + 32 * (c / 2)), 4 * (c % 2)), low4);
+        return t == T_Q5_K ? _mm512_mask_add_epi16(w, bit_mask(base + 16, c), w, _mm512_set1_epi16(16)) : w;
+    }
+    if (t == T_Q6_K) {
+        const int n = c / 4, k = c % 4;
+        const int8_t *sc = (const int8_t *)(base + 192) + 8 * n + 2 * k;
+        const __m512i lo = _mm512_and_si512(_mm512_srli_epi16(zx32(base + 64 * n + 32 * (k & 1)), 4 * (k >> 1)), low4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(zx32(base + 128 + 32 * n), 2 * k), _mm512_set1_epi16(3));
+        const __m512i q = _mm512_sub_epi16(_mm512_or_si512(lo, _mm512_slli_epi16(hi, 4)), _mm512_set1_epi16(32));
+        return _mm512_mullo_epi16(q, _mm512_inserti64x4(_mm512_set1_epi16(sc[0]), _mm256_set1_epi16(sc[1]), 1));
+    }
+    return unpack512(t, base, bytes, c);
+}
+
+/* Chunks b0..b1-1 (b0 a multiple of 8; b1 one too, or nb) of weight rows 0..cols-1 (cols <= PC) unpacked into
+ * w [b1 - b0][PC][32] int16 (chunk by chunk, the rows side by side), their scales and offsets into S, O, O2
+ * [b1 - b0][PC] (O2: Q2_K's second-half offsets); rows past cols are zeros. */
+static inline __attribute__((always_inline)) void panel_unpack(const int t, const uint8_t *weights, int64_t row_bytes,
+                                                               int64_t nb, int64_t b0, int64_t b1, int cols,
+                                                               int16_t *w, float *S, float *O, float *O2) {
+    const int block = TRAITS[t].block, bytes = TRAITS[t].bytes, chunks = block / QK;
+    const int64_t whole = nb / 8 * 8, g1 = (b1 < whole ? b1 : whole) / 8; /* groups of 8 chunks, then a tail */
+    if (cols < PC)
+        for (int64_t b = 0; b < b1 - b0; b++) {
+            memset(w + (b * PC + cols) * QK, 0, sizeof(int16_t) * QK * (size_t)(PC - cols));
+            for (int c = cols; c < PC; c++) S[b * PC + c] = O[b * PC + c] = O2[b * PC + c] = 0.0f;
+        }
+    for (int c = 0; c < cols; c++) {
+        const uint8_t *row = weights + c * row_bytes;
+        for (int64_t g = b0 / 8; g < g1; g++) {
+            const uint8_t *base = row + (chunks == 8 ? g * bytes : 8 * g * bytes);
+            /* the next panel's same bytes, meanwhile: from memory its rows would wait on every read */
+            for (int o = 0; o < (chunks == 8 ? bytes : 8 * bytes); o += 64) __builtin_prefetch(base + PC * row_bytes + o);
+            __m256 scales, offsets;
+            float Sg[8], Og[8];
+            group_scales(t, base, &scales, &offsets);
+            _mm256_storeu_ps(Sg, scales);
+            _mm256_storeu_ps(Og, offsets);
+#pragma GCC unroll 8
+            for (int ci = 0; ci < 8; ci++) {
+                const int64_t b = 8 * g + ci - b0;
+                const uint8_t *x = chunks == 8 ? base : base + ci * bytes;
+                const int cc = chunks == 8 ? ci : 0;
+                _mm512_storeu_si512((void *)(w + (b * PC + c) * QK), unpack_any512(t, base, bytes, ci));
+                S[b * PC + c] = Sg[ci], O[b * PC + c] = Og[ci];
+                if (t == T_Q2_K) { /* -dmin x each half's 4-bit min */
+                    O[b * PC + c] = -f16_at(x + 82) * (float)(x[2 * cc] >> 4);
+                    O2[b * PC + c] = -f16_at(x + 82) * (float)(x[2 * cc + 1] >> 4);
+                }
+            }
+        }
+        for (int64_t b = b0 > whole ? b0 : whole; b < b1; b++) { /* 32-weight formats only (rows of 576) */
+            const uint8_t *x = row + b * bytes;
+            S[(b - b0) * PC + c] = chunk_scale(t, x, 0, &O[(b - b0) * PC + c]);
+            _mm512_storeu_si512((void *)(w + ((b - b0) * PC + c) * QK), unpack_any512(t, x, bytes, 0));
+        }
+    }
+}
+
+/* n chunks of a panel (w, S, O, O2 of panel_unpack) against one group of 8 activation rows (a, d, s, lo of that
+ * group at the same chunk): f[c] += the 8 rows' products with weight row c. */
+static inline __attribute__((always_inline)) void panel_kernel(const int t, const int16_t *w, const float *S,
+                                                               const float *O, const float *O2, int64_t n,
+                                                               const int32_t *a, const float *d, const float *s,
+                                                               const float *lo, VF *out) {
+    const int has_off = t == T_Q4_1 || t == T_Q5_1 || t == T_Q4_K || t == T_Q5_K;
+    VF f[PC];
+    for (int c = 0; c < PC; c++) f[c] = out[c];
+    for (int64_t b = 0; b < n; b++) {
+        const int32_t *ab = a + b * (QK / 2) * PG;
+        const VF db = VF_LOAD(d + b * PG);
+        VI acc[PC];
+        for (int c = 0; c < PC; c++) acc[c] = VI_ZERO();
+#pragma GCC unroll 16
+        for (int p = 0; p < QK / 2; p++) {
+            if (t == T_Q6_K && p == QK / 4) /* the first 16 products, before an int32 could overflow */
+                for (int c = 0; c < PC; c++) {
+                    f[c] = VF_FMA(VF_CVT(acc[c]), VF_MUL(db, VF_SET1(S[b * PC + c])), f[c]);
+                    acc[c] = VI_ZERO();
+                }
+            const VI av = VI_LOAD(ab + p * PG);
+            for (int c = 0; c < PC; c++) {
+                int32_t pair;
+                memcpy(&pair, w + (b * PC + c) * QK + 2 * p, 4);
+                acc[c] = VI_DPW(acc[c], av, VI_SET1(pair));
+            }
+        }
+        for (int c = 0; c < PC; c++)
+            f[c] = VF_FMA(VF_CVT(acc[c]), VF_MUL(db, VF_SET1(S[b * PC + c])), f[c]);
+        if (has_off) {
+            const VF sb = VF_LOAD(s + b * PG);
+            for (int c = 0; c < PC; c++) f[c] = VF_FMA(sb, VF_SET1(O[b * PC + c]), f[c]);
+        } else if (t == T_Q2_K) { /* each half's offset times its half's sum */
+            const VF first = VF_LOAD(lo + b * PG), second = VF_SUB(VF_LOAD(s + b * PG), first);
+            for (int c = 0; c < PC; c++)
+                f[c] = VF_FMA(second, VF_SET1(O2[b * PC + c]), VF_FMA(first, VF_SET1(O[b * PC + c]), f[c]));
+        }
+    }
+    for (int c = 0; c < PC; c++) out[c] = f[c];
+}
+
+/* Rows g * PG .. of y, columns n..n + cols - 1, from the sums f of panel_kernel. */
+static inline void panel_store(const VF *f, int64_t M, int64_t g, float *y, int64_t ldy, int64_t n, int cols,
+                               int accumulate) {
+    float o[PC][PG];
+    for (int c = 0; c < PC; c++) VF_STORE(o[c], f[c]);
+    const int rows = M - g * PG < PG ? (int)(M - g * PG) : PG;
+    for (int i = 0; i < rows; i++) {
+        float *yr = y + (g * PG + i) * ldy + n;
+        for (int c = 0; c < cols; c++) yr[c] = o[c][i] + (accumulate ? yr[c] : 0.0f);
+    }
+}
+
+/* Columns n0..n1-1 of y for M activation rows through panels (the arguments of lamina_matmul_rows, and the rows
+ * transposed by panel_prepare), each panel unpacked once for every group of activation rows (unpacking and
+ * multiplying 16 or 64 chunks at a time instead, while they are in the first-level cache, measured no faster at
+ * 8 rows; Zen 4). w and SO: room for PC x K int16 and 3 x PC x K / 32 floats. */
+typedef void (*panel_fn)(const uint8_t *, int64_t, int64_t, const panel_rows *, int64_t, float *, int64_t, int64_t,
+                         int64_t, int, int16_t *, float *);
+#define LAMINA_PANEL(T)                                                                                             \
+    static void panel_##T(const uint8_t *weights, int64_t row_bytes, int64_t K, const panel_rows *r, int64_t M,     \
+                          float *y, int64_t ldy, int64_t n0, int64_t n1, int accumulate, int16_t *w, float *SO) {   \
+        const int64_t nb = K / QK, groups = (M + PG - 1) / PG;                                                      \
+        float *S = SO, *O = SO + PC * nb, *O2 = SO + 2 * PC * nb;                                                   \
+        for (int64_t n = n0; n < n1; n += PC) {                                                                     \
+            const int cols = n1 - n < PC ? (int)(n1 - n) : PC;                                                      \
+            const uint8_t *wn = weights + n * row_bytes;                                                            \
+            panel_unpack(T, wn, row_bytes, nb, 0, nb, cols, w, S, O, O2);                                           \
+            for (int64_t g = 0; g < groups; g++) {                                                                  \
+                VF f[PC];                                                                                           \
+                for (int c = 0; c < PC; c++) f[c] = VF_ZERO();                                                      \
+                panel_kernel(T, w, S, O, O2, nb, r->a + g * (K / 2) * PG, r->d + g * nb * PG, r->s + g * nb * PG,   \
+                             r->lo + g * nb * PG, f);                                                               \
+                panel_store(f, M, g, y, ldy, n, cols, accumulate);                                                  \
+            }                                                                                                       \
+        }                                                                                                           \
+    }
+LAMINA_PANEL(T_Q4_1) LAMINA_PANEL(T_Q8_0) LAMINA_PANEL(T_Q4_0) LAMINA_PANEL(T_Q5_0) LAMINA_PANEL(T_Q5_1)
+LAMINA_PANEL(T_IQ4_NL) LAMINA_PANEL(T_IQ4_XS) LAMINA_PANEL(T_Q2_K) LAMINA_PANEL(T_Q3_K) LAMINA_PANEL(T_Q4_K)
+LAMINA_PANEL(T_Q5_K) LAMINA_PANEL(T_Q6_K)
+#undef LAMINA_PANEL
+static const panel_fn PANELS[LAMINA_NTYPES] = {
+    [T_Q4_1] = panel_T_Q4_1, [T_Q8_0] = panel_T_Q8_0, [T_Q4_0] = panel_T_Q4_0, [T_Q5_0] = panel_T_Q5_0,
+    [T_Q5_1] = panel_T_Q5_1, [T_IQ4_NL] = panel_T_IQ4_NL, [T_IQ4_XS] = panel_T_IQ4_XS, [T_Q2_K] = panel_T_Q2_K,
+    [T_Q3_K] = panel_T_Q3_K, [T_Q4_K] = panel_T_Q4_K, [T_Q5_K] = panel_T_Q5_K, [T_Q6_K] = panel_T_Q6_K,
+};
+
+/* The M activation rows of lamina_matmul_rows (q [M, K], d and s at SCALE_AT) as panel_rows, in one allocation
+ * (returned, for free; NULL if out of memory): rows past M are zeros. */
+static void *panel_prepare(const int t, const int16_t *q, const float *d, const float *s, int64_t M, int64_t K,
+                           panel_rows *r) {
+    const int64_t nb = K / QK, groups = (M + PG - 1) / PG;
+    const size_t pairs = sizeof(int32_t) * (size_t)(groups * (K / 2) * PG), per = sizeof(float) * (size_t)(groups * nb * PG);
+    char *mem = aligned_alloc(64, (pairs + 3 * per + 63) / 64 * 64);
+    if (!mem) return NULL;
+    int32_t *a = (int32_t *)mem;
+    float *dT = (float *)(mem + pairs), *sT = dT + groups * nb * PG, *lo = sT + groups * nb * PG;
+    for (int64_t g = 0; g < groups; g++)
+        for (int i = 0; i < PG; i++) {
+            const int64_t m = g * PG + i;
+            int32_t *ag = a + g * (K / 2) * PG + i;
+            float *dg = dT + g * nb * PG + i, *sg = sT + g * nb * PG + i, *lg = lo + g * nb * PG + i;
+            if (m >= M) {
+                for (int64_t p = 0; p < K / 2; p++) ag[p * PG] = 0;
+                for (int64_t b = 0; b < nb; b++) dg[b * PG] = sg[b * PG] = lg[b * PG] = 0.0f;
+                continue;
+            }
+            const int16_t *qm = q + m * K;
+            for (int64_t p = 0; p < K / 2; p++) memcpy(&ag[p * PG], qm + 2 * p, 4);
+            for (int64_t b = 0; b < nb; b++) {
+                dg[b * PG] = d[SCALE_AT(m, b, nb)], sg[b * PG] = s[SCALE_AT(m, b, nb)];
+                if (t == T_Q2_K) {
+                    int sum = 0;
+                    for (int j = 0; j < QK / 2; j++) sum += qm[b * QK + j];
+                    lg[b * PG] = dg[b * PG] * (float)sum;
+                }
+            }
+        }
+    r->a = a, r->d = dT, r->s = sT, r->lo = lo;
+    return mem;
+}
 #endif
 
 typedef void (*tile_fn)(const uint8_t *, int64_t, int64_t, const int16_t *, const float *, const float *, int, int,
@@ -1027,6 +1273,19 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
     }
     int64_t n = n0;
     const int64_t row_bytes = K / TRAITS[wtype].block * TRAITS[wtype].bytes;
+#if defined(LAMINA_AVX512)
+    if (M >= PANEL_ROWS) { /* several activation rows: panels (above) */
+        const int64_t nb = K / QK;
+        panel_rows r;
+        void *rows = panel_prepare(wtype, q, d, s, M, K, &r);
+        int16_t *w = aligned_alloc(64, (sizeof(int16_t) * PC * (size_t)K + 63) / 64 * 64);
+        float *SO = malloc(sizeof(float) * 3 * PC * (size_t)nb);
+        if (!rows || !w || !SO) abort(); /* out of memory for a panel */
+        PANELS[wtype](weights, row_bytes, K, &r, M, y, ldy, n0, n1, accumulate, w, SO);
+        free(rows), free(w), free(SO);
+        return;
+    }
+#endif
 #ifdef LAMINA_AVX2
     if (M == 1 && wtype == T_Q4_1) { /* one Q4_1 row of x: NR weight rows at a time (for the others that measured slower;
                                        * on AVX-512 the one-row path below measured the same, Zen 4) */
