@@ -972,9 +972,8 @@ static const rows_fn ROWS[LAMINA_NTYPES] = {
 /* ---- Several activation rows on AVX-512: a panel of unpacked weights, 8 activation rows a vector ----------------
  *
  * With several rows the products stop being memory-bound, and what counts is how many instructions a multiply-add
- * costs. Along K (the tile kernel above) every chunk's integer dot product needs its own convert and multiply-add
- * with the chunk's scales, per weight row and activation row: as many float instructions as integer ones. Here the
- * lanes are activation rows instead: a vector holds one pair of int16 values of 8 activation rows, and a vpdpwssd
+ * costs. In the tiles above the lanes run along K, so every chunk's partial sums are folded across lanes (hadd)
+ * before they are scaled, for each weight row and group of 4 activation rows. Here the lanes are activation rows: a vector holds one pair of int16 values of 8 activation rows, and a vpdpwssd
  * multiplies it by one weight pair broadcast from memory, so a chunk of 32 is 16 vpdpwssd per weight row and the
  * float work (convert, scale, offset) comes once per chunk for 8 rows. PC weight rows at a time are unpacked once
  * into a panel of int16 (each row's chunks in order, sub-scales multiplied in, as `unpack`) with their float scales
@@ -986,7 +985,8 @@ static const rows_fn ROWS[LAMINA_NTYPES] = {
 #define PC 12 /* weight rows a panel (8: 7% slower, 16: no faster; Zen 4) */
 #endif
 #ifndef PG
-#define PG 8 /* activation rows a vector */
+#define PG 8 /* activation rows a vector: 256 bits; -DPG=16 builds 512-bit ones (Zen 4, which runs them as two
+                    * halves: +10% at 256 rows, and half empty at 8) */
 #endif
 #if PG == 16 /* 512-bit vectors */
 #define VI __m512i
