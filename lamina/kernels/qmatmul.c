@@ -575,9 +575,23 @@ static inline __m512i nibbles32(const uint8_t *p) {
 }
 
 /* Chunk c of the 8 chunks at `base` (one 256-weight block, or 8 consecutive 32-weight blocks of `bytes` each) as 32
- * int16 in order; Q2_K's and Q3_K's with their sub-scales (Q2_K's mins go apart). Every format but Q4_K, Q5_K and
- * Q6_K, which kquant_split reads. */
+ * int16 in order; Q2_K's, Q3_K's and Q6_K's with their sub-scales (Q2_K's mins go apart; Q4_K's and Q5_K's are in
+ * the chunk's float scale). One stream reads Q4_K, Q5_K and Q6_K through kquant_split instead; the panels read every
+ * format here. */
 static inline __attribute__((always_inline)) __m512i unpack512(const int t, const uint8_t *base, int bytes, int c) {
+    const __m512i low4 = _mm512_set1_epi16(0x0f);
+    if (t == T_Q4_K || t == T_Q5_K) {
+        const __m512i w = _mm512_and_si512(_mm512_srli_epi16(zx32(base + (t == T_Q4_K ? 16 : 48) + 32 * (c / 2)), 4 * (c % 2)), low4);
+        return t == T_Q5_K ? _mm512_mask_add_epi16(w, bit_mask(base + 16, c), w, _mm512_set1_epi16(16)) : w;
+    }
+    if (t == T_Q6_K) {
+        const int n = c / 4, k = c % 4;
+        const int8_t *sc = (const int8_t *)(base + 192) + 8 * n + 2 * k;
+        const __m512i lo = _mm512_and_si512(_mm512_srli_epi16(zx32(base + 64 * n + 32 * (k & 1)), 4 * (k >> 1)), low4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(zx32(base + 128 + 32 * n), 2 * k), _mm512_set1_epi16(3));
+        const __m512i q = _mm512_sub_epi16(_mm512_or_si512(lo, _mm512_slli_epi16(hi, 4)), _mm512_set1_epi16(32));
+        return _mm512_mullo_epi16(q, _mm512_inserti64x4(_mm512_set1_epi16(sc[0]), _mm256_set1_epi16(sc[1]), 1));
+    }
     switch (t) {
     case T_IQ4_XS: {
         const __m512i grid = _mm512_cvtepi8_epi16(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES)));
@@ -984,41 +998,8 @@ static const rows_fn ROWS[LAMINA_NTYPES] = {
 #ifndef PC
 #define PC 12 /* weight rows a panel (8: 7% slower, 16: no faster; Zen 4) */
 #endif
-#ifndef PG
-#define PG 8 /* activation rows a vector: 256 bits; -DPG=16 builds 512-bit ones (Zen 4, which runs them as two
-                    * halves: +10% at 256 rows, and half empty at 8) */
-#endif
-#if PG == 16 /* 512-bit vectors */
-#define VI __m512i
-#define VF __m512
-#define VF_ZERO _mm512_setzero_ps
-#define VI_ZERO _mm512_setzero_si512
-#define VF_LOAD _mm512_loadu_ps
-#define VI_LOAD(p) _mm512_loadu_si512((const void *)(p))
-#define VI_DPW _mm512_dpwssd_epi32
-#define VI_SET1 _mm512_set1_epi32
-#define VF_FMA _mm512_fmadd_ps
-#define VF_CVT _mm512_cvtepi32_ps
-#define VF_MUL _mm512_mul_ps
-#define VF_SET1 _mm512_set1_ps
-#define VF_SUB _mm512_sub_ps
-#define VF_STORE _mm512_storeu_ps
-#else
-#define VI __m256i
-#define VF __m256
-#define VF_ZERO _mm256_setzero_ps
-#define VI_ZERO _mm256_setzero_si256
-#define VF_LOAD _mm256_loadu_ps
-#define VI_LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
-#define VI_DPW _mm256_dpwssd_epi32
-#define VI_SET1 _mm256_set1_epi32
-#define VF_FMA _mm256_fmadd_ps
-#define VF_CVT _mm256_cvtepi32_ps
-#define VF_MUL _mm256_mul_ps
-#define VF_SET1 _mm256_set1_ps
-#define VF_SUB _mm256_sub_ps
-#define VF_STORE _mm256_storeu_ps
-#endif
+#define PG 8 /* activation rows a vector: 256 bits (512-bit vectors of 16 rows measured +10% at 256 rows on Zen 4,
+              * which runs them as two halves, and would be half empty at 8: not kept) */
 #ifndef PANEL_ROWS
 #define PANEL_ROWS 6 /* activation rows from which products go through panels (5: as fast as the tiles; Zen 4) */
 #endif
@@ -1028,41 +1009,22 @@ typedef struct {
     const float *d, *s, *lo; /* [groups][nb][PG] scales, d * sums, and (Q2_K) d * sums of each block's first 16 */
 } panel_rows;
 
-/* unpack512 for every format: chunk c of the 8 at `base` as 32 int16 in order, sub-scales in (but Q4_K's and
- * Q5_K's, which are in the chunk's float scale) */
-static inline __attribute__((always_inline)) __m512i unpack_any512(const int t, const uint8_t *base, int bytes, int c) {
-    const __m512i low4 = _mm512_set1_epi16(0x0f);
-    if (t == T_Q4_K || t == T_Q5_K) {
-        const __m512i w = _mm512_and_si512(_mm512_srli_epi16(zx32(base + (t == T_Q4_K ? 16 : 48) + 32 * (c / 2)), 4 * (c % 2)), low4);
-        return t == T_Q5_K ? _mm512_mask_add_epi16(w, bit_mask(base + 16, c), w, _mm512_set1_epi16(16)) : w;
-    }
-    if (t == T_Q6_K) {
-        const int n = c / 4, k = c % 4;
-        const int8_t *sc = (const int8_t *)(base + 192) + 8 * n + 2 * k;
-        const __m512i lo = _mm512_and_si512(_mm512_srli_epi16(zx32(base + 64 * n + 32 * (k & 1)), 4 * (k >> 1)), low4);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(zx32(base + 128 + 32 * n), 2 * k), _mm512_set1_epi16(3));
-        const __m512i q = _mm512_sub_epi16(_mm512_or_si512(lo, _mm512_slli_epi16(hi, 4)), _mm512_set1_epi16(32));
-        return _mm512_mullo_epi16(q, _mm512_inserti64x4(_mm512_set1_epi16(sc[0]), _mm256_set1_epi16(sc[1]), 1));
-    }
-    return unpack512(t, base, bytes, c);
-}
-
-/* Chunks b0..b1-1 (b0 a multiple of 8; b1 one too, or nb) of weight rows 0..cols-1 (cols <= PC) unpacked into
- * w [b1 - b0][PC][32] int16 (chunk by chunk, the rows side by side), their scales and offsets into S, O, O2
- * [b1 - b0][PC] (O2: Q2_K's second-half offsets); rows past cols are zeros. */
+/* The nb chunks of weight rows 0..cols-1 (cols <= PC) unpacked into w [nb][PC][32] int16 (chunk by chunk, the rows
+ * side by side), their scales and offsets into S, O, O2 [nb][PC] (O2: Q2_K's second-half offsets); rows past cols
+ * are zeros. */
 static inline __attribute__((always_inline)) void panel_unpack(const int t, const uint8_t *weights, int64_t row_bytes,
-                                                               int64_t nb, int64_t b0, int64_t b1, int cols,
-                                                               int16_t *w, float *S, float *O, float *O2) {
+                                                               int64_t nb, int cols, int16_t *w, float *S, float *O,
+                                                               float *O2) {
     const int block = TRAITS[t].block, bytes = TRAITS[t].bytes, chunks = block / QK;
-    const int64_t whole = nb / 8 * 8, g1 = (b1 < whole ? b1 : whole) / 8; /* groups of 8 chunks, then a tail */
+    const int64_t groups = nb / 8; /* groups of 8 chunks, then (rows of 576) a tail */
     if (cols < PC)
-        for (int64_t b = 0; b < b1 - b0; b++) {
+        for (int64_t b = 0; b < nb; b++) {
             memset(w + (b * PC + cols) * QK, 0, sizeof(int16_t) * QK * (size_t)(PC - cols));
             for (int c = cols; c < PC; c++) S[b * PC + c] = O[b * PC + c] = O2[b * PC + c] = 0.0f;
         }
     for (int c = 0; c < cols; c++) {
         const uint8_t *row = weights + c * row_bytes;
-        for (int64_t g = b0 / 8; g < g1; g++) {
+        for (int64_t g = 0; g < groups; g++) {
             const uint8_t *base = row + (chunks == 8 ? g * bytes : 8 * g * bytes);
             /* the next panel's same bytes, meanwhile: from memory its rows would wait on every read */
             for (int o = 0; o < (chunks == 8 ? bytes : 8 * bytes); o += 64) __builtin_prefetch(base + PC * row_bytes + o);
@@ -1073,10 +1035,10 @@ static inline __attribute__((always_inline)) void panel_unpack(const int t, cons
             _mm256_storeu_ps(Og, offsets);
 #pragma GCC unroll 8
             for (int ci = 0; ci < 8; ci++) {
-                const int64_t b = 8 * g + ci - b0;
+                const int64_t b = 8 * g + ci;
                 const uint8_t *x = chunks == 8 ? base : base + ci * bytes;
                 const int cc = chunks == 8 ? ci : 0;
-                _mm512_storeu_si512((void *)(w + (b * PC + c) * QK), unpack_any512(t, base, bytes, ci));
+                _mm512_storeu_si512((void *)(w + (b * PC + c) * QK), unpack512(t, base, bytes, ci));
                 S[b * PC + c] = Sg[ci], O[b * PC + c] = Og[ci];
                 if (t == T_Q2_K) { /* -dmin x each half's 4-bit min */
                     O[b * PC + c] = -f16_at(x + 82) * (float)(x[2 * cc] >> 4);
@@ -1084,61 +1046,62 @@ static inline __attribute__((always_inline)) void panel_unpack(const int t, cons
                 }
             }
         }
-        for (int64_t b = b0 > whole ? b0 : whole; b < b1; b++) { /* 32-weight formats only (rows of 576) */
+        for (int64_t b = groups * 8; b < nb; b++) { /* 32-weight formats only (rows of 576) */
             const uint8_t *x = row + b * bytes;
-            S[(b - b0) * PC + c] = chunk_scale(t, x, 0, &O[(b - b0) * PC + c]);
-            _mm512_storeu_si512((void *)(w + ((b - b0) * PC + c) * QK), unpack_any512(t, x, bytes, 0));
+            S[b * PC + c] = chunk_scale(t, x, 0, &O[b * PC + c]);
+            _mm512_storeu_si512((void *)(w + (b * PC + c) * QK), unpack512(t, x, bytes, 0));
         }
     }
 }
 
-/* n chunks of a panel (w, S, O, O2 of panel_unpack) against one group of 8 activation rows (a, d, s, lo of that
- * group at the same chunk): f[c] += the 8 rows' products with weight row c. */
+/* A panel (w, S, O, O2 of panel_unpack, n chunks) against one group of 8 activation rows (a, d, s, lo of that
+ * group): out[c] += the 8 rows' products with weight row c (zeroed by the caller: zeroing them here measured ~15%
+ * slower at 8 rows on Zen 4; the code GCC made was not examined). */
 static inline __attribute__((always_inline)) void panel_kernel(const int t, const int16_t *w, const float *S,
                                                                const float *O, const float *O2, int64_t n,
                                                                const int32_t *a, const float *d, const float *s,
-                                                               const float *lo, VF *out) {
+                                                               const float *lo, __m256 *out) {
     const int has_off = t == T_Q4_1 || t == T_Q5_1 || t == T_Q4_K || t == T_Q5_K;
-    VF f[PC];
+    __m256 f[PC];
     for (int c = 0; c < PC; c++) f[c] = out[c];
     for (int64_t b = 0; b < n; b++) {
         const int32_t *ab = a + b * (QK / 2) * PG;
-        const VF db = VF_LOAD(d + b * PG);
-        VI acc[PC];
-        for (int c = 0; c < PC; c++) acc[c] = VI_ZERO();
+        const __m256 db = _mm256_loadu_ps(d + b * PG);
+        __m256i acc[PC];
+        for (int c = 0; c < PC; c++) acc[c] = _mm256_setzero_si256();
 #pragma GCC unroll 16
         for (int p = 0; p < QK / 2; p++) {
             if (t == T_Q6_K && p == QK / 4) /* the first 16 products, before an int32 could overflow */
                 for (int c = 0; c < PC; c++) {
-                    f[c] = VF_FMA(VF_CVT(acc[c]), VF_MUL(db, VF_SET1(S[b * PC + c])), f[c]);
-                    acc[c] = VI_ZERO();
+                    f[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[c]), _mm256_mul_ps(db, _mm256_set1_ps(S[b * PC + c])), f[c]);
+                    acc[c] = _mm256_setzero_si256();
                 }
-            const VI av = VI_LOAD(ab + p * PG);
+            const __m256i av = _mm256_loadu_si256((const __m256i *)(ab + p * PG));
             for (int c = 0; c < PC; c++) {
                 int32_t pair;
                 memcpy(&pair, w + (b * PC + c) * QK + 2 * p, 4);
-                acc[c] = VI_DPW(acc[c], av, VI_SET1(pair));
+                acc[c] = _mm256_dpwssd_epi32(acc[c], av, _mm256_set1_epi32(pair));
             }
         }
         for (int c = 0; c < PC; c++)
-            f[c] = VF_FMA(VF_CVT(acc[c]), VF_MUL(db, VF_SET1(S[b * PC + c])), f[c]);
+            f[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[c]), _mm256_mul_ps(db, _mm256_set1_ps(S[b * PC + c])), f[c]);
         if (has_off) {
-            const VF sb = VF_LOAD(s + b * PG);
-            for (int c = 0; c < PC; c++) f[c] = VF_FMA(sb, VF_SET1(O[b * PC + c]), f[c]);
+            const __m256 sb = _mm256_loadu_ps(s + b * PG);
+            for (int c = 0; c < PC; c++) f[c] = _mm256_fmadd_ps(sb, _mm256_set1_ps(O[b * PC + c]), f[c]);
         } else if (t == T_Q2_K) { /* each half's offset times its half's sum */
-            const VF first = VF_LOAD(lo + b * PG), second = VF_SUB(VF_LOAD(s + b * PG), first);
+            const __m256 first = _mm256_loadu_ps(lo + b * PG), second = _mm256_sub_ps(_mm256_loadu_ps(s + b * PG), first);
             for (int c = 0; c < PC; c++)
-                f[c] = VF_FMA(second, VF_SET1(O2[b * PC + c]), VF_FMA(first, VF_SET1(O[b * PC + c]), f[c]));
+                f[c] = _mm256_fmadd_ps(second, _mm256_set1_ps(O2[b * PC + c]), _mm256_fmadd_ps(first, _mm256_set1_ps(O[b * PC + c]), f[c]));
         }
     }
     for (int c = 0; c < PC; c++) out[c] = f[c];
 }
 
 /* Rows g * PG .. of y, columns n..n + cols - 1, from the sums f of panel_kernel. */
-static inline void panel_store(const VF *f, int64_t M, int64_t g, float *y, int64_t ldy, int64_t n, int cols,
+static inline void panel_store(const __m256 *f, int64_t M, int64_t g, float *y, int64_t ldy, int64_t n, int cols,
                                int accumulate) {
     float o[PC][PG];
-    for (int c = 0; c < PC; c++) VF_STORE(o[c], f[c]);
+    for (int c = 0; c < PC; c++) _mm256_storeu_ps(o[c], f[c]);
     const int rows = M - g * PG < PG ? (int)(M - g * PG) : PG;
     for (int i = 0; i < rows; i++) {
         float *yr = y + (g * PG + i) * ldy + n;
@@ -1160,10 +1123,10 @@ typedef void (*panel_fn)(const uint8_t *, int64_t, int64_t, const panel_rows *, 
         for (int64_t n = n0; n < n1; n += PC) {                                                                     \
             const int cols = n1 - n < PC ? (int)(n1 - n) : PC;                                                      \
             const uint8_t *wn = weights + n * row_bytes;                                                            \
-            panel_unpack(T, wn, row_bytes, nb, 0, nb, cols, w, S, O, O2);                                           \
+            panel_unpack(T, wn, row_bytes, nb, cols, w, S, O, O2);                                           \
             for (int64_t g = 0; g < groups; g++) {                                                                  \
-                VF f[PC];                                                                                           \
-                for (int c = 0; c < PC; c++) f[c] = VF_ZERO();                                                      \
+                __m256 f[PC];                                                                                       \
+                for (int c = 0; c < PC; c++) f[c] = _mm256_setzero_ps();                                            \
                 panel_kernel(T, w, S, O, O2, nb, r->a + g * (K / 2) * PG, r->d + g * nb * PG, r->s + g * nb * PG,   \
                              r->lo + g * nb * PG, f);                                                               \
                 panel_store(f, M, g, y, ldy, n, cols, accumulate);                                                  \
