@@ -31,7 +31,7 @@ NATIVE_MAX_ROWS = 32
 # The GEMM dtype of a float32 model's many-row products: float32 on every CPU, so that a float32 model's prompt
 # log-probabilities stay those of float32 arithmetic (within the 1e-3 of transformers' that the reference tests hold).
 # bfloat16 is asked for (`prefill_dtype="bfloat16"`, `--prefill-dtype bfloat16`): where the CPU multiplies it natively
-# (AMX, AVX-512 BF16) it is ~2x faster, at a measured cost (README, "Kernel paths").
+# (AMX, AVX-512 BF16) it is ~2x faster, at a measured cost (docs/models.md, "bfloat16 prefill").
 DEFAULT_PREFILL_DTYPE = torch.float32
 
 
@@ -43,7 +43,9 @@ class QLinear(nn.Module):
         super().__init__()
         t = type_of(qtype)
         if blocks.dtype != torch.uint8 or blocks.dim() != 2:
-            raise ValueError(f"QLinear takes a uint8 matrix of {qtype} blocks, got {blocks.dtype} {tuple(blocks.shape)}")
+            raise ValueError(
+                f"QLinear takes a uint8 matrix of {qtype} blocks, got {blocks.dtype} {tuple(blocks.shape)}"
+            )
         if in_features % t.block or blocks.shape[1] != t.row_bytes(in_features):
             raise ValueError(f"{qtype} blocks {tuple(blocks.shape)} do not hold rows of {in_features} weights")
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
@@ -113,3 +115,25 @@ class QEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.blocks.shape[0]} x {self.dim}, {self.qtype}"
+
+
+def use_kernels(model: nn.Module, path: str | None = None, prefill_dtype: torch.dtype | None = None) -> str | None:
+    """Every native block projection of `model` on the kernels of `path` (lamina.kernels.PATHS; None: the best this
+    CPU runs), its many-row products of float32 inputs in `prefill_dtype` (float32 or bfloat16; None: float32,
+    lamina.quant.linear.DEFAULT_PREFILL_DTYPE). Returns the path now in use, or None where the model
+    has no native projection. Raises RuntimeError for a path this CPU cannot run."""
+    if prefill_dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"prefill products run in float32 or bfloat16, not {prefill_dtype}")
+    chosen = kernels.get(path)
+    prefill_dtype = prefill_dtype or DEFAULT_PREFILL_DTYPE
+    used = None
+    for module in model.modules():
+        if isinstance(module, QLinear) and module.native:
+            module.kernels, module.prefill_dtype, used = chosen, prefill_dtype, chosen.path
+    return used
+
+
+def kernel_path(model: nn.Module) -> str | None:
+    """The kernel path of `model`'s native block projections (None where it has none)."""
+    paths = {m.kernels.path for m in model.modules() if isinstance(m, QLinear) and m.native}
+    return paths.pop() if len(paths) == 1 else ("mixed" if paths else None)
