@@ -29,10 +29,12 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 KEY = "test-key-123"
 
-pytestmark = pytest.mark.skipif(
-    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
-)
+if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):  # one line in pytest's summary for the module
+    pytest.skip(
+        "the chat page's browser tests need Chromium: apt-get install chromium chromium-driver (as root; .ci/run "
+        "does; docs/testing.md)",
+        allow_module_level=True,
+    )
 
 
 def _start(tmp_path_factory, *extra: str):
@@ -73,6 +75,7 @@ def server(tmp_path_factory):
 def browser():
     options = Options()
     options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, read by _wait_idle
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -96,14 +99,19 @@ def _set(browser, field: str, value) -> None:
 
 
 def _send(browser, text: str) -> None:
+    browser.get_log("browser")  # what the console said before this message is not this reply's
     box = browser.find_element(By.ID, "input")
     box.send_keys(text)
     box.send_keys(Keys.ENTER)
 
 
 def _wait_idle(browser, timeout: float = 120) -> None:
-    """Until the reply has ended: the send button is back."""
+    """Until the reply has ended (the send button is back), which it did without an error: none shown in the page,
+    none in its console since the message was sent."""
     WebDriverWait(browser, timeout).until(lambda d: d.find_element(By.ID, "send").is_displayed())
+    assert browser.find_element(By.ID, "error").text == ""
+    errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    assert not errors, errors
 
 
 def _stored(browser) -> list[dict]:
@@ -180,6 +188,22 @@ def test_a_reply_streams_token_by_token_with_its_counts_and_survives_a_reload(se
     assert not browser.find_elements(By.CSS_SELECTOR, "#messages .message") and _stored(browser) == []
     # The server logged the page's request: its route, its tokens, its finish.
     assert re.search(r"POST /v1/chat/completions 200 prompt_tokens=\d+ completion_tokens=%d " % tokens, log.read_text())
+
+
+def test_a_long_reply_ends_as_cleanly_as_a_short_one(server, browser, tmp_path):
+    url, _ = server
+    _open(browser, url)
+    _set(browser, "temperature", 0)
+    _set(browser, "max-tokens", 320)
+    question = "Write a long story about a lighthouse keeper and a storm, in three chapters."
+    _send(browser, question)
+    _wait_idle(browser)  # no error in the page or its console
+    expected = _api_reply(url, [{"role": "user", "content": question}], temperature=0, max_tokens=320)
+    stored = _stored(browser)
+    assert stored[-1]["content"] == expected
+    stats = stored[-1]["stats"]
+    assert stats["completion_tokens"] >= 200 and not stats["ended_early"] and not stats["stopped"], stats
+    _screenshot(browser, tmp_path, "long-reply")
 
 
 def test_stop_aborts_the_request_on_the_server(server, browser, tmp_path):

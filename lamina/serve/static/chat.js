@@ -388,8 +388,9 @@ async function send() {
     const decoder = new TextDecoder();
     let buffer = "";
     for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
+      const read = await reader.read();  // not destructured: `done` above is the stream's [DONE]
+      if (read.done) break;
+      const value = read.value;
       buffer += decoder.decode(value, { stream: true });
       const events = buffer.split("\n");
       buffer = events.pop();
