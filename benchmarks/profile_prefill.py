@@ -7,10 +7,11 @@ token). The products alone run every projection of the loaded model in model ord
 the prefill does (the output projection with one row: only the last position's logits are computed), each split into
 its two halves: the block matrix dequantized for the call (`QLinear.dequantized`, the prefill's dtype) and PyTorch's
 GEMM on it (the layer's whole call less the dequantizing). Each figure is the best of 2 calls, so the products
-measured alone can come out a few percent above the pass they belong to (the difference is then negative). What is left is the pass's own work (attention, norms, rotary embedding, the embedding lookup). Beside
-them: the GEMM's rate in floating-point operations a second, and, for comparison, the same products through lamina's
-int16 kernels (the panels on AVX-512: the decode kernels given every row, which prefill does not take by default,
-since int16 activations move prompt log-probabilities past float32's; see README, "Kernel paths").
+measured alone can come out a few percent above the pass they belong to (the difference is then negative). What is
+left is the pass's own work (attention, norms, rotary embedding, the embedding lookup). Beside them: the GEMM's rate
+in floating-point operations a second, and, for comparison, the same products through lamina's int16 kernels (the
+panels on AVX-512: the decode kernels given every row, which prefill does not take by default, since int16
+activations move prompt log-probabilities past float32's; see docs/models.md, "Kernel paths").
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def load(
     `max_step_tokens`: tokens one engine step runs at most (prompts are cut into chunks that fit). `prefix_caching`:
     a prompt that begins as an earlier one did reuses its cached KV blocks (lamina.engine.blocks). `kv_cache_dtype`:
     "auto" (the model's dtype), "f32", "f16", "bf16" or "q8_0" (lamina.engine.kv_cache); None: "auto". (f16 halves
-    a float32 cache for a small cost, measured in the README, but one beyond the 1e-3 that lamina's logprobs keep
+    a float32 cache for a small cost, measured in docs/kv-cache.md, but one beyond the 1e-3 that lamina's logprobs keep
     to transformers': so it is asked for, not the default.)
     Block weights on the CPU: `kernel_path` forces one of lamina.kernels.PATHS that this CPU runs (None: its best),
     `prefill_dtype` ("float32" or "bfloat16"; None: float32, exact; bfloat16 is ~2x faster where the CPU has AMX or

@@ -2,8 +2,10 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +52,19 @@ def test_generate_json_equals_the_python_api(smol):
     assert result["text"] == smol.tokenizer.decode(expected.tokens)
     assert result["logprobs"] == pytest.approx(expected.logprobs, abs=1e-4)
     assert result["finish_reason"] == expected.finish_reason
+
+
+def test_the_readmes_first_command_answers_right():
+    """README command 1's question to the default model, asked as the README asks it: the reply names Paris (greedy,
+    so it does by the model's own most likely tokens, not by a lucky seed)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    first = next(line for line in readme.splitlines() if line.startswith("python3 -m venv"))
+    command = next(part.strip() for part in first.split("&&") if part.strip().startswith("lamina "))
+    args = shlex.split(command)[1:]
+    assert "--temperature" in args and args[args.index("--temperature") + 1] == "0", command
+    out = run(*args)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout, out.stdout
 
 
 def test_generate_streams_text_from_stdin_and_chat(smol):

@@ -79,7 +79,8 @@ class Sampler:
     def prepare(self, requests: Sequence[Request]) -> None:
         """Start filling the masks of the constrained requests among those that sample next, to overlap the forward
         pass, when that runs on an accelerator. On the CPU the forward pass has every core, and a mask filled beside
-        it slows it more than the mask costs after it (README, "Speed": `bench_structured.py --overlap`)."""
+        it slows it more than the mask costs after it (docs/benchmarks.md, "Structured output":
+        `bench_structured.py --overlap`)."""
         self._pending = None
         constrained = [r for r in requests if r.matcher is not None] if self.overlap else []
         if constrained:
