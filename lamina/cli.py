@@ -53,10 +53,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prefill-dtype",
-        choices=["float32", "bfloat16"],
+        choices=["int16", "float32", "bfloat16"],
         default=None,
-        help="the GEMM dtype of prompt processing with GGML-block weights on the CPU (default float32, exact; "
-        "bfloat16 is about 2x faster on CPUs with AVX-512 BF16 or AMX, with slightly different log-probabilities)",
+        help="the arithmetic of prompt processing with GGML-block weights on the CPU: int16 (lamina's kernels over "
+        "the blocks; the default on AVX-512, ~2x float32), float32 (exact float32 log-probabilities; the default "
+        "elsewhere) or bfloat16 (~2x float32 on CPUs with AVX-512 BF16 or AMX)",
     )
     p.add_argument(
         "--kv-cache-dtype",

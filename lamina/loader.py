@@ -17,7 +17,7 @@ from lamina.errors import ConfigError, TokenizerError, WeightsError
 from lamina.llama import Llama, check_seed
 from lamina.model import ModelConfig
 from lamina.quant import MODES as QUANT_MODES
-from lamina.quant import build_model, use_kernels
+from lamina.quant import PREFILL_DTYPES, build_model, use_kernels
 from lamina.tokenizer import ChatTemplate, HFTokenizer, Llama3Tokenizer, tokenizer_from_gguf
 from lamina.tokenizer.hf import read_tokenizer_config, special_token_strings
 from lamina.weights import load_gguf, load_hf_checkpoint, load_meta_checkpoint
@@ -112,8 +112,10 @@ def load(
     a float32 cache for a small cost, measured in docs/kv-cache.md, but one beyond the 1e-3 that lamina's logprobs keep
     to transformers': so it is asked for, not the default.)
     Block weights on the CPU: `kernel_path` forces one of lamina.kernels.PATHS that this CPU runs (None: its best),
-    `prefill_dtype` ("float32" or "bfloat16"; None: float32, exact; bfloat16 is ~2x faster where the CPU has AMX or
-    AVX-512 BF16) the GEMM of many-row products (lamina.quant.use_kernels).
+    `prefill_dtype` the arithmetic of many-row products (lamina.quant.linear.PREFILL_DTYPES): "int16" (lamina's
+    kernels over the blocks; None's choice on AVX-512, ~2x float32 there), "float32" (dequantize + float32 GEMM:
+    float32's log-probabilities; None's choice elsewhere) or "bfloat16" (~2x float32 where the CPU has AMX or
+    AVX-512 BF16).
     `tensor_parallel_size` > 1 runs the model across that many processes started by torchrun (None: as many as the
     launch has, 1 outside one), each rank holding its share of the heads and hidden units (lamina.parallel).
     `progress(done, total)` is called while weights are read."""
@@ -210,9 +212,9 @@ def _check_kernels(path: str | None, prefill_dtype, native: bool) -> torch.dtype
     if prefill_dtype is None or isinstance(prefill_dtype, torch.dtype):
         found = prefill_dtype
     else:
-        found = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(str(prefill_dtype))
-    if prefill_dtype is not None and found not in (torch.float32, torch.bfloat16):
-        raise ConfigError(f"prefill_dtype must be 'float32' or 'bfloat16', not {prefill_dtype!r}")
+        found = {"int16": torch.int16, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(str(prefill_dtype))
+    if prefill_dtype is not None and found not in PREFILL_DTYPES:
+        raise ConfigError(f"prefill_dtype must be 'int16', 'float32' or 'bfloat16', not {prefill_dtype!r}")
     return found
 
 

@@ -16,13 +16,14 @@ from lamina.quant.build import (
     is_projection,
     quantized_modules,
 )
-from lamina.quant.linear import QEmbedding, QLinear, kernel_path, use_kernels
+from lamina.quant.linear import PREFILL_DTYPES, QEmbedding, QLinear, kernel_path, use_kernels
 from lamina.quant.report import describe, weight_types
 
 __all__ = [
     "FALLBACK",
     "FORMAT_MODES",
     "MODES",
+    "PREFILL_DTYPES",
     "Blocks",
     "QEmbedding",
     "QLinear",

@@ -20,19 +20,28 @@ from lamina import kernels
 from lamina.kernels.types import type_of
 from lamina.quant import ggml
 
-# Rows up to which the native kernel runs a product; more go to dequantize + GEMM. On SmolLM2 shapes, 2 cores of an AVX2
-# EPYC (Zen 3), the register-tiled int16 kernel beats dequantize + float32 GEMM per product up to ~128 rows and a whole
-# prefill up to ~64 tokens (64: 248 against 227 tok/s; 128: 277 against 310), but scoring a prompt through it moves
-# log-probabilities by up to ~1.4e-3 from float32 (int16 activations, 30 layers), past what the reference tests allow
-# against transformers; the float GEMM keeps prompt scoring exact, so many-row products stay there.
+# Rows up to which the native kernel runs a product whatever the prefill's arithmetic (decode: a row a sequence); more
+# go where the layer's `prefill_dtype` says. On SmolLM2 shapes, 2 cores of an AVX2 EPYC (Zen 3), the register-tiled
+# int16 kernel beats dequantize + float32 GEMM per product up to ~128 rows and a whole prefill up to ~64 tokens (64:
+# 248 against 227 tok/s; 128: 277 against 310); on AVX-512 the panels beat it at every row count (512 rows of a 1B
+# model's products: ~300 G operations/s against float32's ~170, benchmarks/profile_prefill.py).
 NATIVE_MAX_ROWS = 32
 
+# The arithmetic of a float32 model's many-row products (prefill):
+#   int16     lamina's kernels over the blocks (activations int16 with a float scale per 32, exact integer sums: the
+#             decode kernels given every row; no float copy of the weights): on AVX-512, where the panels run them
+#             near the CPU's bfloat16 GEMM rate, the default there for the integer formats. Prompt log-probabilities
+#             move from float32's by ~1e-3 (tests/quant/test_kernels.py bounds it);
+#   float32   each block matrix dequantized for the call and PyTorch's float32 GEMM: float32's log-probabilities
+#             (within the 1e-3 of transformers' that the reference tests hold), the default elsewhere;
+#   bfloat16  the same in bfloat16, asked for: ~2x float32 where the CPU multiplies it natively (AMX, AVX-512 BF16),
+#             at a measured cost (docs/models.md, "bfloat16 prefill").
+PREFILL_DTYPES = (torch.int16, torch.float32, torch.bfloat16)
 
-# The GEMM dtype of a float32 model's many-row products: float32 on every CPU, so that a float32 model's prompt
-# log-probabilities stay those of float32 arithmetic (within the 1e-3 of transformers' that the reference tests hold).
-# bfloat16 is asked for (`prefill_dtype="bfloat16"`, `--prefill-dtype bfloat16`): where the CPU multiplies it natively
-# (AMX, AVX-512 BF16) it is ~2x faster, at a measured cost (docs/models.md, "bfloat16 prefill").
-DEFAULT_PREFILL_DTYPE = torch.float32
+
+def default_prefill_dtype(qtype: str, path: str | None) -> torch.dtype:
+    """The prefill arithmetic a `qtype` projection gets on kernel `path` (None: no native kernel) by default."""
+    return torch.int16 if path == "avx512" and type_of(qtype).family != "float" else torch.float32
 
 
 class QLinear(nn.Module):
@@ -52,8 +61,8 @@ class QLinear(nn.Module):
         self.register_buffer("blocks", blocks.contiguous())
         # The native kernels' best path for this CPU (None: no native kernel here); `use_kernels` picks another.
         self.kernels = kernels.get() if blocks.device.type == "cpu" and kernels.available() else None
-        # A float32 input's many-row products run in this dtype (see DEFAULT_PREFILL_DTYPE; lamina.quant.use_kernels)
-        self.prefill_dtype = DEFAULT_PREFILL_DTYPE
+        # A float32 input's many-row products run in this arithmetic (PREFILL_DTYPES; lamina.quant.use_kernels)
+        self.prefill_dtype = default_prefill_dtype(qtype, self.kernels.path if self.kernels else None)
         self._qtype_id = kernels.QTYPES[qtype]
 
     @property
@@ -73,13 +82,13 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if self.native and x2.shape[0] <= NATIVE_MAX_ROWS:
+        if self.native and (x2.shape[0] <= NATIVE_MAX_ROWS or self.prefill_dtype == torch.int16):
             if torch.compiler.is_compiling():  # compiled graphs hold the kernel as one opaque operator
                 y = torch.ops.lamina.qmatmul(x2.float(), self.blocks, self.qtype, self.out_features, self.kernels.path)
             else:  # eager calls go straight to it: every microsecond counts at one token a step
                 y = self.kernels.run(self._qtype_id, self.blocks, self.out_features, x2.float().contiguous())
             y = y.to(x.dtype)
-        elif x.dtype == torch.float32 and self.prefill_dtype != torch.float32:
+        elif x.dtype == torch.float32 and self.prefill_dtype == torch.bfloat16:
             y = F.linear(x2.to(self.prefill_dtype), self.dequantized(self.prefill_dtype)).to(x.dtype)
         else:
             y = F.linear(x2, self.dequantized(x.dtype))
@@ -119,17 +128,20 @@ class QEmbedding(nn.Module):
 
 def use_kernels(model: nn.Module, path: str | None = None, prefill_dtype: torch.dtype | None = None) -> str | None:
     """Every native block projection of `model` on the kernels of `path` (lamina.kernels.PATHS; None: the best this
-    CPU runs), its many-row products of float32 inputs in `prefill_dtype` (float32 or bfloat16; None: float32,
-    lamina.quant.linear.DEFAULT_PREFILL_DTYPE). Returns the path now in use, or None where the model
-    has no native projection. Raises RuntimeError for a path this CPU cannot run."""
-    if prefill_dtype not in (None, torch.float32, torch.bfloat16):
-        raise ValueError(f"prefill products run in float32 or bfloat16, not {prefill_dtype}")
+    CPU runs), its many-row products of float32 inputs in `prefill_dtype` (PREFILL_DTYPES: int16, float32 or
+    bfloat16; None: `default_prefill_dtype` for each projection's format on that path). int16 is taken by the integer
+    formats only (16-bit float matrices keep the GEMM, in float32). Returns the path now in use, or None where the
+    model has no native projection. Raises RuntimeError for a path this CPU cannot run."""
+    if prefill_dtype is not None and prefill_dtype not in PREFILL_DTYPES:
+        raise ValueError(f"prefill products run in int16, float32 or bfloat16, not {prefill_dtype}")
     chosen = kernels.get(path)
-    prefill_dtype = prefill_dtype or DEFAULT_PREFILL_DTYPE
     used = None
     for module in model.modules():
         if isinstance(module, QLinear) and module.native:
-            module.kernels, module.prefill_dtype, used = chosen, prefill_dtype, chosen.path
+            dtype = prefill_dtype or default_prefill_dtype(module.qtype, chosen.path)
+            if dtype == torch.int16 and type_of(module.qtype).family == "float":
+                dtype = torch.float32
+            module.kernels, module.prefill_dtype, used = chosen, dtype, chosen.path
     return used
 
 

@@ -30,7 +30,9 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def smol(gguf_path):
-    return lamina.load(gguf_path, device="cpu", dtype="float32", max_seq_len=512)
+    # float32 semantics against transformers' float32, so the prefill asks for float32 (on AVX-512 the default is
+    # lamina's int16 kernels, bounded against float32 in tests/quant/test_kernels.py)
+    return lamina.load(gguf_path, device="cpu", dtype="float32", max_seq_len=512, prefill_dtype="float32")
 
 
 @pytest.fixture(scope="module")
