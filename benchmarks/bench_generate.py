@@ -166,7 +166,7 @@ class LaminaEngine:
             m.in_features * m.out_features for m in layers if hasattr(m, "in_features")
         )
         self.info["attention_flops"] = 4 * c.n_layers * c.n_heads * c.head_dim / 2  # times L^2
-        gemm = next(iter(prefill)).removeprefix("torch.")
+        gemm = "int16" if "torch.int16" in prefill else next(iter(prefill)).removeprefix("torch.")
         # lamina's int16 kernels are held to the rate of the bfloat16 GEMM, the fastest this CPU's PyTorch has
         self.info["gemm_dtype"] = "bfloat16" if gemm == "int16" else gemm
         self.info["gemm_peak"] = gemm_rate(self.info["gemm_dtype"], c.dim, c.hidden_dim)

@@ -102,7 +102,7 @@ def load(
     max_seq_len: the model's
     context length, at most 4096, unless given. quantize: "none" (every weight in `dtype`), "gguf" (a GGUF's
     Q8_0/Q4_0/Q4_1 matrices as the file stores them), "int8" (Q8_0 blocks) or "int4" (Q4_1 blocks), see
-    lamina.quant; None chooses: "gguf" for a GGUF file on the CPU when lamina's native kernels build, else "none".
+    lamina.quant.build; None chooses: "gguf" for a GGUF file on the CPU when lamina's native kernels build, else "none".
     compile: compile the decode step with torch.compile (the first steps take minutes; later ones are faster).
     The one KV cache (for offline calls and serving alike): blocks of `block_size` positions (None: a row of
     max_seq_len a sequence) from `kv_cache_memory` bytes (None: room for max_batch_size sequences of max_seq_len);

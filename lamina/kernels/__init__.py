@@ -6,9 +6,9 @@ C for any CPU, AVX2, AVX-512 with VNNI) and the process picks the best one the C
 time with cpuid and xgetbv (`cpu.c`, built for the architecture's baseline) rather than taken from the build host's
 -march=native. `get(path)` returns the kernels of one path (None: the best), so tests and callers can force any path
 this CPU runs; a path it cannot run is refused with the reason, never executed. AMX and AVX-512 BF16 are reported
-too (`cpu_features()`): lamina's C has no tile code, and the prefill product on such CPUs is oneDNN's bfloat16
-matmul through PyTorch (lamina.quant), which asks Linux for the tile state itself and loads its tile configuration
-in every call.
+too (`cpu_features()`): lamina's C has no tile code; prefill on AVX-512 runs lamina's int16 panels, and bfloat16
+prefill, when asked for, is oneDNN's bfloat16 matmul through PyTorch (lamina.quant), which asks Linux for the tile
+state itself and loads its tile configuration in every call.
 
 Libraries are compiled on first use with the machine's C compiler and cached (under $LAMINA_CACHE_DIR, else
 $XDG_CACHE_HOME/lamina, else ~/.cache/lamina) by a hash of the source, the flags and the compiler, so later processes

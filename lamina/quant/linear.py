@@ -1,13 +1,12 @@
 """Layers over GGML-block weights: a linear projection and an embedding table (which a tied output projection shares).
 
 On the CPU a product with few rows (decode: one row per running sequence) goes to lamina's native kernel, which reads
-each block once and multiplies in integers (lamina.kernels); a product with many rows (prefill) is compute-bound, so the
-weight is dequantized once for the call and multiplied by PyTorch's GEMM: in bfloat16 on CPUs with AMX or AVX-512
-BF16 (oneDNN runs it on the tiles / `vdpbf16ps`: ~990 against ~246 GFLOP/s for float32 at 512 rows on a 2-core
-Sapphire Rapids, per shared/PERF-NOTES.md, not measured by lamina's own benchmark yet), in float32 elsewhere
-(bfloat16 is emulated without them). A float32 model's residual stream stays float32 either way; only the product's
-inputs and output are rounded (tests bound the cost). Without the native kernel (no compiler, or CUDA) every product
-dequantizes: correct, and slower.
+each block once and multiplies in integers (lamina.kernels). A product with many rows (prefill) of a float32 model
+takes the layer's `prefill_dtype` (PREFILL_DTYPES below): on AVX-512 the same int16 kernels (the panels, near the
+CPU's bfloat16 GEMM rate, no float copy of the weights), elsewhere the weight dequantized once for the call and
+PyTorch's float32 GEMM, or its bfloat16 GEMM when asked for. A float32 model's residual stream stays float32 either
+way; only the product's inputs and output are rounded (tests bound the cost). A bfloat16 model's many-row products are
+a bfloat16 GEMM. Without the native kernel (no compiler, or CUDA) every product dequantizes: correct, and slower.
 """
 
 from __future__ import annotations
@@ -82,7 +81,8 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if self.native and (x2.shape[0] <= NATIVE_MAX_ROWS or self.prefill_dtype == torch.int16):
+        many = x2.shape[0] > NATIVE_MAX_ROWS
+        if self.native and (not many or (self.prefill_dtype == torch.int16 and x.dtype == torch.float32)):
             if torch.compiler.is_compiling():  # compiled graphs hold the kernel as one opaque operator
                 y = torch.ops.lamina.qmatmul(x2.float(), self.blocks, self.qtype, self.out_features, self.kernels.path)
             else:  # eager calls go straight to it: every microsecond counts at one token a step

@@ -200,7 +200,7 @@ def _prompt_logprobs(llama, ids) -> list[float]:
 
 
 def test_bfloat16_prefill_costs_within_bounds(fp32):
-    """The bfloat16 GEMM for many-row products (the default where the CPU has AMX or AVX-512 BF16), measured against
+    """The bfloat16 GEMM for many-row products (asked for; where the CPU has AMX or AVX-512 BF16), measured against
     float32 prefill on the same blocks: the held passage's perplexity within 1%, its log-probabilities 0.05 nats
     apart on average and 0.25 at most, the top token the same at 97% of positions or more, and the greedy chat
     replies unchanged. (Measured on the default model: perplexity 7.877 against 7.907, mean 0.021 nats, max 0.154,

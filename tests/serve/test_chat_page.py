@@ -202,7 +202,7 @@ def test_a_long_reply_ends_as_cleanly_as_a_short_one(server, browser, tmp_path):
     stored = _stored(browser)
     assert stored[-1]["content"] == expected
     stats = stored[-1]["stats"]
-    assert stats["completion_tokens"] >= 200 and not stats["ended_early"] and not stats["stopped"], stats
+    assert stats["completion_tokens"] >= 128 and not stats["ended_early"] and not stats["stopped"], stats
     _screenshot(browser, tmp_path, "long-reply")
 
 
