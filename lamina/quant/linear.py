@@ -38,9 +38,13 @@ NATIVE_MAX_ROWS = 32
 PREFILL_DTYPES = (torch.int16, torch.float32, torch.bfloat16)
 
 
-def default_prefill_dtype(qtype: str, path: str | None) -> torch.dtype:
-    """The prefill arithmetic a `qtype` projection gets on kernel `path` (None: no native kernel) by default."""
-    return torch.int16 if path == "avx512" and type_of(qtype).family != "float" else torch.float32
+def prefill_dtype_for(qtype: str, path: str | None, asked: torch.dtype | None = None) -> torch.dtype:
+    """The arithmetic of a `qtype` projection's many-row products on kernel `path` (None: no native kernel): `asked`,
+    or by default int16 where the panels run (avx512) and float32 elsewhere; 16-bit float matrices have no int16
+    kernel, so they keep float32's GEMM."""
+    if asked is None:
+        asked = torch.int16 if path == "avx512" else torch.float32
+    return torch.float32 if asked == torch.int16 and type_of(qtype).family == "float" else asked
 
 
 class QLinear(nn.Module):
@@ -61,7 +65,7 @@ class QLinear(nn.Module):
         # The native kernels' best path for this CPU (None: no native kernel here); `use_kernels` picks another.
         self.kernels = kernels.get() if blocks.device.type == "cpu" and kernels.available() else None
         # A float32 input's many-row products run in this arithmetic (PREFILL_DTYPES; lamina.quant.use_kernels)
-        self.prefill_dtype = default_prefill_dtype(qtype, self.kernels.path if self.kernels else None)
+        self.prefill_dtype = prefill_dtype_for(qtype, self.kernels.path if self.kernels else None)
         self._qtype_id = kernels.QTYPES[qtype]
 
     @property
@@ -81,8 +85,8 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        many = x2.shape[0] > NATIVE_MAX_ROWS
-        if self.native and (not many or (self.prefill_dtype == torch.int16 and x.dtype == torch.float32)):
+        few = x2.shape[0] <= NATIVE_MAX_ROWS
+        if self.native and (few or (self.prefill_dtype == torch.int16 and x.dtype == torch.float32)):
             if torch.compiler.is_compiling():  # compiled graphs hold the kernel as one opaque operator
                 y = torch.ops.lamina.qmatmul(x2.float(), self.blocks, self.qtype, self.out_features, self.kernels.path)
             else:  # eager calls go straight to it: every microsecond counts at one token a step
@@ -129,18 +133,15 @@ class QEmbedding(nn.Module):
 def use_kernels(model: nn.Module, path: str | None = None, prefill_dtype: torch.dtype | None = None) -> str | None:
     """Every native block projection of `model` on the kernels of `path` (lamina.kernels.PATHS; None: the best this
     CPU runs), its many-row products of float32 inputs in `prefill_dtype` (PREFILL_DTYPES: int16, float32 or
-    bfloat16; None: `default_prefill_dtype` for each projection's format on that path). int16 is taken by the integer
-    formats only (16-bit float matrices keep the GEMM, in float32). Returns the path now in use, or None where the
-    model has no native projection. Raises RuntimeError for a path this CPU cannot run."""
+    bfloat16; None: each projection's default on that path; see `prefill_dtype_for`). Returns the path now in use, or
+    None where the model has no native projection. Raises RuntimeError for a path this CPU cannot run."""
     if prefill_dtype is not None and prefill_dtype not in PREFILL_DTYPES:
         raise ValueError(f"prefill products run in int16, float32 or bfloat16, not {prefill_dtype}")
     chosen = kernels.get(path)
     used = None
     for module in model.modules():
         if isinstance(module, QLinear) and module.native:
-            dtype = prefill_dtype or default_prefill_dtype(module.qtype, chosen.path)
-            if dtype == torch.int16 and type_of(module.qtype).family == "float":
-                dtype = torch.float32
+            dtype = prefill_dtype_for(module.qtype, chosen.path, prefill_dtype)
             module.kernels, module.prefill_dtype, used = chosen, dtype, chosen.path
     return used
 
