@@ -470,7 +470,7 @@ def _startup_lines(args, llama, path: Path, name: str, tp) -> None:
     )
     dtype = str(e.dtype).removeprefix("torch.")
     log.info("dtype %s, device %s, weights %s", dtype, e.device, describe(llama.model))
-    log.info("kernel path %s; decode step %s", _kernel_path(llama), _decode_path(llama))
+    log.info("kernel path %s; prefill %s; decode step %s", _kernel_path(llama), _prefill_path(llama), _decode_path(llama))
     pool, kv = llama.core.pool, e.kv_dtype
     kv_name = kv if isinstance(kv, str) else str(kv).removeprefix("torch.")
     tokens = pool.num_blocks * pool.block_size
@@ -542,16 +542,31 @@ def _decode_path(llama) -> str:
     return "PyTorch, compiled" if llama.config.compile else "PyTorch, eager"
 
 
+def _prefill_path(llama) -> str:
+    """Where a prompt's pass runs: the native C step (int16 products over the blocks), or PyTorch's forward (its
+    projections' many-row products in their prefill dtype)."""
+    from lamina.quant import QLinear
+    from lamina.quant.linear import NATIVE_MAX_ROWS
+
+    native = llama.runner.native
+    if native is not None and native.runs_prefill(NATIVE_MAX_ROWS + 1):
+        return "native C step, int16 products over the blocks (lamina/kernels/decode.c)"
+    dtypes = {str(m.prefill_dtype).removeprefix("torch.") for m in llama.model.modules() if isinstance(m, QLinear)}
+    if not dtypes:
+        return "PyTorch"
+    short = f"; prompts of up to {NATIVE_MAX_ROWS} tokens in the native C step" if native is not None else ""
+    return f"PyTorch, products in {', '.join(sorted(dtypes))}{short}"
+
+
 def _kernel_path(llama) -> str:
     from lamina.kernels import cpu_features
-    from lamina.quant import QLinear, kernel_path
+    from lamina.quant import kernel_path
 
     path = kernel_path(llama.model)
     if path is None:
         return "none (no GGML-block weights on the CPU)"
-    prefill = {str(m.prefill_dtype).removeprefix("torch.") for m in llama.model.modules() if isinstance(m, QLinear)}
     features = ", ".join(sorted(cpu_features())) or "baseline only"
-    return f"{path} (CPU: {features}); prefill GEMM in {', '.join(sorted(prefill))}"
+    return f"{path} (CPU: {features})"
 
 
 def _info(args) -> int:
@@ -579,6 +594,7 @@ def _info(args) -> int:
         ("tied embeddings", "yes" if c.tie_embeddings else "no"),
         ("dtype", str(llama.config.dtype).removeprefix("torch.")),
         ("weights", describe(llama.model)),
+        ("prefill", _prefill_path(llama)),
         ("decode step", _decode_path(llama)),
         ("kernel path", _kernel_path(llama)),
         ("device", str(llama.config.device)),

@@ -2,8 +2,10 @@
 
 It computes what `Transformer.forward` computes for a `Decode` batch (same blocks, same int16 activation
 quantization, float32 throughout) without PyTorch's per-operation dispatch, which at one token a step costs about as
-much as reading the weights. The runner uses it where it applies (see `unsupported`) and the PyTorch forward
-everywhere else; prefill always runs in PyTorch. Under tensor parallelism (lamina.parallel) each rank runs it on
+much as reading the weights. A row is a token at a position of a sequence, so the same step takes a prompt's tokens
+as rows of one sequence (`prefill`): each attends causally to the rows before it, through tiles of keys, with its
+norms, rotations and activation function fused in C. The runner uses it where it applies (see `unsupported`, and
+`runs_prefill` for prompts) and the PyTorch forward everywhere else. Under tensor parallelism (lamina.parallel) each rank runs it on
 its shard, and the C step calls back into torch.distributed for the two sums of each layer.
 """
 
@@ -19,6 +21,7 @@ from lamina.engine.kv_cache import KV_TYPE_CODES, KVCache, Q8Cache, padded_table
 from lamina.model import Transformer
 from lamina.parallel import AllReduce
 from lamina.quant import QLinear
+from lamina.quant.linear import NATIVE_MAX_ROWS
 
 
 def _inner(p):
@@ -101,6 +104,7 @@ class NativeDecode:
                 setattr(table, name, t.data_ptr())
                 self._tensors.append(t)
         self._layers = layers
+        self._projections = [p for layer in model.layers for _, p, _ in _matrices(layer)]
         # The logits too, where the output projection is blocks the kernel reads (else model.logits after the step).
         output = model.output if isinstance(model.output, QLinear) and model.output.native else None
         if output is not None and output.kernels.path != self.kernels.path:
@@ -128,6 +132,12 @@ class NativeDecode:
             kv_type=KV_TYPE_CODES[cache.dtype],
         )
         self._logits_in_c = output is not None
+
+    def runs_prefill(self, rows: int) -> bool:
+        """Whether a prefill of `rows` tokens runs here: its products are the step's (int16 activations over the
+        blocks) when every projection's `prefill_dtype` is int16 (the default on AVX-512), and for any projection
+        up to lamina.quant.NATIVE_MAX_ROWS rows (those go to the same kernels in PyTorch too)."""
+        return rows <= NATIVE_MAX_ROWS or all(p.prefill_dtype == torch.int16 for p in self._projections)
 
     def _reduce_callback(self, wo):
         """The C step's sum over the ranks (a null pointer outside tensor parallelism). An exception in it (a rank
@@ -169,20 +179,43 @@ class NativeDecode:
         """As the call, returning (final hidden states [B, dim], logits [B, vocab])."""
         if not (len(tokens) == len(tables) == len(positions)):
             raise ValueError(f"{len(tokens)} tokens, {len(tables)} block tables and {len(positions)} positions")
-        padded = padded_tables(tables)
         packed = torch.tensor([list(tokens), list(positions), [len(t) for t in tables]], dtype=torch.long)
+        return self._run(packed[0], padded_tables(tables), packed[1], packed[2], logits=True)
+
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], tables: Sequence[Sequence[int]], starts: Sequence[int]
+    ) -> torch.Tensor:
+        """Prompts (or later chunks of them) packed as rows of one step, prompt j's tokens at positions starts[j]..
+        of the sequence whose blocks `tables[j]` lists: the rows of one prompt attend causally to each other and to
+        what its blocks hold before starts[j], as `Transformer.forward` with a `Prefill` batch. Returns the final
+        hidden states [sum of lengths, dim] (no logits: the caller projects the rows it samples from)."""
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        positions = torch.cat([torch.arange(s, s + len(p), dtype=torch.long) for s, p in zip(starts, prompts)])
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
+        blocks = torch.tensor([len(t) for t in tables], dtype=torch.long).repeat_interleave(lengths)
+        return self._run(tokens, padded_tables(tables).repeat_interleave(lengths, 0), positions, blocks, logits=False)[0]
+
+    def _run(
+        self, tokens: torch.Tensor, padded: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, logits: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows (token, its sequence's padded block table, position, how many blocks the table has) through the C
+        step: (final hidden states, logits when asked for)."""
         # The C step trusts every address: each position within its own blocks, each block within the cache.
-        if bool(((packed[1] < 0) | (packed[1] >= packed[2] * self.block_size)).any()) or not (
-            0 <= int(padded.min()) and int(padded.max()) < self.num_blocks
-        ):
+        outside = (positions < 0) | (positions >= blocks * self.block_size)
+        outside |= ((padded < 0) | (padded >= self.num_blocks)).any(1)
+        if bool(outside.any()):
+            row = int(outside.nonzero()[0])
             raise ValueError(
-                f"positions {list(positions)} with blocks {[list(t) for t in tables]} are outside the KV cache "
-                f"({self.num_blocks} blocks of {self.block_size} positions)"
+                f"position {int(positions[row])} with blocks {padded[row, : int(blocks[row])].tolist()} is outside "
+                f"the KV cache ({self.num_blocks} blocks of {self.block_size} positions)"
             )
-        h = self.model.tok_embeddings(packed[0]).float().contiguous()
+        h = self.model.tok_embeddings(tokens).float().contiguous()
+        if not logits:
+            self._decode(h, padded.contiguous(), positions.contiguous(), None)
+            return h, None
         if not self._logits_in_c:
-            self._decode(h, padded, packed[1].contiguous(), None)
+            self._decode(h, padded, positions.contiguous(), None)
             return h, self.model.logits(h)
-        logits = torch.empty(len(tokens), self.vocab_size, dtype=torch.float32)
-        self._decode(h, padded, packed[1].contiguous(), logits)
-        return h, logits
+        out = torch.empty(len(tokens), self.vocab_size, dtype=torch.float32)
+        self._decode(h, padded, positions.contiguous(), out)
+        return h, out

@@ -15,6 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 SOURCES = tuple(HERE / name for name in ("qmatmul.c", "f16.c", "decode.c"))
 HEADER = HERE / "kernels.h"
+INCLUDED = (HEADER, HERE / "panel.h")  # what the sources include: part of a build's hash
 BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 PATHS = ("portable", "avx2", "avx512") if X86 else ("portable",)  # worst to best
@@ -40,7 +41,7 @@ def _compile(name: str, sources: tuple[Path, ...], flags: tuple[str, ...]) -> Pa
     if compiler is None:
         raise RuntimeError("no C compiler found (install gcc, or set CC)")
     flags = (*flags, *os.environ.get("LAMINA_KERNEL_CFLAGS", "").split())
-    source = b"".join(path.read_bytes() for path in (HEADER, *sources))
+    source = b"".join(path.read_bytes() for path in (*INCLUDED, *sources))
     key = hashlib.sha256(source + repr((compiler, flags)).encode()).hexdigest()[:16]
     target = cache_dir() / f"lamina-{name}-{key}.so"
     if not target.is_file():

@@ -1,6 +1,7 @@
-/* The decode step of a Llama model whose projections are GGML blocks, as one call: every layer's RMSNorm, fused
- * q/k/v projection, rotary embedding, KV-cache write, grouped-query attention over each sequence's filled cache,
- * output projection, SwiGLU feed-forward and residuals, for B sequences of one new token each.
+/* The step of a Llama model whose projections are GGML blocks, as one call: every layer's RMSNorm, fused q/k/v
+ * projection, rotary embedding, KV-cache write, grouped-query attention over each sequence's filled cache, output
+ * projection, SwiGLU feed-forward and residuals, for B rows, each a token at a position of a sequence: one new token
+ * of each of B sequences (decode), or a prompt's tokens as rows of one sequence (prefill; see `run` for attention).
  *
  * Why in C: at one token a step the arithmetic is small and PyTorch spends about as long dispatching the ~25
  * operations of each layer as the kernel spends reading its weights. Here one OpenMP team runs the whole step and
@@ -71,16 +72,6 @@ static void quantize_stage(const float *x, int64_t K, const float *norm, double 
     }
 }
 
-/* As quantize_stage, of silu(gate) * up for gu [B, 2F] (gate and up side by side in each row). */
-static void swiglu_stage(const float *gu, int64_t F, int64_t lo, int64_t hi, int16_t *q, float *d, float *s) {
-    const int64_t nb = F / QK;
-    float tmp[QK];
-    for (int64_t u = lo; u < hi; u++) {
-        const float *gate = gu + u / nb * 2 * F + u % nb * QK, *up = gate + F;
-        for (int i = 0; i < QK; i++) tmp[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-        lamina_quantize_block(tmp, q + u * QK, d + SCALE_AT(u / nb, u % nb, nb), s + SCALE_AT(u / nb, u % nb, nb));
-    }
-}
 
 static inline float f16_load(const void *p, int64_t i) { return (float)((const _Float16 *)p)[i]; }
 static inline float bf16_load(const void *p, int64_t i) {
@@ -279,20 +270,259 @@ static void attend(const float *q, const lamina_layer *L, int type, const int64_
         kv_axpy(type, L->v_cache, L->v_scale, cached(table, t, BS, KVH, kvh, D), scores[t] / total, out, D);
 }
 
+/* ---- Several rows of one sequence (a prompt's chunk, or draft tokens to verify): attention a tile of keys at once.
+ *
+ * Rows b..b+R-1 that extend one sequence (the same block table, positions one after the other) are a run: their
+ * keys and values are all in the cache once the rotation stage has stored this step's, so each row attending to
+ * positions 0..positions[b] of the cache is causal attention over the run. With R >= RUN_ROWS the run's keys
+ * 0..L-1 of each kv head are read once into floats, the keys transposed (Kt [D][Lp], Lp = L rounded up to a tile,
+ * zeros past L) and the values as stored (V [L][D]), and each row's query heads of a kv head meet them KT keys at a
+ * time with an online softmax (flash attention's): the loops over a tile's keys vectorise, where `attend` takes one
+ * key at a time. */
+#ifndef RUN_ROWS
+#define RUN_ROWS 4
+#endif
+#define KT 32 /* keys a tile */
+#define HG 4  /* query heads of one kv head taken together */
+
+/* e^x for x <= 0 (0 for x below -87), to ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r (Cephes'
+ * coefficients) scaled by 2^n through the exponent bits. Branch-free, so that loops of it vectorise. */
+static inline float exp_neg(float x) {
+    const float clamped = x < -87.0f ? -87.0f : x;
+    const float n = floorf(clamped * 1.44269504f + 0.5f);
+    const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+/* The D values of the cached vector at element `at` as floats. */
+static void kv_read(int type, const void *cache, const float *scales, int64_t at, int64_t D, float *out) {
+    switch (type) {
+    case KV_F32: memcpy(out, (const float *)cache + at, sizeof(float) * (size_t)D); break;
+    case KV_F16: for (int64_t i = 0; i < D; i++) out[i] = f16_load(cache, at + i); break;
+    case KV_BF16: for (int64_t i = 0; i < D; i++) out[i] = bf16_load(cache, at + i); break;
+    case KV_Q8_0:
+        for (int64_t i = 0; i < D; i++) out[i] = (float)((const int8_t *)cache)[at + i] * scales[(at + i) / QK];
+        break;
+    }
+}
+
+typedef struct {
+    int64_t first, rows, len, lp; /* its first row, how many, the keys it reaches (last position + 1), len rounded up */
+    int64_t at;                   /* where its kt and v start in the step's buffer of gathered floats */
+    float *kt, *v;                /* [KVH][lp / KT][D][KT] (a tile of keys transposed, tile after tile) and [KVH][len][D] */
+} run;
+
+/* Keys t lo..hi-1 of kv head kvh of run r into its Kt and V (zeros at lp's padding are set by the caller). */
+static void run_gather(const run *r, const lamina_layer *L, int type, const int64_t *table, int64_t BS, int64_t KVH,
+                       int64_t kvh, int64_t D, int64_t lo, int64_t hi, float *tmp) {
+    float *kt = r->kt + kvh * D * r->lp, *v = r->v + kvh * r->len * D;
+    for (int64_t t = lo; t < hi; t++) {
+        const int64_t at = cached(table, t, BS, KVH, kvh, D);
+        kv_read(type, L->k_cache, L->k_scale, at, D, tmp);
+        for (int64_t i = 0; i < D; i++) kt[(t / KT * D + i) * KT + t % KT] = tmp[i];
+        kv_read(type, L->v_cache, L->v_scale, at, D, v + t * D);
+    }
+}
+
+#if defined(LAMINA_AVX512)
+/* The largest of a 512-bit vector's 16 lanes. */
+static inline float hmax16(__m512 v) {
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    __m256 m8 = _mm256_max_ps(_mm512_castps512_ps256(v), hi);
+    __m128 r = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+    return _mm_cvtss_f32(_mm_max_ss(r, _mm_movehdup_ps(r)));
+}
+
+/* exp_neg on 16 lanes */
+static inline __m512 exp_neg16(__m512 x) {
+    const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512i ni = _mm512_cvtps_epi32(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504f))); /* to nearest */
+    const __m512 n = _mm512_cvtepi32_ps(ni);
+    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                     _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23));
+    return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), p, scale);
+}
+
+/* One tile of keys (t0.., `keys` of them, at most KT = 32) for n query heads of one row (n a constant where it is
+ * inlined; D a multiple of 16): each head's scores are two vectors (each query value broadcast once for both, each
+ * row of Kt's tile loaded once for all heads), then each head's running max m and sum l take the tile in, and the
+ * heads' outputs o [n][D], four vectors of D at a time, each of the tile's value vectors loaded once for all heads
+ * (loads, not multiply-adds, bound this loop on Zen 4: one 512-bit load a cycle). */
+static inline __attribute__((always_inline)) void tile32(const int n, const float *q, const float *kt,
+                                                         const float *v, int64_t t0, int keys, int64_t D,
+                                                         float scale, float *o, float *m, float *l) {
+    const __mmask32 live = keys == KT ? 0xffffffffu : (1u << keys) - 1;
+    __m512 lo[HG], hi[HG];
+    for (int g = 0; g < n; g++) lo[g] = hi[g] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i++) {
+        const __m512 k0 = _mm512_loadu_ps(kt + i * KT), k1 = _mm512_loadu_ps(kt + i * KT + 16);
+        for (int g = 0; g < n; g++) {
+            const __m512 qi = _mm512_set1_ps(q[g * D + i]);
+            lo[g] = _mm512_fmadd_ps(qi, k0, lo[g]);
+            hi[g] = _mm512_fmadd_ps(qi, k1, hi[g]);
+        }
+    }
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY), sv = _mm512_set1_ps(scale);
+    float p[HG][KT], alpha[HG];
+    for (int g = 0; g < n; g++) {
+        const __m512 s0 = _mm512_mask_mul_ps(minus_inf, (__mmask16)live, lo[g], sv);
+        const __m512 s1 = _mm512_mask_mul_ps(minus_inf, (__mmask16)(live >> 16), hi[g], sv);
+        const float top = fmaxf(m[g], hmax16(_mm512_max_ps(s0, s1)));
+        alpha[g] = top > m[g] ? exp_neg(m[g] - top) : 1.0f; /* 0 at the first tile (m = -inf) */
+        const __m512 p0 = exp_neg16(_mm512_sub_ps(s0, _mm512_set1_ps(top)));
+        const __m512 p1 = exp_neg16(_mm512_sub_ps(s1, _mm512_set1_ps(top)));
+        _mm512_storeu_ps(p[g], p0);
+        _mm512_storeu_ps(p[g] + 16, p1);
+        l[g] = l[g] * alpha[g] + hsum16(_mm512_add_ps(p0, p1)), m[g] = top;
+    }
+    /* the heads' outputs take the tile's values together: each value vector loaded once for all of them */
+    int64_t i = 0;
+    for (; i + 64 <= D; i += 64) { /* four vectors of the output at a time (in registers), then one */
+        __m512 acc[HG][4];
+        for (int g = 0; g < n; g++)
+            for (int j = 0; j < 4; j++)
+                acc[g][j] = _mm512_mul_ps(_mm512_loadu_ps(o + g * D + i + 16 * j), _mm512_set1_ps(alpha[g]));
+        for (int k = 0; k < keys; k++) {
+            __m512 vk[4];
+            for (int j = 0; j < 4; j++) vk[j] = _mm512_loadu_ps(v + (t0 + k) * D + i + 16 * j);
+            for (int g = 0; g < n; g++) {
+                const __m512 pk = _mm512_set1_ps(p[g][k]);
+                for (int j = 0; j < 4; j++) acc[g][j] = _mm512_fmadd_ps(pk, vk[j], acc[g][j]);
+            }
+        }
+        for (int g = 0; g < n; g++)
+            for (int j = 0; j < 4; j++) _mm512_storeu_ps(o + g * D + i + 16 * j, acc[g][j]);
+    }
+    for (; i < D; i += 16)
+        for (int g = 0; g < n; g++) {
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(o + g * D + i), _mm512_set1_ps(alpha[g]));
+            for (int k = 0; k < keys; k++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(p[g][k]), _mm512_loadu_ps(v + (t0 + k) * D + i), acc);
+            _mm512_storeu_ps(o + g * D + i, acc);
+        }
+}
+#endif
+
+/* One tile of keys for n query heads of one row, as tile32, on any path. */
+static void tile_any(int n, const float *q, const float *kt, const float *v, int64_t t0, int keys,
+                     int64_t D, float scale, float *o, float *m, float *l) {
+#if defined(LAMINA_AVX512)
+    if (D % 16 == 0) {
+        switch (n) { /* a constant count of heads in each: the accumulators stay in registers */
+        case 1: tile32(1, q, kt, v, t0, keys, D, scale, o, m, l); return;
+        case 2: tile32(2, q, kt, v, t0, keys, D, scale, o, m, l); return;
+        case 3: tile32(3, q, kt, v, t0, keys, D, scale, o, m, l); return;
+        default: tile32(4, q, kt, v, t0, keys, D, scale, o, m, l); return;
+        }
+    }
+#endif
+    for (int g = 0; g < n; g++) {
+        float s[KT], top = m[g];
+        for (int k = 0; k < keys; k++) {
+            float dot = 0.0f;
+            for (int64_t i = 0; i < D; i++) dot += q[g * D + i] * kt[i * KT + k];
+            s[k] = dot * scale;
+            top = fmaxf(top, s[k]);
+        }
+        const float alpha = exp_neg(m[g] - top);
+        float sum = 0.0f;
+        for (int k = 0; k < keys; k++) sum += s[k] = exp_neg(s[k] - top);
+        l[g] = l[g] * alpha + sum, m[g] = top;
+        for (int64_t i = 0; i < D; i++) {
+            float acc = o[g * D + i] * alpha;
+            for (int k = 0; k < keys; k++) acc += s[k] * v[(t0 + k) * D + i];
+            o[g * D + i] = acc;
+        }
+    }
+}
+
+#ifndef RB
+#define RB 32 /* rows of a run attended together, each tile of keys and values read once for them (8: attention 25% slower at
+            * 512 tokens on Zen 4) */
+#endif
+
+/* Rows b..b+rows-1 (rows <= RB) of run r, every query head of kv head `kvh` (`group` of them, q of row i at
+ * qkv + i * QKV + kvh * group * D): att of row i, head kvh * group + g = softmax(q k^T / sqrt(D)) v over the keys
+ * 0..positions[i]. o: room for RB * group * D + 2 * RB * group floats. */
+static void attend_run(const float *qkv, int64_t QKV, int64_t rows, const int64_t *positions, const run *r,
+                       int64_t kvh, int64_t group, int64_t H, int64_t D, float *o, float *att) {
+    const float scale = 1.0f / sqrtf((float)D);
+    const float *kt = r->kt + kvh * D * r->lp, *v = r->v + kvh * r->len * D;
+    float *m = o + RB * group * D, *l = m + RB * group;
+    for (int64_t u = 0; u < rows * group; u++) {
+        m[u] = -INFINITY, l[u] = 0.0f;
+        for (int64_t i = 0; i < D; i++) o[u * D + i] = 0.0f;
+    }
+    const int64_t last = positions[rows - 1] + 1;
+    for (int64_t t0 = 0; t0 < last; t0 += KT)
+        for (int64_t i = 0; i < rows; i++) {
+            const int64_t len = positions[i] + 1;
+            if (t0 >= len) continue;
+            const int keys = len - t0 < KT ? (int)(len - t0) : KT;
+            for (int64_t g = 0; g < group; g += HG)
+                tile_any(group - g < HG ? (int)(group - g) : HG, qkv + i * QKV + (kvh * group + g) * D, kt + t0 * D,
+                         v, t0, keys, D, scale, o + (i * group + g) * D, m + i * group + g, l + i * group + g);
+        }
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t g = 0; g < group; g++)
+            for (int64_t j = 0; j < D; j++)
+                att[(i * H + kvh * group + g) * D + j] = o[(i * group + g) * D + j] / l[i * group + g];
+}
+
+/* As quantize_stage, of silu(gate) * up for gu [B, 2F] (gate and up side by side in each row). */
+static void swiglu_stage(const float *gu, int64_t F, int64_t lo, int64_t hi, int16_t *q, float *d, float *s) {
+    const int64_t nb = F / QK;
+    float tmp[QK];
+    for (int64_t u = lo; u < hi; u++) {
+        const float *gate = gu + u / nb * 2 * F + u % nb * QK, *up = gate + F;
+#if defined(LAMINA_AVX512)
+        for (int i = 0; i < QK; i += 16) { /* e^-|x| on 16 lanes; sigmoid(x) = 1 / (1 + e^-x) = e^x / (1 + e^x) */
+            const __m512 x = _mm512_loadu_ps(gate + i);
+            const __m512 t = exp_neg16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x))), one = _mm512_set1_ps(1.0f);
+            const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+            const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, t), _mm512_add_ps(one, t));
+            _mm512_storeu_ps(tmp + i, _mm512_mul_ps(_mm512_mul_ps(x, sigmoid), _mm512_loadu_ps(up + i)));
+        }
+#else
+        for (int i = 0; i < QK; i++) tmp[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+#endif
+        lamina_quantize_block(tmp, q + u * QK, d + SCALE_AT(u / nb, u % nb, nb), s + SCALE_AT(u / nb, u % nb, nb));
+    }
+}
+
 /* h [B, N] += the product of the quantized rows (q, qd, qs) of K columns with `w` [N, K]: in place, or, under
  * tensor parallelism, through `part` [B, N], summed over the ranks first. Called by every thread of the team; sets
  * *failed (and adds nothing) when the sum failed. */
 static void residual_product(const lamina_model *m, int32_t qtype, const void *w, int64_t N, int64_t K,
-                             const int16_t *q, const float *qd, const float *qs, int64_t B, float *h, float *part,
-                             volatile int *failed) {
+                             const int16_t *q, const float *qd, const float *qs, int64_t B, const void *panels,
+                             float *h, float *part, volatile int *failed) {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     int64_t lo, hi;
     lamina_split(N, NR, tid, nth, &lo, &hi);
     if (!m->reduce) {
-        lamina_matmul_rows(qtype, w, N, K, q, qd, qs, B, h, N, lo, hi, 1);
+        lamina_matmul_prepared(qtype, w, N, K, q, qd, qs, B, panels, h, N, lo, hi, 1);
         return;
     }
-    lamina_matmul_rows(qtype, w, N, K, q, qd, qs, B, part, N, lo, hi, 0);
+    lamina_matmul_prepared(qtype, w, N, K, q, qd, qs, B, panels, part, N, lo, hi, 0);
 #pragma omp barrier
 #pragma omp master
     if (m->reduce(part, B * N)) *failed = 1;
@@ -306,19 +536,21 @@ static void residual_product(const lamina_model *m, int32_t qtype, const void *w
  * and v; or gate and up): each thread's share of the stacked columns, cut where one matrix ends and the next
  * begins, so that matrices in different formats still make one stage. */
 static void stacked_rows(int parts, const void *const *w, const int32_t *types, const int64_t *rows, int64_t K,
-                         const int16_t *q, const float *qd, const float *qs, int64_t B, float *y, int64_t N,
-                         int64_t lo, int64_t hi) {
+                         const int16_t *q, const float *qd, const float *qs, int64_t B, const void *panels, float *y,
+                         int64_t N, int64_t lo, int64_t hi) {
     int64_t first = 0;
     for (int i = 0; i < parts; first += rows[i], i++) {
         const int64_t a = lo > first ? lo : first, b = hi < first + rows[i] ? hi : first + rows[i];
-        if (a < b) lamina_matmul_rows(types[i], w[i], rows[i], K, q, qd, qs, B, y + first, N, a - first, b - first, 0);
+        if (a < b)
+            lamina_matmul_prepared(types[i], w[i], rows[i], K, q, qd, qs, B, panels, y + first, N, a - first, b - first,
+                                   0);
     }
 }
 
-/* One decode step for B sequences: h [B, dim] holds the new tokens' embeddings on entry and their final normalised
- * hidden states on return; token b is at `positions[b]` of the sequence whose blocks row b of `tables` [B, width]
- * lists (the caller checks that every block a position needs is there and < num_blocks). Every layer's keys and
- * values for the new tokens are written to the caches. With an output projection in `m` and `logits` not NULL,
+/* One step of B rows: h [B, dim] holds the rows' token embeddings on entry and their final normalised hidden states
+ * on return; token b is at `positions[b]` of the sequence whose blocks row b of `tables` [B, width] lists (the caller
+ * checks that every block a position needs is there and < num_blocks); rows of one sequence (the same table) attend
+ * to each other causally. Every layer's keys and values for the rows are written to the caches. With an output projection in `m` and `logits` not NULL,
  * logits [B, vocab_size] are computed too. Returns 0, -1 when out of memory (nothing is written then), or -2 when a
  * sum over the ranks failed (the step stopped there). */
 int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tables, int64_t width,
@@ -329,6 +561,35 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
     if (B <= 0) return 0;
     int64_t longest = 0;
     for (int64_t b = 0; b < B; b++) longest = positions[b] + 1 > longest ? positions[b] + 1 : longest;
+    /* Runs of RUN_ROWS or more rows of one sequence (see run): their rows attend through attend_run. */
+    int64_t n_runs = 0, run_floats = 0;
+    run *runs = malloc(sizeof(run) * (size_t)(B / RUN_ROWS + 1));
+    int64_t *run_of = malloc(sizeof(int64_t) * (size_t)B); /* each row's run, or -1 */
+    if (!runs || !run_of) {
+        free(runs); free(run_of);
+        return -1;
+    }
+    for (int64_t b = 0, e; b < B; b = e) {
+        for (e = b + 1; e < B && positions[e] == positions[e - 1] + 1 &&
+                        !memcmp(tables + e * width, tables + b * width, sizeof(int64_t) * (size_t)width);
+             e++) {}
+        const int in_run = e - b >= RUN_ROWS;
+        for (int64_t i = b; i < e; i++) run_of[i] = in_run ? n_runs : -1;
+        if (in_run) {
+            const int64_t len = positions[e - 1] + 1, lp = (len + KT - 1) / KT * KT;
+            runs[n_runs++] = (run){b, e - b, len, lp, run_floats, NULL, NULL};
+            run_floats += KVH * D * (lp + len);
+        }
+    }
+    /* the attention stage's units: the first row of each RB rows of a run, and every other row */
+    int64_t n_units = 0, *units = malloc(sizeof(int64_t) * (size_t)B);
+    for (int64_t b = 0; units && b < B; b++)
+        if (run_of[b] < 0 || (b - runs[run_of[b]].first) % RB == 0) units[n_units++] = b;
+    float *gathered = n_runs ? calloc((size_t)run_floats, sizeof(float)) : NULL; /* Kt's padding stays zero */
+    for (int64_t r = 0; r < n_runs; r++) {
+        runs[r].kt = gathered + runs[r].at;
+        runs[r].v = runs[r].kt + KVH * D * runs[r].lp;
+    }
 
     const int threads = omp_get_max_threads();
     float *qkv = malloc(sizeof(float) * (size_t)(B * QKV));
@@ -340,8 +601,14 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
     float *qd = calloc((size_t)(SCALE_ROWS(B) * widest / QK), sizeof(float));
     float *qs = calloc((size_t)(SCALE_ROWS(B) * widest / QK), sizeof(float));
     float *part = m->reduce ? malloc(sizeof(float) * (size_t)(B * dim)) : NULL;
-    if (!qkv || !att || !gu || !rot || !scores || !q || !qd || !qs || (m->reduce && !part)) {
+    const int64_t per_thread = RB * group * (D + 2) + D; /* a thread's attend_run room, and a read of one vector */
+    float *run_tmp = malloc(sizeof(float) * (size_t)(threads * per_thread));
+    /* many rows: their panels made once a quantize stage for all the products after it (lamina_panel_prepare) */
+    void *panels = lamina_panel_rows() && B >= lamina_panel_rows() ? aligned_alloc(64, lamina_panel_bytes(B, widest)) : NULL;
+    if (!qkv || !att || !gu || !rot || !scores || !q || !qd || !qs || (m->reduce && !part) || !run_tmp || !units ||
+        (n_runs && !gathered) || (lamina_panel_rows() && B >= lamina_panel_rows() && !panels)) {
         free(qkv); free(att); free(gu); free(rot); free(scores); free(q); free(qd); free(qs); free(part);
+        free(run_tmp); free(gathered); free(runs); free(run_of); free(units); free(panels);
         return -1;
     }
     volatile int failed = 0;
@@ -355,20 +622,28 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
 #pragma omp parallel
     {
         const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        float *my_scores = scores + tid * longest;
+        float *my_scores = scores + tid * longest, *my_o = run_tmp + tid * per_thread, *my_read = my_o + per_thread - D;
         int64_t lo, hi;
 #define SPLIT(n, align) lamina_split((n), (align), tid, nth, &lo, &hi)
+/* after a quantize stage (and its barrier): the rows' panels, once for every product that reads them */
+#define PREPARE(K)                                                                                                  \
+    if (panels) {                                                                                                   \
+        SPLIT(lamina_panel_groups(B), 1);                                                                           \
+        lamina_panel_prepare(q, qd, qs, B, (K), lo, hi, panels);                                                    \
+        _Pragma("omp barrier")                                                                                      \
+    }
         for (int64_t l = 0; l < m->n_layers; l++) {
             const lamina_layer *L = &m->layers[l];
             SPLIT(B * dim / QK, 1);
             quantize_stage(h, dim, L->attention_norm, m->norm_eps, lo, hi, q, qd, qs);
 #pragma omp barrier
+            PREPARE(dim);
             SPLIT(QKV, NR);
             {
                 const void *w[3] = {L->wq, L->wk, L->wv};
                 const int32_t types[3] = {L->wq_type, L->wk_type, L->wv_type};
                 const int64_t rows[3] = {H * D, KVH * D, KVH * D};
-                stacked_rows(3, w, types, rows, dim, q, qd, qs, B, qkv, QKV, lo, hi);
+                stacked_rows(3, w, types, rows, dim, q, qd, qs, B, panels, qkv, QKV, lo, hi);
             }
 #pragma omp barrier
             SPLIT(B * (H + KVH), 1); /* rotate q and k heads; store k and v in the cache */
@@ -383,34 +658,53 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
                 }
             }
 #pragma omp barrier
-            SPLIT(B * H, 1);
-            for (int64_t u = lo; u < hi; u++) {
-                const int64_t b = u / H, head = u % H;
-                attend(qkv + b * QKV + head * D, L, m->kv_type, tables + b * width, BS, KVH, head / group,
-                       positions[b] + 1, D, my_scores, att + u * D);
+            if (n_runs) { /* the runs' keys and values, read once */
+                for (int64_t r = 0; r < n_runs; r++)
+                    for (int64_t kvh = 0; kvh < KVH; kvh++) {
+                        SPLIT(runs[r].len, 1);
+                        run_gather(&runs[r], L, m->kv_type, tables + runs[r].first * width, BS, KVH, kvh, D, lo, hi,
+                                   my_read);
+                    }
+#pragma omp barrier
+            }
+            /* (rows, kv head) units dealt in turn (a run's later rows reach more keys than its first): RB rows of
+             * a run at a time, other rows one by one */
+            for (int64_t u = tid; u < n_units * KVH; u += nth) {
+                const int64_t b = units[u / KVH], kvh = u % KVH;
+                if (run_of[b] >= 0) {
+                    const run *r = &runs[run_of[b]];
+                    const int64_t rows = r->first + r->rows - b < RB ? r->first + r->rows - b : RB;
+                    attend_run(qkv + b * QKV, QKV, rows, positions + b, r, kvh, group, H, D, my_o, att + b * H * D);
+                } else
+                    for (int64_t g = 0; g < group; g++)
+                        attend(qkv + b * QKV + (kvh * group + g) * D, L, m->kv_type, tables + b * width, BS, KVH, kvh,
+                               positions[b] + 1, D, my_scores, att + (b * H + kvh * group + g) * D);
             }
 #pragma omp barrier
             SPLIT(B * H * D / QK, 1);
             quantize_stage(att, H * D, NULL, 0.0, lo, hi, q, qd, qs);
 #pragma omp barrier
-            residual_product(m, L->wo_type, L->wo, dim, H * D, q, qd, qs, B, h, part, &failed); /* h += attention */
+            PREPARE(H * D);
+            residual_product(m, L->wo_type, L->wo, dim, H * D, q, qd, qs, B, panels, h, part, &failed); /* += attention */
             if (failed) break;
 #pragma omp barrier
             SPLIT(B * dim / QK, 1);
             quantize_stage(h, dim, L->ffn_norm, m->norm_eps, lo, hi, q, qd, qs);
 #pragma omp barrier
+            PREPARE(dim);
             SPLIT(2 * F, NR);
             {
                 const void *w[2] = {L->w1, L->w3};
                 const int32_t types[2] = {L->w1_type, L->w3_type};
                 const int64_t rows[2] = {F, F};
-                stacked_rows(2, w, types, rows, dim, q, qd, qs, B, gu, 2 * F, lo, hi);
+                stacked_rows(2, w, types, rows, dim, q, qd, qs, B, panels, gu, 2 * F, lo, hi);
             }
 #pragma omp barrier
             SPLIT(B * F / QK, 1);
             swiglu_stage(gu, F, lo, hi, q, qd, qs);
 #pragma omp barrier
-            residual_product(m, L->w2_type, L->w2, dim, F, q, qd, qs, B, h, part, &failed); /* h += feed-forward */
+            PREPARE(F);
+            residual_product(m, L->w2_type, L->w2, dim, F, q, qd, qs, B, panels, h, part, &failed); /* += feed-forward */
             if (failed) break;
 #pragma omp barrier
         }
@@ -425,13 +719,16 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
                 SPLIT(B * dim / QK, 1);
                 quantize_stage(h, dim, NULL, 0.0, lo, hi, q, qd, qs);
 #pragma omp barrier
+                PREPARE(dim);
                 SPLIT(m->vocab_size, NR);
-                lamina_matmul_rows(m->output_type, m->output, m->vocab_size, dim, q, qd, qs, B, logits, m->vocab_size,
-                                   lo, hi, 0);
+                lamina_matmul_prepared(m->output_type, m->output, m->vocab_size, dim, q, qd, qs, B, panels, logits,
+                                       m->vocab_size, lo, hi, 0);
             }
         }
+#undef PREPARE
 #undef SPLIT
     }
     free(qkv); free(att); free(gu); free(rot); free(scores); free(q); free(qd); free(qs); free(part);
+    free(run_tmp); free(gathered); free(runs); free(run_of); free(units); free(panels);
     return failed ? -2 : 0;
 }

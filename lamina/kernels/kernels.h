@@ -3,6 +3,7 @@
  * its own parallel region. */
 #pragma once
 #include <stdint.h>
+#include <stddef.h>
 
 /* The instruction set a build targets, from its compiler flags (lamina/kernels/__init__.py builds one library per
  * path: portable C, AVX2, AVX-512 with VNNI). LAMINA_SIMDE builds the AVX-512 source over SIMDe's portable versions
@@ -82,6 +83,21 @@ void lamina_quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, floa
  * only. */
 void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, const int16_t *q, const float *d,
                         const float *s, int64_t M, float *y, int64_t ldy, int64_t n0, int64_t n1, int accumulate);
+
+/* Many activation rows (M >= lamina_panel_rows(), 0 where the path has no panels: AVX-512 only) are multiplied from
+ * a transposed copy of q, d and s (qmatmul.c's panels), which lamina_matmul_rows makes for each call. A caller that
+ * multiplies the same rows by several matrices, on several threads, makes it once instead: a buffer of
+ * lamina_panel_bytes(M, K) bytes (64-byte aligned), filled by lamina_panel_prepare for groups g0..g1-1 of the
+ * lamina_panel_groups(M) (split among threads as they like), then read by lamina_matmul_prepared. */
+int64_t lamina_panel_rows(void);
+int64_t lamina_panel_groups(int64_t M);
+size_t lamina_panel_bytes(int64_t M, int64_t K);
+void lamina_panel_prepare(const int16_t *q, const float *d, const float *s, int64_t M, int64_t K, int64_t g0,
+                          int64_t g1, void *panels);
+/* lamina_matmul_rows with the rows' panels prepared (`panels`; NULL: as lamina_matmul_rows). */
+void lamina_matmul_prepared(int wtype, const void *weights, int64_t N, int64_t K, const int16_t *q, const float *d,
+                            const float *s, int64_t M, const void *panels, float *y, int64_t ldy, int64_t n0,
+                            int64_t n1, int accumulate);
 
 /* lamina_matmul_rows for W of T_F16 or T_BF16 (f16.c): W [N, K] 16-bit floats row by row, widened to float32 as they
  * are read; the same activations (q and d; the F16 formats have no offset, so no s). */

@@ -983,23 +983,23 @@ static const rows_fn ROWS[LAMINA_NTYPES] = {
     [T_Q3_K] = rows_T_Q3_K, [T_Q4_K] = rows_T_Q4_K, [T_Q5_K] = rows_T_Q5_K, [T_Q6_K] = rows_T_Q6_K,
 };
 
-/* ---- Several activation rows on AVX-512: a panel of unpacked weights, 8 activation rows a vector ----------------
+/* ---- Several activation rows on AVX-512: a panel of unpacked weights, 8 or 16 activation rows a vector ---------
  *
  * With several rows the products stop being memory-bound, and what counts is how many instructions a multiply-add
  * costs. In the tiles above the lanes run along K, so every chunk's partial sums are folded across lanes (hadd)
- * before they are scaled, for each weight row and group of 4 activation rows. Here the lanes are activation rows: a vector holds one pair of int16 values of 8 activation rows, and a vpdpwssd
+ * before they are scaled, for each weight row and group of 4 activation rows. Here the lanes are activation rows: a
+ * vector holds one pair of int16 values of 16 activation rows (8 in a group of 8 or fewer), and a vpdpwssd
  * multiplies it by one weight pair broadcast from memory, so a chunk of 32 is 16 vpdpwssd per weight row and the
- * float work (convert, scale, offset) comes once per chunk for 8 rows. PC weight rows at a time are unpacked once
+ * float work (convert, scale, offset) comes once per chunk for the group. PC weight rows at a time are unpacked once
  * into a panel of int16 (each row's chunks in order, sub-scales multiplied in, as `unpack`) with their float scales
- * and offsets, and multiplied against every group of 8 activation rows, transposed for it once a call (pairs:
- * [group][K / 2][8] int32; scales, sums: [group][nb][8]). The integer products and their sums are those of the other
- * paths; only the order of the float additions differs. Q6_K's weights (up to 4096 in size with their sub-scales)
- * convert after each 16 products, as 32 could overflow an int32. */
+ * and offsets, and multiplied against every group of activation rows, transposed for it once (pairs:
+ * [group][K / 2][16] int32; scales, sums: [group][nb][16]). The integer products and their sums are those of the
+ * other paths; only the order of the float additions differs. 512-bit vectors of 16 rows against 256-bit ones of 8:
+ * +10% at 512 rows of SmolLM2's shapes on Zen 4 (which runs 512 bits as two halves), the kernel alone. */
 #ifndef PC
 #define PC 12 /* weight rows a panel (8: 7% slower, 16: no faster; Zen 4) */
 #endif
-#define PG 8 /* activation rows a vector: 256 bits (512-bit vectors of 16 rows measured +10% at 256 rows on Zen 4,
-              * which runs them as two halves, and would be half empty at 8: not kept) */
+#define PG 16 /* activation rows a group: 512-bit vectors of 16 rows, or 256-bit ones of 8 (panel.h) */
 #ifndef PANEL_ROWS
 #define PANEL_ROWS 6 /* activation rows from which products go through panels (5: as fast as the tiles; Zen 4) */
 #endif
@@ -1054,63 +1054,15 @@ static inline __attribute__((always_inline)) void panel_unpack(const int t, cons
     }
 }
 
-/* A panel (w, S, O, O2 of panel_unpack, n chunks) against one group of 8 activation rows (a, d, s, lo of that
- * group): out[c] += the 8 rows' products with weight row c (zeroed by the caller: zeroing them here measured ~15%
- * slower at 8 rows on Zen 4; the code GCC made was not examined). */
-static inline __attribute__((always_inline)) void panel_kernel(const int t, const int16_t *w, const float *S,
-                                                               const float *O, const float *O2, int64_t n,
-                                                               const int32_t *a, const float *d, const float *s,
-                                                               const float *lo, __m256 *out) {
-    const int has_off = t == T_Q4_1 || t == T_Q5_1 || t == T_Q4_K || t == T_Q5_K;
-    __m256 f[PC];
-    for (int c = 0; c < PC; c++) f[c] = out[c];
-    for (int64_t b = 0; b < n; b++) {
-        const int32_t *ab = a + b * (QK / 2) * PG;
-        const __m256 db = _mm256_loadu_ps(d + b * PG);
-        __m256i acc[PC];
-        for (int c = 0; c < PC; c++) acc[c] = _mm256_setzero_si256();
-#pragma GCC unroll 16
-        for (int p = 0; p < QK / 2; p++) {
-            if (t == T_Q6_K && p == QK / 4) /* the first 16 products, before an int32 could overflow */
-                for (int c = 0; c < PC; c++) {
-                    f[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[c]), _mm256_mul_ps(db, _mm256_set1_ps(S[b * PC + c])), f[c]);
-                    acc[c] = _mm256_setzero_si256();
-                }
-            const __m256i av = _mm256_loadu_si256((const __m256i *)(ab + p * PG));
-            for (int c = 0; c < PC; c++) {
-                int32_t pair;
-                memcpy(&pair, w + (b * PC + c) * QK + 2 * p, 4);
-                acc[c] = _mm256_dpwssd_epi32(acc[c], av, _mm256_set1_epi32(pair));
-            }
-        }
-        for (int c = 0; c < PC; c++)
-            f[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[c]), _mm256_mul_ps(db, _mm256_set1_ps(S[b * PC + c])), f[c]);
-        if (has_off) {
-            const __m256 sb = _mm256_loadu_ps(s + b * PG);
-            for (int c = 0; c < PC; c++) f[c] = _mm256_fmadd_ps(sb, _mm256_set1_ps(O[b * PC + c]), f[c]);
-        } else if (t == T_Q2_K) { /* each half's offset times its half's sum */
-            const __m256 first = _mm256_loadu_ps(lo + b * PG), second = _mm256_sub_ps(_mm256_loadu_ps(s + b * PG), first);
-            for (int c = 0; c < PC; c++)
-                f[c] = _mm256_fmadd_ps(second, _mm256_set1_ps(O2[b * PC + c]), _mm256_fmadd_ps(first, _mm256_set1_ps(O[b * PC + c]), f[c]));
-        }
-    }
-    for (int c = 0; c < PC; c++) out[c] = f[c];
-}
-
-/* Rows g * PG .. of y, columns n..n + cols - 1, from the sums f of panel_kernel. */
-static inline void panel_store(const __m256 *f, int64_t M, int64_t g, float *y, int64_t ldy, int64_t n, int cols,
-                               int accumulate) {
-    float o[PC][PG];
-    for (int c = 0; c < PC; c++) _mm256_storeu_ps(o[c], f[c]);
-    const int rows = M - g * PG < PG ? (int)(M - g * PG) : PG;
-    for (int i = 0; i < rows; i++) {
-        float *yr = y + (g * PG + i) * ldy + n;
-        for (int c = 0; c < cols; c++) yr[c] = o[c][i] + (accumulate ? yr[c] : 0.0f);
-    }
-}
+#define PK_LANES 8
+#include "panel.h"
+#undef PK_LANES
+#define PK_LANES 16
+#include "panel.h"
+#undef PK_LANES
 
 /* Columns n0..n1-1 of y for M activation rows through panels (the arguments of lamina_matmul_rows, and the rows
- * transposed by panel_prepare), each panel unpacked once for every group of activation rows (unpacking and
+ * transposed by panel_fill), each panel unpacked once for every group of activation rows (unpacking and
  * multiplying 16 or 64 chunks at a time instead, while they are in the first-level cache, measured no faster at
  * 8 rows; Zen 4). w and SO: room for PC x K int16 and 3 x PC x K / 32 floats. */
 typedef void (*panel_fn)(const uint8_t *, int64_t, int64_t, const panel_rows *, int64_t, float *, int64_t, int64_t,
@@ -1125,11 +1077,19 @@ typedef void (*panel_fn)(const uint8_t *, int64_t, int64_t, const panel_rows *, 
             const uint8_t *wn = weights + n * row_bytes;                                                            \
             panel_unpack(T, wn, row_bytes, nb, cols, w, S, O, O2);                                           \
             for (int64_t g = 0; g < groups; g++) {                                                                  \
-                __m256 f[PC];                                                                                       \
-                for (int c = 0; c < PC; c++) f[c] = _mm256_setzero_ps();                                            \
-                panel_kernel(T, w, S, O, O2, nb, r->a + g * (K / 2) * PG, r->d + g * nb * PG, r->s + g * nb * PG,   \
-                             r->lo + g * nb * PG, f);                                                               \
-                panel_store(f, M, g, y, ldy, n, cols, accumulate);                                                  \
+                const int32_t *a = r->a + g * (K / 2) * PG;                                                         \
+                const float *d = r->d + g * nb * PG, *s = r->s + g * nb * PG, *lo = r->lo + g * nb * PG;           \
+                if (M - g * PG <= 8) { /* 8 rows or fewer: the first half of the group, in 256-bit vectors */      \
+                    __m256 f[PC];                                                                                   \
+                    for (int c = 0; c < PC; c++) f[c] = _mm256_setzero_ps();                                        \
+                    panel_kernel8(T, w, S, O, O2, nb, a, d, s, lo, f);                                              \
+                    panel_store8(f, M, g, y, ldy, n, cols, accumulate);                                             \
+                } else {                                                                                            \
+                    __m512 f[PC];                                                                                   \
+                    for (int c = 0; c < PC; c++) f[c] = _mm512_setzero_ps();                                        \
+                    panel_kernel16(T, w, S, O, O2, nb, a, d, s, lo, f);                                             \
+                    panel_store16(f, M, g, y, ldy, n, cols, accumulate);                                            \
+                }                                                                                                   \
             }                                                                                                       \
         }                                                                                                           \
     }
@@ -1143,17 +1103,23 @@ static const panel_fn PANELS[LAMINA_NTYPES] = {
     [T_Q3_K] = panel_T_Q3_K, [T_Q4_K] = panel_T_Q4_K, [T_Q5_K] = panel_T_Q5_K, [T_Q6_K] = panel_T_Q6_K,
 };
 
-/* The M activation rows of lamina_matmul_rows (q [M, K], d and s at SCALE_AT) as panel_rows, in one allocation
- * (returned, for free; NULL if out of memory): rows past M are zeros. */
-static void *panel_prepare(const int t, const int16_t *q, const float *d, const float *s, int64_t M, int64_t K,
-                           panel_rows *r) {
+/* The layout of a prepared buffer (lamina_panel_bytes): the pairs, then the scales, sums and half sums. */
+static panel_rows panel_layout(const void *panels, int64_t M, int64_t K) {
     const int64_t nb = K / QK, groups = (M + PG - 1) / PG;
-    const size_t pairs = sizeof(int32_t) * (size_t)(groups * (K / 2) * PG), per = sizeof(float) * (size_t)(groups * nb * PG);
-    char *mem = aligned_alloc(64, (pairs + 3 * per + 63) / 64 * 64);
-    if (!mem) return NULL;
-    int32_t *a = (int32_t *)mem;
-    float *dT = (float *)(mem + pairs), *sT = dT + groups * nb * PG, *lo = sT + groups * nb * PG;
-    for (int64_t g = 0; g < groups; g++)
+    const char *mem = panels;
+    const float *dT = (const float *)(mem + sizeof(int32_t) * (size_t)(groups * (K / 2) * PG));
+    return (panel_rows){(const int32_t *)mem, dT, dT + groups * nb * PG, dT + 2 * groups * nb * PG};
+}
+
+/* Groups g0..g1-1 of the M activation rows of lamina_matmul_rows (q [M, K], d and s at SCALE_AT) into a buffer laid
+ * out as panel_layout says: rows past M are zeros; `lo` (Q2_K's first-half sums) is filled for every format. */
+static void panel_fill(const int16_t *q, const float *d, const float *s, int64_t M, int64_t K, int64_t g0,
+                       int64_t g1, void *panels) {
+    const int64_t nb = K / QK;
+    const panel_rows r = panel_layout(panels, M, K);
+    int32_t *a = (int32_t *)r.a;
+    float *dT = (float *)r.d, *sT = (float *)r.s, *lo = (float *)r.lo;
+    for (int64_t g = g0; g < g1; g++)
         for (int i = 0; i < PG; i++) {
             const int64_t m = g * PG + i;
             int32_t *ag = a + g * (K / 2) * PG + i;
@@ -1166,16 +1132,12 @@ static void *panel_prepare(const int t, const int16_t *q, const float *d, const 
             const int16_t *qm = q + m * K;
             for (int64_t p = 0; p < K / 2; p++) memcpy(&ag[p * PG], qm + 2 * p, 4);
             for (int64_t b = 0; b < nb; b++) {
+                int sum = 0;
+                for (int j = 0; j < QK / 2; j++) sum += qm[b * QK + j];
                 dg[b * PG] = d[SCALE_AT(m, b, nb)], sg[b * PG] = s[SCALE_AT(m, b, nb)];
-                if (t == T_Q2_K) {
-                    int sum = 0;
-                    for (int j = 0; j < QK / 2; j++) sum += qm[b * QK + j];
-                    lg[b * PG] = dg[b * PG] * (float)sum;
-                }
+                lg[b * PG] = dg[b * PG] * (float)sum;
             }
         }
-    r->a = a, r->d = dT, r->s = sT, r->lo = lo;
-    return mem;
 }
 #endif
 
@@ -1238,14 +1200,11 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
     const int64_t row_bytes = K / TRAITS[wtype].block * TRAITS[wtype].bytes;
 #if defined(LAMINA_AVX512)
     if (M >= PANEL_ROWS) { /* several activation rows: panels (above) */
-        const int64_t nb = K / QK;
-        panel_rows r;
-        void *rows = panel_prepare(wtype, q, d, s, M, K, &r);
-        int16_t *w = aligned_alloc(64, (sizeof(int16_t) * PC * (size_t)K + 63) / 64 * 64);
-        float *SO = malloc(sizeof(float) * 3 * PC * (size_t)nb);
-        if (!rows || !w || !SO) abort(); /* out of memory for a panel */
-        PANELS[wtype](weights, row_bytes, K, &r, M, y, ldy, n0, n1, accumulate, w, SO);
-        free(rows), free(w), free(SO);
+        void *panels = aligned_alloc(64, lamina_panel_bytes(M, K));
+        if (!panels) abort(); /* out of memory for a panel */
+        panel_fill(q, d, s, M, K, 0, lamina_panel_groups(M), panels);
+        lamina_matmul_prepared(wtype, weights, N, K, q, d, s, M, panels, y, ldy, n0, n1, accumulate);
+        free(panels);
         return;
     }
 #endif
@@ -1351,6 +1310,55 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
 #endif
 }
 
+int64_t lamina_panel_rows(void) {
+#if defined(LAMINA_AVX512)
+    return PANEL_ROWS;
+#else
+    return 0;
+#endif
+}
+int64_t lamina_panel_groups(int64_t M) {
+#if defined(LAMINA_AVX512)
+    return (M + PG - 1) / PG;
+#else
+    return 0 * M;
+#endif
+}
+size_t lamina_panel_bytes(int64_t M, int64_t K) {
+#if defined(LAMINA_AVX512)
+    const int64_t groups = (M + PG - 1) / PG;
+    const size_t bytes = sizeof(int32_t) * (size_t)(groups * (K / 2) * PG) + 3 * sizeof(float) * (size_t)(groups * (K / QK) * PG);
+    return (bytes + 63) / 64 * 64;
+#else
+    return 0 * (size_t)(M * K);
+#endif
+}
+void lamina_panel_prepare(const int16_t *q, const float *d, const float *s, int64_t M, int64_t K, int64_t g0,
+                          int64_t g1, void *panels) {
+#if defined(LAMINA_AVX512)
+    panel_fill(q, d, s, M, K, g0, g1, panels);
+#else
+    (void)q, (void)d, (void)s, (void)M, (void)K, (void)g0, (void)g1, (void)panels;
+#endif
+}
+void lamina_matmul_prepared(int wtype, const void *weights, int64_t N, int64_t K, const int16_t *q, const float *d,
+                            const float *s, int64_t M, const void *panels, float *y, int64_t ldy, int64_t n0,
+                            int64_t n1, int accumulate) {
+#if defined(LAMINA_AVX512)
+    if (panels && M >= PANEL_ROWS && PANELS[wtype]) {
+        const int64_t row_bytes = K / TRAITS[wtype].block * TRAITS[wtype].bytes, nb = K / QK;
+        const panel_rows r = panel_layout(panels, M, K);
+        int16_t *w = aligned_alloc(64, (sizeof(int16_t) * PC * (size_t)K + 63) / 64 * 64);
+        float *SO = malloc(sizeof(float) * 3 * PC * (size_t)nb);
+        if (!w || !SO) abort(); /* out of memory for a panel */
+        PANELS[wtype](weights, row_bytes, K, &r, M, y, ldy, n0, n1, accumulate, w, SO);
+        free(w), free(SO);
+        return;
+    }
+#endif
+    (void)panels;
+    lamina_matmul_rows(wtype, weights, N, K, q, d, s, M, y, ldy, n0, n1, accumulate);
+}
 void lamina_split(int64_t n, int64_t align, int part, int parts, int64_t *lo, int64_t *hi) {
     const int64_t units = (n + align - 1) / align;
     *lo = units * part / parts * align;

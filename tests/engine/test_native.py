@@ -1,5 +1,6 @@
 """The native decode step (C, lamina/kernels/decode.c) against the PyTorch forward over the same GGML blocks: the same
-hidden states and KV-cache writes for ragged positions and scattered cache rows, the same greedy tokens through
+hidden states and KV-cache writes for ragged positions and scattered cache rows, the same for prompts run as rows of
+one step (fresh, later chunks, short and long, every KV-cache type and head grouping), the same greedy tokens through
 `generate`, and a clear refusal of models it cannot run."""
 
 import dataclasses
@@ -10,7 +11,8 @@ import torch
 from lamina import Llama, kernels
 from lamina.engine.native import NativeDecode, unsupported
 from lamina.engine.runner import ModelRunner
-from lamina.quant import build_model
+from lamina.model import ModelConfig, Transformer
+from lamina.quant import build_model, use_kernels
 
 from .test_generate import _prompts
 
@@ -113,3 +115,68 @@ def test_rejects_rows_and_positions_outside_the_cache(llama):
         step([1], [[0]], [64])
     with pytest.raises(ValueError, match="1 tokens, 2 block tables"):
         step([1], [[0], [1]], [0, 0])
+
+
+def _random_model(n_heads: int, n_kv_heads: int, head_dim: int, path: str | None = None) -> Transformer:
+    """Two layers of int8 blocks with random weights, queries and keys scaled up so that attention is peaked (a wrong
+    running maximum or a lost key would show)."""
+    config = ModelConfig(
+        dim=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=101, hidden_dim=96, head_dim=head_dim
+    )
+    torch.manual_seed(0)
+    state = Transformer(config).state_dict()
+    for name in state:
+        if name.endswith(("wq.weight", "wk.weight")):
+            state[name] *= 4.0
+    model = build_model(config, state, "int8", device=torch.device("cpu"), dtype=torch.float32)
+    use_kernels(model, path, prefill_dtype=torch.int16)  # the PyTorch side in the step's arithmetic on every path
+    return model
+
+
+@pytest.mark.parametrize(
+    "heads, kv_dtype, path",
+    [
+        *(((4, 2, 16), "float32", path) for path in kernels.PATHS),  # 2 query heads a kv head, on each kernel path
+        ((6, 1, 48), "float32", None),  # 6 (more than a tile's 4) and D not a multiple of 64
+        ((4, 4, 24), "float32", None),  # one each, and D not a multiple of 16 (the portable loop)
+        ((4, 2, 32), "float16", None),
+        ((4, 2, 32), "bfloat16", None),
+        ((4, 2, 32), "q8_0", None),
+    ],
+)
+def test_prompts_as_rows_equal_pytorch_prefill(llama, heads, kv_dtype, path):
+    """Prompts as rows of one step: each attends causally to its own rows and to what its blocks hold before them;
+    long ones (a run: tiles of keys), short ones (row by row), and a later chunk, packed in one call, in blocks of 8
+    positions scattered over the cache."""
+    if path is not None and path not in kernels.supported_paths():
+        pytest.skip(f"this CPU does not run the {path} kernels")
+    model = _random_model(*heads, path)
+    config = dataclasses.replace(llama.config, max_seq_len=128, kv_cache_dtype=kv_dtype)
+    kw = dict(num_blocks=40, block_size=8)
+    native = ModelRunner(model, config, **kw)
+    assert native.native is not None
+    reference = ModelRunner(model, config, native=False, **kw)
+    tables = [list(range(0, 40, 3))[:12], [1, 4], list(range(2, 40, 3))[:12]]
+    first = [[(7 * i + 3) % 101 for i in range(21)]]  # the start of the third prompt, cached before
+    prompts = [[(5 * i + 1) % 101 for i in range(77)], [9, 8, 7], [(11 * i) % 101 for i in range(50)]]
+    with torch.inference_mode():
+        for runner in (native, reference):
+            runner.prefill(first, [tables[2]])
+        ours = native.prefill(prompts, tables, [0, 0, 21])
+        theirs = reference.prefill(prompts, tables, [0, 0, 21])
+    # Same blocks, same int16 activation steps; float sums in another order (and an online softmax), ~1e-5 relative.
+    # A bfloat16 or q8_0 cache rounds coarsely enough that a key a hair from a rounding boundary goes the other way
+    # on one side: one step of its 8 bits (bfloat16), or of its block's 1/127 of the largest value (q8_0).
+    tol = {"float32": 1e-4, "float16": 1e-4, "bfloat16": 1e-3, "q8_0": 1e-3}[kv_dtype]
+    scale = theirs.abs().max().item()
+    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol * scale)
+    for (k, v), (rk, rv) in zip(native.cache.layers, reference.cache.layers):
+        for a, b in ((k, rk), (v, rv)):
+            if kv_dtype == "q8_0":  # as values, one step of their block apart at most (see above)
+                a, b = (c.data.float() * c.scales.repeat_interleave(32, -1) for c in (a, b))
+                step = b.abs().max().item() / 127
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-4 + step)
+            else:  # float32 (1e-4), float16 and bfloat16 (one step of their 10 or 7 bits)
+                a, b = a.float(), b.float()
+                rtol = {"float32": 1e-4, "float16": 2**-10, "bfloat16": 2**-7}[kv_dtype]
+                torch.testing.assert_close(a, b, rtol=rtol, atol=1e-4 * max(1.0, b.abs().max().item()))

@@ -93,7 +93,8 @@ def test_each_format_dequantizes_as_gguf_does(path, emulated, qtype):
 @pytest.mark.parametrize("qtype", list(TYPES))
 def test_each_format_product_equals_the_float_product(path, emulated, qtype):
     """Every register-tile shape: 1-5 activation rows (one tile and its edges), on AVX-512 the panels' 6 and 8 (one
-    group of 8 rows, part-filled and whole) and 17 (several groups, the last part-filled), an odd number of
+    group of 8 rows or fewer in 256-bit vectors, part-filled and whole), 17 (a group of 16 in 512-bit vectors, then
+    one of a row) and 25 (the second group of 16 part-filled, in 512-bit vectors), an odd number of
     weight rows, rows of one 256-weight block, of 6 (1536: what llama.cpp writes ffn_down in on the default
     model) and, for the 32-weight formats, of 18 blocks of 32 (576: the default model's rows, 8-chunk groups and a
     tail). Bound: int16 activations per block of 32 carry ~3e-5 of each block's largest value; on random-byte
@@ -105,7 +106,7 @@ def test_each_format_product_equals_the_float_product(path, emulated, qtype):
     for n, k in shapes:
         blocks = random_blocks(qtype, n, k, seed=n)
         w = reference_matrix(blocks, qtype)
-        for rows in (1, 2, 3, 4, 5, 6, 8, 17):
+        for rows in (1, 2, 3, 4, 5, 6, 8, 17, 25):
             x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
             x[:, 3] = 40.0  # an outlier, as activations after SwiGLU have
             if rows > 2:

@@ -380,7 +380,7 @@ def test_the_startup_lines_say_what_the_server_is(server):
     for pattern in (
         r"INFO lamina.serve: model SmolLM2-135M-Instruct.Q4_1.gguf \(.*134.5M parameters, 30 layers\)",
         r"INFO lamina.serve: dtype float32, device cpu, weights Q4_1 x120, Q8_0 x1 projections",
-        r"INFO lamina.serve: kernel path \w+ \(CPU: .*\); prefill GEMM in \w+; decode step native C",
+        r"INFO lamina.serve: kernel path \w+ \(CPU: .*\); prefill (native C step|PyTorch), .*; decode step native C",
         r"INFO lamina.serve: KV cache 4096 tokens \(256 blocks of 16, float32, \d+ MiB\), batch 4, prefix caching on",
         rf"INFO lamina.serve: chat page at http://127.0.0.1:{port}/; API at http://127.0.0.1:{port}/v1",
     ):
