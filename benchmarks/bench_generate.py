@@ -397,7 +397,7 @@ def main() -> int:
         f"# {machine}, "
         f"model {os.path.basename(args.model)}, lamina dtype {args.dtype or 'default'}, "
         f"lamina weights {args.quantize or 'default'}{', compiled decode' if args.compile else ''}, "
-        f"lamina kernel path {mine.get('kernel_path', '-')}, prefill GEMM {mine.get('prefill_dtype', '-')}, "
+        f"lamina kernel path {mine.get('kernel_path', '-')}, prefill products {mine.get('prefill_dtype', '-')}, "
         f"transformers {args.hf_dtype}{llama_cpp_note}, median (min-max) of {args.runs} runs"
     )
     metrics = sorted(

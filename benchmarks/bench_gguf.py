@@ -608,7 +608,7 @@ def report(results: dict, facts: dict, bw: float, args, header: str) -> None:
                          f"{'agree' if same else 'DIFFER'} between {', '.join(got)}")
         r = engines.get("lamina", (None, ""))[0]
         if r:
-            notes.append(f"{shape.name} {ftype}, lamina: kernel path {r.get('kernel_path')}, prefill GEMM "
+            notes.append(f"{shape.name} {ftype}, lamina: kernel path {r.get('kernel_path')}, prefill products "
                          f"{r.get('prefill_dtype')}, load {r['load_s']:.0f} s, memory estimated {r['estimated_mb']:.0f}"
                          f" MB before loading")
     for n in notes:

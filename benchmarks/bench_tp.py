@@ -5,7 +5,8 @@ embedding), same machine, same run.
     python benchmarks/bench_tp.py [--preset llama3.2-1b] [--layers 8] [--sizes 1,2] [--keep FILE.gguf]
 
 Measured per size, on each decode path (lamina's C step, sharded under tensor parallelism, and the PyTorch forward):
-decode tokens/s of 1 and 8 streams, prefill tokens/s of a 256-token prompt (prefill runs in PyTorch either way), and
+decode tokens/s of 1 and 8 streams, prefill tokens/s of a 256-token prompt (in the C step where its int16 products are
+the prefill's, as on AVX-512; else in PyTorch either way), and
 every rank's RSS once loaded and at its peak against W/N (W: the file's tensor bytes) plus the RSS the rank had
 before loading (the runtime: Python, PyTorch); the peak adds the work's transients (a prefill's dequantized weights
 and activations, the KV cache). The ratios are against one process on the same path.

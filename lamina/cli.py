@@ -554,7 +554,7 @@ def _prefill_path(llama) -> str:
     dtypes = {str(m.prefill_dtype).removeprefix("torch.") for m in llama.model.modules() if isinstance(m, QLinear)}
     if not dtypes:
         return "PyTorch"
-    short = f"; prompts of up to {NATIVE_MAX_ROWS} tokens in the native C step" if native is not None else ""
+    short = f"; prefills of up to {NATIVE_MAX_ROWS} tokens in the native C step" if native is not None else ""
     return f"PyTorch, products in {', '.join(sorted(dtypes))}{short}"
 
 

@@ -275,8 +275,8 @@ static void attend(const float *q, const lamina_layer *L, int type, const int64_
  * Rows b..b+R-1 that extend one sequence (the same block table, positions one after the other) are a run: their
  * keys and values are all in the cache once the rotation stage has stored this step's, so each row attending to
  * positions 0..positions[b] of the cache is causal attention over the run. With R >= RUN_ROWS the run's keys
- * 0..L-1 of each kv head are read once into floats, the keys transposed (Kt [D][Lp], Lp = L rounded up to a tile,
- * zeros past L) and the values as stored (V [L][D]), and each row's query heads of a kv head meet them KT keys at a
+ * 0..L-1 of each kv head are read once into floats, the keys transposed a tile at a time (Kt [Lp / KT][D][KT], Lp =
+ * L rounded up to a tile, zeros past L) and the values as stored (V [L][D]), and each row's query heads of a kv head meet them KT keys at a
  * time with an online softmax (flash attention's): the loops over a tile's keys vectorise, where `attend` takes one
  * key at a time. */
 #ifndef RUN_ROWS

@@ -1199,7 +1199,7 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
     int64_t n = n0;
     const int64_t row_bytes = K / TRAITS[wtype].block * TRAITS[wtype].bytes;
 #if defined(LAMINA_AVX512)
-    if (M >= PANEL_ROWS) { /* several activation rows: panels (above) */
+    if (M >= PANEL_ROWS && PANELS[wtype]) { /* several activation rows: panels (above) */
         void *panels = aligned_alloc(64, lamina_panel_bytes(M, K));
         if (!panels) abort(); /* out of memory for a panel */
         panel_fill(q, d, s, M, K, 0, lamina_panel_groups(M), panels);

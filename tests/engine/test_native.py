@@ -139,6 +139,8 @@ def _random_model(n_heads: int, n_kv_heads: int, head_dim: int, path: str | None
         *(((4, 2, 16), "float32", path) for path in kernels.PATHS),  # 2 query heads a kv head, on each kernel path
         ((6, 1, 48), "float32", None),  # 6 (more than a tile's 4) and D not a multiple of 64
         ((4, 4, 24), "float32", None),  # one each, and D not a multiple of 16 (the portable loop)
+        ((4, 2, 64), "float32", None),  # D of SmolLM2 and Llama 3.2 1B: whole 64-wide steps of the output
+        ((4, 1, 128), "float32", None),  # D of Llama 3 8B, 4 query heads a kv head
         ((4, 2, 32), "float16", None),
         ((4, 2, 32), "bfloat16", None),
         ((4, 2, 32), "q8_0", None),
@@ -162,6 +164,7 @@ def test_prompts_as_rows_equal_pytorch_prefill(llama, heads, kv_dtype, path):
     with torch.inference_mode():
         for runner in (native, reference):
             runner.prefill(first, [tables[2]])
+        assert native.native.runs_prefill(sum(map(len, prompts)))  # the C step takes it, not PyTorch
         ours = native.prefill(prompts, tables, [0, 0, 21])
         theirs = reference.prefill(prompts, tables, [0, 0, 21])
     # Same blocks, same int16 activation steps; float sums in another order (and an online softmax), ~1e-5 relative.
