@@ -470,7 +470,8 @@ def _startup_lines(args, llama, path: Path, name: str, tp) -> None:
     )
     dtype = str(e.dtype).removeprefix("torch.")
     log.info("dtype %s, device %s, weights %s", dtype, e.device, describe(llama.model))
-    log.info("kernel path %s; prefill %s; decode step %s", _kernel_path(llama), _prefill_path(llama), _decode_path(llama))
+    paths = _kernel_path(llama), _prefill_path(llama), _decode_path(llama)
+    log.info("kernel path %s; prefill %s; decode step %s", *paths)
     pool, kv = llama.core.pool, e.kv_dtype
     kv_name = kv if isinstance(kv, str) else str(kv).removeprefix("torch.")
     tokens = pool.num_blocks * pool.block_size

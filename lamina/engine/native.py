@@ -5,8 +5,8 @@ quantization, float32 throughout) without PyTorch's per-operation dispatch, whic
 much as reading the weights. A row is a token at a position of a sequence, so the same step takes a prompt's tokens
 as rows of one sequence (`prefill`): each attends causally to the rows before it, through tiles of keys, with its
 norms, rotations and activation function fused in C. The runner uses it where it applies (see `unsupported`, and
-`runs_prefill` for prompts) and the PyTorch forward everywhere else. Under tensor parallelism (lamina.parallel) each rank runs it on
-its shard, and the C step calls back into torch.distributed for the two sums of each layer.
+`runs_prefill` for prompts) and the PyTorch forward everywhere else. Under tensor parallelism (lamina.parallel) each
+rank runs it on its shard, and the C step calls back into torch.distributed for the two sums of each layer.
 """
 
 from __future__ import annotations
@@ -193,7 +193,8 @@ class NativeDecode:
         positions = torch.cat([torch.arange(s, s + len(p), dtype=torch.long) for s, p in zip(starts, prompts)])
         tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
         blocks = torch.tensor([len(t) for t in tables], dtype=torch.long).repeat_interleave(lengths)
-        return self._run(tokens, padded_tables(tables).repeat_interleave(lengths, 0), positions, blocks, logits=False)[0]
+        padded = padded_tables(tables).repeat_interleave(lengths, 0)
+        return self._run(tokens, padded, positions, blocks, logits=False)[0]
 
     def _run(
         self, tokens: torch.Tensor, padded: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, logits: bool
@@ -210,12 +211,10 @@ class NativeDecode:
                 f"the KV cache ({self.num_blocks} blocks of {self.block_size} positions)"
             )
         h = self.model.tok_embeddings(tokens).float().contiguous()
-        if not logits:
-            self._decode(h, padded.contiguous(), positions.contiguous(), None)
-            return h, None
-        if not self._logits_in_c:
-            self._decode(h, padded, positions.contiguous(), None)
-            return h, self.model.logits(h)
+        padded, positions = padded.contiguous(), positions.contiguous()
+        if not (logits and self._logits_in_c):
+            self._decode(h, padded, positions, None)
+            return h, self.model.logits(h) if logits else None
         out = torch.empty(len(tokens), self.vocab_size, dtype=torch.float32)
-        self._decode(h, padded, positions.contiguous(), out)
+        self._decode(h, padded, positions, out)
         return h, out

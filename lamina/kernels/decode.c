@@ -72,7 +72,6 @@ static void quantize_stage(const float *x, int64_t K, const float *norm, double 
     }
 }
 
-
 static inline float f16_load(const void *p, int64_t i) { return (float)((const _Float16 *)p)[i]; }
 static inline float bf16_load(const void *p, int64_t i) {
     const uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
@@ -276,9 +275,9 @@ static void attend(const float *q, const lamina_layer *L, int type, const int64_
  * keys and values are all in the cache once the rotation stage has stored this step's, so each row attending to
  * positions 0..positions[b] of the cache is causal attention over the run. With R >= RUN_ROWS the run's keys
  * 0..L-1 of each kv head are read once into floats, the keys transposed a tile at a time (Kt [Lp / KT][D][KT], Lp =
- * L rounded up to a tile, zeros past L) and the values as stored (V [L][D]), and each row's query heads of a kv head meet them KT keys at a
- * time with an online softmax (flash attention's): the loops over a tile's keys vectorise, where `attend` takes one
- * key at a time. */
+ * L rounded up to a tile, zeros past L) and the values as stored (V [L][D]), and each row's query heads of a kv head
+ * meet them KT keys at a time with an online softmax (flash attention's): the loops over a tile's keys vectorise,
+ * where `attend` takes one key at a time. */
 #ifndef RUN_ROWS
 #define RUN_ROWS 4
 #endif
@@ -289,7 +288,7 @@ static void attend(const float *q, const lamina_layer *L, int type, const int64_
  * coefficients) scaled by 2^n through the exponent bits. Branch-free, so that loops of it vectorise. */
 static inline float exp_neg(float x) {
     const float clamped = x < -87.0f ? -87.0f : x;
-    const float n = floorf(clamped * 1.44269504f + 0.5f);
+    const float n = nearbyintf(clamped * 1.44269504f); /* to nearest, as exp_neg16's conversion */
     const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -319,7 +318,7 @@ static void kv_read(int type, const void *cache, const float *scales, int64_t at
 typedef struct {
     int64_t first, rows, len, lp; /* its first row, how many, the keys it reaches (last position + 1), len rounded up */
     int64_t at;                   /* where its kt and v start in the step's buffer of gathered floats */
-    float *kt, *v;                /* [KVH][lp / KT][D][KT] (a tile of keys transposed, tile after tile) and [KVH][len][D] */
+    float *kt, *v; /* [KVH][lp / KT][D][KT] (a tile of keys transposed, tile after tile) and [KVH][len][D] */
 } run;
 
 /* Keys t lo..hi-1 of kv head kvh of run r into its Kt and V (zeros at lp's padding are set by the caller). */
@@ -456,8 +455,8 @@ static void tile_any(int n, const float *q, const float *kt, const float *v, int
 }
 
 #ifndef RB
-#define RB 32 /* rows of a run attended together, each tile of keys and values read once for them (8: attention 25% slower at
-            * 512 tokens on Zen 4) */
+#define RB 32 /* rows of a run attended together, each tile of keys and values read once for them (8: attention 25%
+               * slower at 512 tokens on Zen 4) */
 #endif
 
 /* Rows b..b+rows-1 (rows <= RB) of run r, every query head of kv head `kvh` (`group` of them, q of row i at
@@ -497,7 +496,8 @@ static void swiglu_stage(const float *gu, int64_t F, int64_t lo, int64_t hi, int
 #if defined(LAMINA_AVX512)
         for (int i = 0; i < QK; i += 16) { /* e^-|x| on 16 lanes; sigmoid(x) = 1 / (1 + e^-x) = e^x / (1 + e^x) */
             const __m512 x = _mm512_loadu_ps(gate + i);
-            const __m512 t = exp_neg16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x))), one = _mm512_set1_ps(1.0f);
+            const __m512 one = _mm512_set1_ps(1.0f);
+            const __m512 t = exp_neg16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
             const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
             const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, t), _mm512_add_ps(one, t));
             _mm512_storeu_ps(tmp + i, _mm512_mul_ps(_mm512_mul_ps(x, sigmoid), _mm512_loadu_ps(up + i)));
@@ -550,9 +550,9 @@ static void stacked_rows(int parts, const void *const *w, const int32_t *types, 
 /* One step of B rows: h [B, dim] holds the rows' token embeddings on entry and their final normalised hidden states
  * on return; token b is at `positions[b]` of the sequence whose blocks row b of `tables` [B, width] lists (the caller
  * checks that every block a position needs is there and < num_blocks); rows of one sequence (the same table) attend
- * to each other causally. Every layer's keys and values for the rows are written to the caches. With an output projection in `m` and `logits` not NULL,
- * logits [B, vocab_size] are computed too. Returns 0, -1 when out of memory (nothing is written then), or -2 when a
- * sum over the ranks failed (the step stopped there). */
+ * to each other causally. Every layer's keys and values for the rows are written to the caches. With an output
+ * projection in `m` and `logits` not NULL, logits [B, vocab_size] are computed too. Returns 0, -1 when out of memory
+ * (nothing is written then), or -2 when a sum over the ranks failed (the step stopped there). */
 int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tables, int64_t width,
                   const int64_t *positions, float *logits) {
     const int64_t dim = m->dim, F = m->hidden_dim, H = m->n_heads, KVH = m->n_kv_heads, D = m->head_dim;
@@ -604,9 +604,10 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
     const int64_t per_thread = RB * group * (D + 2) + D; /* a thread's attend_run room, and a read of one vector */
     float *run_tmp = malloc(sizeof(float) * (size_t)(threads * per_thread));
     /* many rows: their panels made once a quantize stage for all the products after it (lamina_panel_prepare) */
-    void *panels = lamina_panel_rows() && B >= lamina_panel_rows() ? aligned_alloc(64, lamina_panel_bytes(B, widest)) : NULL;
+    const int prepared = lamina_panel_rows() && B >= lamina_panel_rows();
+    void *panels = prepared ? aligned_alloc(64, lamina_panel_bytes(B, widest)) : NULL;
     if (!qkv || !att || !gu || !rot || !scores || !q || !qd || !qs || (m->reduce && !part) || !run_tmp || !units ||
-        (n_runs && !gathered) || (lamina_panel_rows() && B >= lamina_panel_rows() && !panels)) {
+        (n_runs && !gathered) || (prepared && !panels)) {
         free(qkv); free(att); free(gu); free(rot); free(scores); free(q); free(qd); free(qs); free(part);
         free(run_tmp); free(gathered); free(runs); free(run_of); free(units); free(panels);
         return -1;
@@ -685,7 +686,8 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
             quantize_stage(att, H * D, NULL, 0.0, lo, hi, q, qd, qs);
 #pragma omp barrier
             PREPARE(H * D);
-            residual_product(m, L->wo_type, L->wo, dim, H * D, q, qd, qs, B, panels, h, part, &failed); /* += attention */
+            /* h += attention */
+            residual_product(m, L->wo_type, L->wo, dim, H * D, q, qd, qs, B, panels, h, part, &failed);
             if (failed) break;
 #pragma omp barrier
             SPLIT(B * dim / QK, 1);
@@ -704,7 +706,8 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
             swiglu_stage(gu, F, lo, hi, q, qd, qs);
 #pragma omp barrier
             PREPARE(F);
-            residual_product(m, L->w2_type, L->w2, dim, F, q, qd, qs, B, panels, h, part, &failed); /* += feed-forward */
+            /* h += feed-forward */
+            residual_product(m, L->w2_type, L->w2, dim, F, q, qd, qs, B, panels, h, part, &failed);
             if (failed) break;
 #pragma omp barrier
         }

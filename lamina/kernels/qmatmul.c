@@ -1321,7 +1321,8 @@ int64_t lamina_panel_groups(int64_t M) {
 #if defined(LAMINA_AVX512)
     return (M + PG - 1) / PG;
 #else
-    return 0 * M;
+    (void)M;
+    return 0;
 #endif
 }
 size_t lamina_panel_bytes(int64_t M, int64_t K) {
@@ -1330,7 +1331,8 @@ size_t lamina_panel_bytes(int64_t M, int64_t K) {
     const size_t bytes = sizeof(int32_t) * (size_t)(groups * (K / 2) * PG) + 3 * sizeof(float) * (size_t)(groups * (K / QK) * PG);
     return (bytes + 63) / 64 * 64;
 #else
-    return 0 * (size_t)(M * K);
+    (void)M, (void)K;
+    return 0;
 #endif
 }
 void lamina_panel_prepare(const int16_t *q, const float *d, const float *s, int64_t M, int64_t K, int64_t g0,
