@@ -66,6 +66,15 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         help="what the KV cache holds: auto (the model's dtype), f32, f16, bf16, or q8_0 (8-bit, a scale per 32)",
     )
     p.add_argument(
+        "--speculative-config",
+        type=_speculative_config,
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, as vLLM\'s: \'{"method": "ngram", "num_speculative_tokens": 8, '
+        '"prompt_lookup_max": 3, "prompt_lookup_min": 1}\' (prompt lookup) or \'{"model": PATH, '
+        '"num_speculative_tokens": 4}\' (a draft model sharing the tokenizer)',
+    )
+    p.add_argument(
         "--no-prefix-caching",
         dest="prefix_caching",
         action="store_false",
@@ -88,6 +97,17 @@ def _size(text: str) -> int:
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     unit = t[-1] if t and t[-1] in "KMGT" else ""
     return int(float(t.removesuffix(unit) if unit else t) * units[unit])
+
+
+def _speculative_config(text: str):
+    """--speculative-config's JSON, checked before the model is loaded."""
+    from lamina.engine.speculative import SpeculativeConfig
+    from lamina.errors import ConfigError
+
+    try:
+        return SpeculativeConfig.parse(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _checked(convert, ok, what: str):
@@ -255,6 +275,7 @@ def _load(args, show_progress: bool):
             prefill_dtype=args.prefill_dtype,
             prefix_caching=args.prefix_caching,
             kv_cache_dtype=args.kv_cache_dtype,
+            speculative_config=args.speculative_config,
             progress=progress,
         )
     finally:

@@ -24,6 +24,7 @@ import torch
 from lamina.engine import EngineConfig, EngineCore, Request, RequestOutput, SamplingParams, StructuredOutputs
 from lamina.engine.config import resolve_device, resolve_dtype
 from lamina.engine.runner import ModelRunner
+from lamina.engine.speculative import SpeculativeConfig
 from lamina import parallel
 from lamina.errors import CapacityError, ConfigError, RequestError, TokenizerError, WeightsError
 from lamina.model import Transformer, build_transformer
@@ -78,6 +79,8 @@ class Llama:
         *,
         formatter: ChatFormat | ChatTemplate | None = None,
         seed: int = 1,
+        speculative: SpeculativeConfig | dict | str | None = None,
+        draft_model: Transformer | None = None,
     ):
         if model.config.vocab_size < tokenizer.n_words:
             raise TokenizerError(
@@ -93,7 +96,20 @@ class Llama:
         self.config = config
         # The session's seed: requests without their own seed draw seeds from it, so a run is reproducible from
         # build(seed=...) without touching torch's global generator.
-        self.core = EngineCore(model, tokenizer, config, seed=check_seed(seed, ConfigError))
+        # Speculative decoding (lamina.engine.speculative): prompt lookup, or `draft_model` (the config's "model",
+        # already loaded: lamina.load reads it and checks its tokenizer).
+        if speculative is not None:
+            speculative = SpeculativeConfig.parse(speculative)
+            if (speculative.method == "draft_model") != (draft_model is not None):
+                raise ConfigError("speculative_config: a draft model is given with method 'draft_model', and only then")
+        self.core = EngineCore(
+            model,
+            tokenizer,
+            config,
+            seed=check_seed(seed, ConfigError),
+            speculative=speculative,
+            draft_model=draft_model,
+        )
         self._held = 0  # sequences of this object's calls still running (at most max_batch_size)
         self._ids = 0
 

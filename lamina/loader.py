@@ -13,12 +13,13 @@ import torch
 
 from lamina import kernels, parallel
 from lamina.engine.config import EngineConfig, check_limits, resolve_device, resolve_dtype
+from lamina.engine.speculative import SpeculativeConfig
 from lamina.errors import ConfigError, TokenizerError, WeightsError
 from lamina.llama import Llama, check_seed
-from lamina.model import ModelConfig
+from lamina.model import ModelConfig, Transformer
 from lamina.quant import MODES as QUANT_MODES
 from lamina.quant import PREFILL_DTYPES, build_model, use_kernels
-from lamina.tokenizer import ChatTemplate, HFTokenizer, Llama3Tokenizer, tokenizer_from_gguf
+from lamina.tokenizer import ChatTemplate, HFTokenizer, Llama3Tokenizer, tokenizer_difference, tokenizer_from_gguf
 from lamina.tokenizer.hf import read_tokenizer_config, special_token_strings
 from lamina.weights import load_gguf, load_hf_checkpoint, load_meta_checkpoint
 from lamina.weights.common import Progress
@@ -93,6 +94,7 @@ def load(
     tensor_parallel_size: int | None = None,
     prefix_caching: bool = True,
     kv_cache_dtype: str | torch.dtype | None = None,
+    speculative_config: SpeculativeConfig | dict | str | None = None,
     progress: Progress | None = None,
 ) -> Llama:
     """Load a model from a Meta directory, a Hugging Face directory or a GGUF file (None: the default model).
@@ -118,6 +120,9 @@ def load(
     AVX-512 BF16).
     `tensor_parallel_size` > 1 runs the model across that many processes started by torchrun (None: as many as the
     launch has, 1 outside one), each rank holding its share of the heads and hidden units (lamina.parallel).
+    `speculative_config`: speculative decoding, in vLLM's shape (lamina.engine.speculative.SpeculativeConfig): prompt
+    lookup {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}, or a
+    draft model {"model": PATH, "num_speculative_tokens": k} that shares this model's tokenizer.
     `progress(done, total)` is called while weights are read."""
     if path is None:
         path = default_model_path()
@@ -144,6 +149,33 @@ def load(
     dtype = resolve_dtype(dtype, device, blocks=quantize != "none")
     check_seed(seed, ConfigError)
     prefill_dtype = _check_kernels(kernel_path, prefill_dtype, native=quantize != "none" and device.type == "cpu")
+    spec = None if speculative_config is None else SpeculativeConfig.parse(speculative_config)
+    if spec is not None and spec.model is not None:
+        detect_format(spec.model)  # a wrong draft path is said before any weight is read
+    model, tokenizer, formatter, config = _read(path, fmt, quantize, device, dtype, tp, progress)
+    engine = EngineConfig(
+        _max_seq_len(config, max_seq_len),
+        max_batch_size,
+        device,
+        dtype,
+        compile=bool(compile),
+        block_size=block_size,
+        kv_cache_memory=kv_cache_memory,
+        max_step_tokens=max_step_tokens,
+        prefix_caching=bool(prefix_caching),
+        kv_cache_dtype="auto" if kv_cache_dtype is None else kv_cache_dtype,
+    )
+    if kernel_path is not None or prefill_dtype is not None:
+        use_kernels(model, kernel_path, prefill_dtype)
+    draft = None
+    if spec is not None and spec.model is not None:
+        draft = _read_draft(spec.model, device, tokenizer, progress)
+    return Llama(model, tokenizer, engine, formatter=formatter, seed=seed, speculative=spec, draft_model=draft)
+
+
+def _read(path: Path, fmt: Format, quantize: str, device, dtype, tp, progress):
+    """The model (built, on `device`, sharded under tensor parallelism `tp`), its tokenizer, its chat template (None:
+    the tokenizer's own format) and its configuration (the whole model's)."""
     select = None
     if tp is not None:  # every rank loads the same model, and reads only its part of each weight
         parallel.agree(tp, "the model", (str(path.resolve()), quantize, str(dtype)))
@@ -175,18 +207,6 @@ def load(
             if isinstance(fields.get(key), int) and fields[key] < len(tokens)
         }
         formatter = _template(fields.get("tokenizer.chat_template"), tokenizer, special)
-    engine = EngineConfig(
-        _max_seq_len(config, max_seq_len),
-        max_batch_size,
-        device,
-        dtype,
-        compile=bool(compile),
-        block_size=block_size,
-        kv_cache_memory=kv_cache_memory,
-        max_step_tokens=max_step_tokens,
-        prefix_caching=bool(prefix_caching),
-        kv_cache_dtype="auto" if kv_cache_dtype is None else kv_cache_dtype,
-    )
     if tp is not None:
         parallel.agree(tp, "the model's configuration", config)
     model = build_model(
@@ -195,9 +215,21 @@ def load(
     del state
     if tp is not None:
         parallel.parallelize(model, tp, config.vocab_size)
-    if kernel_path is not None or prefill_dtype is not None:
-        use_kernels(model, kernel_path, prefill_dtype)
-    return Llama(model, tokenizer, engine, formatter=formatter, seed=seed)
+    return model, tokenizer, formatter, config
+
+
+def _read_draft(path: str, device: torch.device, tokenizer, progress) -> Transformer:
+    """A speculative draft model, whole on every rank (it proposes on the rank that drives the engine), in its own
+    default quantization and dtype; refused when its tokenizer is not the target's."""
+    fmt = detect_format(path)
+    path = Path(path).expanduser()
+    quantize = "gguf" if fmt == "gguf" and device.type == "cpu" and kernels.available() else "none"
+    dtype = resolve_dtype(None, device, blocks=quantize != "none")
+    model, draft_tokenizer, _, _ = _read(path, fmt, quantize, device, dtype, None, progress)
+    difference = tokenizer_difference(tokenizer, draft_tokenizer)
+    if difference is not None:
+        raise ConfigError(f"speculative_config: the draft model {path} does not share the target's tokenizer: {difference}")
+    return model
 
 
 def _check_kernels(path: str | None, prefill_dtype, native: bool) -> torch.dtype | None:

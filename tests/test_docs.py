@@ -16,6 +16,7 @@ PAGES = [
     "structured-output",
     "kv-cache",
     "tensor-parallelism",
+    "speculative-decoding",
     "architecture",
     "benchmarks",
     "testing",

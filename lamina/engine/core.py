@@ -10,6 +10,7 @@ turns tokens into text and finish reasons. Outputs go back to the caller of `ste
 from __future__ import annotations
 
 import threading
+import time
 from typing import Hashable
 
 import torch
@@ -23,6 +24,7 @@ from lamina.engine.request import Request, RequestOutput, Status
 from lamina.engine.runner import ModelRunner
 from lamina.engine.sampler import Sampler
 from lamina.engine.scheduler import Scheduler, SchedulerConfig
+from lamina.engine.speculative import SpeculativeConfig, Speculator
 from lamina.errors import RequestError
 from lamina.model import Transformer
 from lamina.tokenizer import Tokenizer
@@ -35,7 +37,15 @@ class EngineCore:
     thread may both drive one core; each request's outputs reach it through its own sink)."""
 
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig, *, seed: int = 0, native: bool = True
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        *,
+        seed: int = 0,
+        native: bool = True,
+        speculative: SpeculativeConfig | None = None,
+        draft_model: Transformer | None = None,
     ):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         # kv_cache_memory sizes the keys and values; with prefix caching each position's final hidden state is kept
@@ -59,6 +69,14 @@ class EngineCore:
         self.sampler = Sampler(model.config.vocab_size, config.device, seed, self.grammars)
         self.output = OutputProcessor(tokenizer)
         self.lock = threading.RLock()
+        # Speculative decoding: prompt lookup, or a draft model whose keys and values sit in the target's blocks (a
+        # cache of its own with the same geometry, so the block pool and the prefix cache serve both).
+        self.speculator: Speculator | None = None
+        if speculative is not None:
+            draft = None
+            if draft_model is not None:
+                draft = ModelRunner(draft_model, config, native=native, num_blocks=num_blocks, block_size=block_size)
+            self.speculator = Speculator(speculative, draft, max_step_tokens=config.max_step_tokens)
 
     @property
     def has_work(self) -> bool:
@@ -85,19 +103,27 @@ class EngineCore:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one step; return an output for each request that got a token or finished (also sent to its sink)."""
+        spec = self.speculator
+        if spec is not None:
+            spec.propose(self.scheduler.running, self.pool, self.config.max_seq_len)
         step = self.scheduler.schedule()
         outputs = [self._emit(r, self.output.finish(r, "length")) for r in step.finished]
         if not step.chunks:
             return outputs
         self.sampler.prepare([c.request for c in step.chunks if c.samples])  # grammar masks, during the forward
+        started = time.perf_counter()
         forward = self.runner.execute(step.chunks)
         for request, positions, hidden in forward.scored:
             self.sampler.score_prompt(request, positions, hidden, self.runner.logits)
-        sampled = self.sampler(forward.logits, forward.sampling)
+        sampled = self.sampler(forward.logits, forward.sampling, forward.drafts)
+        if spec is not None and not forward.scored and all(c.length == 1 + len(c.draft) for c in step.chunks):
+            spec.timed(step.num_tokens, time.perf_counter() - started)  # a decode step: what its rows cost
         done = self.scheduler.advance(step, {r.request_id: t for r, t in zip(forward.sampling, sampled.tokens)})
-        for r, token, lp, top, complete in zip(
-            forward.sampling, sampled.tokens, sampled.logprobs, sampled.top_logprobs, sampled.complete
+        for b, (r, tokens, lps, tops, completes, draft) in enumerate(
+            zip(forward.sampling, sampled.tokens, sampled.logprobs, sampled.top_logprobs, sampled.complete, forward.drafts)
         ):
+            if draft:
+                spec.verified(r, draft, tokens, settled=sampled.settled[b])
             if r.finish_reason == "abort":
                 continue  # aborted while the step ran (by a sink)
             if r.matcher is not None and r.matcher.is_error():
@@ -105,10 +131,13 @@ class EngineCore:
                 error = RequestError(f"structured output failed: {r.matcher.get_error()}")
                 outputs.append(self._emit(r, self.output.failed(r, error)))
                 continue
-            out = self.output.token(r, token, lp, top, complete=complete)
-            if out.finish_reason is not None and r.status is not Status.FINISHED:
-                self.scheduler.finish(r, out.finish_reason)
-            outputs.append(self._emit(r, out))
+            for j, (token, lp, top, complete) in enumerate(zip(tokens, lps, tops, completes)):
+                out = self.output.token(r, token, lp, top, complete=complete, after=len(tokens) - 1 - j)
+                if out.finish_reason is not None and r.status is not Status.FINISHED:
+                    self.scheduler.finish(r, out.finish_reason)
+                outputs.append(self._emit(r, out))
+                if out.finish_reason is not None or r.finish_reason == "abort":
+                    break
         sampling = {id(r) for r in forward.sampling}
         outputs += [self._emit(r, self.output.finish(r, "length")) for r in done if id(r) not in sampling]
         return outputs

@@ -16,22 +16,30 @@ class OutputProcessor:
         request.decoder = StreamDecoder(self.tokenizer)
 
     def token(
-        self, request: Request, token: int, logprob: float | None, top: TopLogprobs | None, *, complete: bool = False
+        self,
+        request: Request,
+        token: int,
+        logprob: float | None,
+        top: TopLogprobs | None,
+        *,
+        complete: bool = False,
+        after: int = 0,
     ) -> RequestOutput:
-        """The output for a token just sampled (already in `request.output`). Its finish_reason is "stop" when the
-        token is a stop token (which is then not part of the completion), completes a stop string or completes the
-        request's structured-output constraint (`complete`), "length" when the request has reached its limit
-        (`request.status` says so), else None."""
+        """The output for a token just sampled (already in `request.output`, followed there by `after` more tokens
+        of the same step: a verified draft gives several). Its finish_reason is "stop" when the token is a stop token
+        (which is then not part of the completion), completes a stop string or completes the request's
+        structured-output constraint (`complete`), "length" when it is the step's last token and the request has
+        reached its limit (`request.status` says so), else None. A token that finishes the request takes the tokens
+        after it out of the output."""
         if token in request.stop_ids:
-            request.output.pop()
+            del request.output[len(request.output) - after - 1 :]
             return self.finish(request, "stop")
         request.text += request.decoder.add(token)
-        if complete:
-            return self.finish(request, "stop", token, logprob, top)
-        if request.finish_reason == "length":
-            return self.finish(request, "length", token, logprob, top)
-        if self._stop_string(request) is not None:
-            return self.finish(request, "stop", token, logprob, top)
+        if complete or (after == 0 and request.finish_reason == "length") or self._stop_string(request) is not None:
+            if after:
+                del request.output[len(request.output) - after :]
+            reason = "length" if not complete and request.finish_reason == "length" and after == 0 else "stop"
+            return self.finish(request, reason, token, logprob, top)
         held = self._held(request)
         text = request.text[request.emitted : len(request.text) - held]
         request.emitted = len(request.text) - held

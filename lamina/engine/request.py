@@ -82,6 +82,11 @@ class Request:
     seen: torch.Tensor | None = None  # [V] prompt and output tokens, for the repetition penalty
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # of prompt tokens 1.., as scored so far
     matcher: Any = None  # llguidance.LLMatcher following the output, for a request with structured_outputs
+    # speculative decoding's (lamina.engine.speculative): the tokens proposed to follow its last one, verified by the
+    # next step; how many leading positions the draft model's cache holds; its acceptance so far, and its back-off
+    draft: list[int] = field(default_factory=list)
+    draft_computed: int = 0
+    spec: Any = None  # speculative.Acceptance, made at its first proposal
     # the output processor's
     decoder: StreamDecoder | None = None
     text: str = ""  # everything decoded so far

@@ -20,13 +20,15 @@ from lamina.model import Decode, Prefill, Transformer
 
 @dataclass(frozen=True)
 class Forward:
-    """What a step's forward passes give: next-token logits [S, V] (float32), row i for request `sampling[i]` (the
-    chunks that sample: prompt chunks first, then decode tokens), and for requests scoring their prompt the hidden
+    """What a step's forward passes give: next-token logits [S, V] (float32) for the requests `sampling` (the chunks
+    that sample: prompt chunks first, then decode tokens), 1 + len(drafts[i]) rows for request i in order (the rows
+    after its last token and after each of its draft tokens), and for requests scoring their prompt the hidden
     states [n, dim] of the positions to score."""
 
     logits: torch.Tensor
     sampling: list[Request]
     scored: list[tuple[Request, range, torch.Tensor]]
+    drafts: list[tuple[int, ...]]
 
 
 class ModelRunner:
@@ -78,10 +80,13 @@ class ModelRunner:
         self.before_forward: Callable[[str, tuple], None] | None = None
 
     def execute(self, chunks: Sequence[Chunk]) -> Forward:
-        """Run a scheduled step: the one-token chunks of running requests in one decode step, every other chunk (a
-        prompt's, a recomputation's, or one scoring prompt tokens) packed into one prefill pass."""
+        """Run a scheduled step: the one-token chunks of running requests (with their draft tokens, if any) in one
+        decode step, every other chunk (a prompt's, a recomputation's, or one scoring prompt tokens) packed into one
+        prefill pass."""
         scores = [c.request.scored_positions(c.start, c.length) for c in chunks]
-        is_decode = [c.length == 1 and c.start > 0 and c.samples and not p for c, p in zip(chunks, scores)]
+        is_decode = [
+            c.length - len(c.draft) == 1 and c.start > 0 and c.samples and not p for c, p in zip(chunks, scores)
+        ]
         decode = [c for c, d in zip(chunks, is_decode) if d]
         prefill = [(c, p) for c, p, d in zip(chunks, scores, is_decode) if not d]
         logits, sampling, scored = [], [], []
@@ -104,15 +109,20 @@ class ModelRunner:
                 logits.append(self.logits(hidden[[i for _, i in wanted]]))
                 sampling += [c.request for c, _ in wanted]
         if decode:
+            # a row per token: a chunk with a draft gives rows at consecutive positions of one sequence, which
+            # attend causally to each other (every row's keys and values are stored before any row attends)
             logits.append(
                 self.decode(
-                    [c.tokens[0] for c in decode], [c.request.blocks for c in decode], [c.start for c in decode]
+                    [t for c in decode for t in c.tokens],
+                    [c.request.blocks for c in decode for _ in range(c.length)],
+                    [c.start + j for c in decode for j in range(c.length)],
                 )
             )
             sampling += [c.request for c in decode]
+        drafts = [()] * (len(sampling) - len(decode)) + [c.draft for c in decode]
         if not logits:
-            return Forward(torch.empty(0, device=self.config.device), [], scored)
-        return Forward(logits[0] if len(logits) == 1 else torch.cat(logits), sampling, scored)
+            return Forward(torch.empty(0, device=self.config.device), [], scored, [])
+        return Forward(logits[0] if len(logits) == 1 else torch.cat(logits), sampling, scored, drafts)
 
     def cached_hidden(self, table: Sequence[int], start: int, stop: int) -> torch.Tensor:
         """The final hidden states [stop - start, dim] of positions start..stop-1 of the sequence whose blocks

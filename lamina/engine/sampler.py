@@ -18,7 +18,8 @@ from lamina.engine.sampling import (
     apply_logit_bias,
     apply_penalties,
     apply_token_mask,
-    draw,
+    decided,
+    race,
     token_logprobs,
     top_logprobs,
     truncate,
@@ -31,13 +32,14 @@ SCORE_ROWS = 256
 
 @dataclass(frozen=True)
 class Sampled:
-    """A step's draws, row b for request b: the tokens, and where asked for their log-probabilities and
-    alternatives."""
+    """A step's draws, entry b for request b: its new tokens (one, or with a draft the accepted draft tokens and the
+    token after them), and for each, where asked for, its log-probability and alternatives."""
 
-    tokens: list[int]
-    logprobs: list[float | None]
-    top_logprobs: list[TopLogprobs | None]
-    complete: list[bool]  # the request's constraint is complete with this token: nothing may follow it
+    tokens: list[list[int]]
+    logprobs: list[list[float | None]]
+    top_logprobs: list[list[TopLogprobs | None]]
+    complete: list[list[bool]]  # the request's constraint is complete with this token: nothing may follow it
+    settled: list[bool] | None = None  # with drafts: False where a position was left undecided (Sampler.__call__)
 
 
 class Sampler:
@@ -86,15 +88,83 @@ class Sampler:
         if constrained:
             self._pending = (tuple(id(r) for r in constrained), self.grammars.start([r.matcher for r in constrained]))
 
-    def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> Sampled:
-        """The next token of each request from its row of raw logits [B, V] (float32)."""
+    def __call__(
+        self, logits: torch.Tensor, requests: Sequence[Request], drafts: Sequence[Sequence[int]] | None = None
+    ) -> Sampled:
+        """The next token of each request from its row of raw logits [B, V] (float32); or, with `drafts`, request b's
+        tokens from its 1 + len(drafts[b]) rows (speculative decoding: the rows after its last token and after each
+        draft token).
+
+        A draft is verified by drawing: at each of its positions the request draws its token exactly as it would
+        without a draft (same stages, same generator, the grammar and the penalties advanced by the tokens drawn so
+        far); a draft token is accepted when the draw equals it, and the first draw that differs is the last token.
+        That is the rejection rule of speculative sampling for a proposer whose distribution is one-hot on its
+        token (prompt lookup, a draft model's greedy choice): a draft token x is accepted with probability p(x), and
+        a rejected position's token is drawn from p without x. So the tokens keep the target's distribution, and a
+        seeded request draws the very tokens it draws without speculation.
+
+        Up to float rounding: a verification computes several rows at once, with products summed in another order
+        than one row's (differences of ~1e-5 in the logits). A position whose winner leads by less than
+        sampling.decided's margin is left undecided (nothing drawn there, the generator as it was; `settled` False)
+        for the next step to compute on its own."""
+        if drafts is None or not any(drafts):
+            flat, _ = self._rows(logits, requests)
+            return Sampled(
+                [[t] for t in flat.tokens],
+                [[lp] for lp in flat.logprobs],
+                [[top] for top in flat.top_logprobs],
+                [[c] for c in flat.complete],
+            )
+        tokens, lps, tops, complete = ([[] for _ in requests] for _ in range(4))
+        settled = [True] * len(requests)
+        first = [0]  # request b's rows start at first[b]
+        for d in drafts:
+            first.append(first[-1] + 1 + len(d))
+        live = list(range(len(requests)))  # requests whose draft is accepted so far
+        for i in range(max(len(d) for d in drafts) + 1):
+            live = [b for b in live if i <= len(drafts[b])]
+            guarded = [bool(drafts[b]) for b in live]
+            flat, sure = self._rows(logits[[first[b] + i for b in live]], [requests[b] for b in live], guarded)
+            still = []
+            for j, b in enumerate(live):
+                if not sure[j]:
+                    settled[b] = False
+                    continue
+                token = flat.tokens[j]
+                tokens[b].append(token)
+                lps[b].append(flat.logprobs[j])
+                tops[b].append(flat.top_logprobs[j])
+                complete[b].append(flat.complete[j])
+                accepted = i < len(drafts[b]) and token == drafts[b][i]
+                if accepted and not flat.complete[j] and token not in requests[b].stop_ids:
+                    still.append(b)
+            live = still
+        return Sampled(tokens, lps, tops, complete, settled)
+
+    def _rows(
+        self, logits: torch.Tensor, requests: Sequence[Request], guarded: Sequence[bool] | None = None
+    ) -> tuple[Sampled, list[bool]]:
+        """One token for each request from its row of raw logits [B, V]: a Sampled of flat lists, and whether each
+        row's token is decided (always, unless `guarded[b]`: see __call__). An undecided row changes nothing: its
+        request's generator, grammar and counts are as they were."""
         if not requests:
-            return Sampled([], [], [], [])
+            return Sampled([], [], [], []), []
+        guarded = [False] * len(requests) if guarded is None else list(guarded)
+        states = {b: r.generator.get_state() for b, r in enumerate(requests) if guarded[b] and not r.params.greedy}
         masked = self._constrain(logits, requests)
         if all(r.params.greedy and not r.params.logit_bias and r.counts is None for r in requests):
-            tokens = masked.argmax(dim=-1)  # every stage would leave the argmax as it is
+            scores, batch = masked, None  # every stage would leave the argmax as it is
         else:
-            tokens = self._draw(masked, requests)
+            scores, batch = self._scores(masked, requests)
+        tokens = scores.argmax(dim=-1)
+        sure = [True] * len(requests)
+        if any(guarded):
+            if batch is None:
+                batch = SamplingBatch.from_params([r.params for r in requests], self.vocab_size, logits.device)
+            sure = [s or not g for s, g in zip(decided(scores, batch).tolist(), guarded)]
+            for b, state in states.items():
+                if not sure[b]:
+                    requests[b].generator.set_state(state)
         # Log-probabilities of the model's own distribution (raw logits, as Meta and OpenAI report them), only for the
         # requests that ask; one host transfer for the tokens and their log-probabilities.
         want = [r.params.logprobs for r in requests]
@@ -114,13 +184,15 @@ class Sampler:
                     tops[i] = tuple(zip(alternatives[i, :n].tolist(), values[i, :n].tolist()))
         complete = [False] * len(requests)
         for i, (r, token) in enumerate(zip(requests, ids)):
+            if not sure[i]:
+                continue
             if r.counts is not None:
                 r.counts[token] += 1
                 r.seen[token] = True
             if r.matcher is not None and token not in r.stop_ids:
                 r.matcher.consume_token(token)
                 complete[i] = r.matcher.is_stopped()
-        return Sampled(ids, lps, tops, complete)
+        return Sampled(ids, lps, tops, complete), sure
 
     def _constrain(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         """The logits with each constrained row's forbidden tokens at -inf. Where a grammar may end, the choice to
@@ -149,8 +221,8 @@ class Sampler:
                 allowed[j] = True
         return apply_token_mask(logits, torch.tensor(rows, device=logits.device), allowed)
 
-    def _draw(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-        """Draws from processed logits: the stages after the grammar mask."""
+    def _scores(self, logits: torch.Tensor, requests: Sequence[Request]) -> tuple[torch.Tensor, SamplingBatch]:
+        """The stages after the grammar mask, up to the draw's scores (sampling.race: the token is their argmax)."""
         batch = SamplingBatch.from_params([r.params for r in requests], self.vocab_size, logits.device)
         processed = apply_logit_bias(logits, batch)
         if batch.penalties:
@@ -159,7 +231,7 @@ class Sampler:
             counts = torch.stack([r.counts if r.counts is not None else zeros_i for r in requests])
             seen = torch.stack([r.seen if r.seen is not None else zeros_b for r in requests])
             processed = apply_penalties(processed, counts, seen, batch)
-        return draw(truncate(processed, batch), batch, [r.generator for r in requests])
+        return race(truncate(processed, batch), batch, [r.generator for r in requests]), batch
 
     @staticmethod
     def score_prompt(

@@ -342,17 +342,31 @@ def draw(logits: torch.Tensor, batch: SamplingBatch, generators: Sequence[torch.
     each row with its own generator (None: torch's default), so a seeded request draws the same tokens whatever else
     is in the batch. Draws by the exponential race (argmax of p / E with E ~ Exp(1)): one vector op per row for the
     noise, no sorting."""
-    greedy = logits.argmax(dim=-1)
+    return race(logits, batch, generators).argmax(dim=-1)
+
+
+def race(logits: torch.Tensor, batch: SamplingBatch, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """The scores [B, V] whose argmax `draw` takes: the logits themselves for greedy rows, p / E for the others (the
+    generators advance as in `draw`)."""
     sampling = batch.temperature > 0
     if not bool(sampling.any()):
-        return greedy
+        return logits
     probs = torch.softmax(logits, dim=-1)
     noise = torch.ones_like(probs)  # greedy rows draw nothing (their result is the argmax)
     for row, (generator, sampled_row) in enumerate(zip(generators, sampling.tolist(), strict=True)):
         if sampled_row:
             noise[row].exponential_(generator=generator)
-    sampled = (probs / noise).argmax(dim=-1)
-    return torch.where(sampling, sampled, greedy)
+    return torch.where(sampling[:, None], probs / noise, logits)
+
+
+def decided(scores: torch.Tensor, batch: SamplingBatch, margin: float = 1e-3) -> torch.Tensor:
+    """[B] bool: whether each row's winner in `race`'s scores leads by more than `margin` (greedy rows: logits apart;
+    sampled rows: as a fraction of the winner's score), so that float rounding of the order of 1e-5 in the logits
+    (another batch's kernels) could not have changed it."""
+    top = scores.topk(2, dim=-1).values
+    greedy = top[:, 0] - top[:, 1] > margin
+    sampled = top[:, 1] < top[:, 0] * (1 - margin)
+    return torch.where(batch.temperature > 0, sampled, greedy)
 
 
 def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

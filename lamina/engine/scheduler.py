@@ -12,6 +12,10 @@ With prefix caching (the pool's `caching`), a request admitted with nothing comp
 that begin its tokens and computes only the rest; each block it fills is published for later requests. A request
 whose next block is being computed by a running request's prompt waits a step or more and then takes it, so prompts
 sharing a prefix that arrive together (a batch with one system prompt) compute it once.
+
+Speculative decoding: a decoding request may carry a draft (`Request.draft`, proposed by the engine core); its chunk
+then runs its last token and the draft's tokens, within the budget and the request's limits, in blocks taken for
+them. `advance` keeps the accepted draft tokens and gives back the blocks only rejected ones filled.
 """
 
 from __future__ import annotations
@@ -43,26 +47,31 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class Chunk:
     """Run `length` tokens of a request from position `start`; `samples`: the chunk ends at the request's last token
-    and the request wants a new one, so the forward pass yields its next-token logits."""
+    and the request wants a new one, so the forward pass yields its next-token logits. A decode chunk may carry
+    `draft`: tokens proposed to follow the last one (speculative decoding), run after it (they are the chunk's last
+    len(draft) tokens) so that one pass gives the logits that verify each of them."""
 
     request: Request
     start: int
     length: int
+    draft: tuple[int, ...] = ()
 
     @property
     def samples(self) -> bool:
-        return self.start + self.length == self.request.num_tokens and self.request.max_tokens > 0
+        return self.start + self.length - len(self.draft) == self.request.num_tokens and self.request.max_tokens > 0
 
     @property
     def tokens(self) -> list[int]:
         # Sliced from the prompt and the output without joining them (a decode step would copy each whole sequence).
-        r, start, end = self.request, self.start, self.start + self.length
+        r, start, end = self.request, self.start, self.start + self.length - len(self.draft)
         n = len(r.prompt)
         if end <= n:
-            return r.prompt[start:end]
-        if start >= n:
-            return r.output[start - n : end - n]
-        return r.prompt[start:] + r.output[: end - n]
+            own = r.prompt[start:end]
+        elif start >= n:
+            own = r.output[start - n : end - n]
+        else:
+            own = r.prompt[start:] + r.output[: end - n]
+        return own + list(self.draft) if self.draft else own
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.pending, budget)
+            draft = self._draft(req, budget)
+            if draft and not self.pool.grow(req.blocks, req.computed + n + len(draft)):
+                draft = ()  # no room for the draft's positions: decode as usual (no request is preempted for it)
+            n += len(draft)
             while not self.pool.grow(req.blocks, req.computed + n):
                 victim = self.running[-1]
                 if victim is req and len(self.running) == 1:  # alone and still too long for the whole cache
@@ -145,7 +158,7 @@ class Scheduler:
                     break
             if req.status is not Status.RUNNING:
                 continue  # it was finished or preempted: the list moved up
-            chunks.append(Chunk(req, req.computed, n))
+            chunks.append(Chunk(req, req.computed, n, draft))
             budget -= n
             i += 1
         # Admit waiting requests, oldest first, while there is room (none in a step that had to preempt).
@@ -176,9 +189,10 @@ class Scheduler:
         self.waiting.extendleft(reversed(deferred))
         return Step(tuple(chunks), tuple(preempted), tuple(finished))
 
-    def advance(self, step: Step, sampled: Mapping[Hashable, int]) -> list[Request]:
-        """Record a step the engine ran: each chunk's tokens are now cached, and each sampling chunk's new token
-        (`sampled[request_id]`) joins its output. Returns the requests that reached their token limit (finished,
+    def advance(self, step: Step, sampled: Mapping[Hashable, int | list[int]]) -> list[Request]:
+        """Record a step the engine ran: each chunk's tokens are now cached, and each sampling chunk's new tokens
+        (`sampled[request_id]`: one, or for a chunk with a draft the accepted draft tokens and the one after them)
+        join its output. Returns the requests that reached their token limit (finished,
         reason "length"; a request with no token to make, once its prompt is cached); the engine finishes others it
         decides are done (a stop token) with `finish`."""
         done = []
@@ -186,17 +200,38 @@ class Scheduler:
             req = chunk.request
             if req.status is not Status.RUNNING:
                 continue  # aborted while the step ran
-            req.computed = chunk.start + chunk.length
+            samples = chunk.samples  # (before the output grows)
+            req.computed = chunk.start + chunk.length - len(chunk.draft)
+            if samples:
+                tokens = sampled[req.request_id]
+                tokens = [tokens] if isinstance(tokens, int) else tokens
+                req.output.extend(tokens)
+                if chunk.draft:
+                    # The accepted draft tokens' keys and values are cached; those of the rejected ones are not
+                    # counted, and the blocks that only they filled go back to the pool.
+                    req.computed += len(tokens) - 1
+                    keep = self.pool.blocks_for(req.computed)
+                    rejected = req.blocks[keep:]
+                    del req.blocks[keep:]
+                    self.pool.free(rejected)
             if self.pool.caching:
                 self._publish(req)
-            if chunk.samples:
-                req.output.append(sampled[req.request_id])
-            elif req.max_tokens or req.computed < req.num_tokens:
+            if not samples and (req.max_tokens or req.computed < req.num_tokens):
                 continue
             if len(req.output) >= req.max_tokens or req.num_tokens >= self.config.max_seq_len:
                 self._finish(req, "length")
                 done.append(req)
         return done
+
+    def _draft(self, req: Request, budget: int) -> tuple[int, ...]:
+        """The part of a decoding request's proposed tokens (speculative decoding) that this step can verify: within
+        the step's token budget, the request's max_tokens and max_seq_len (each accepted token is an output token).
+        The proposal is used once."""
+        draft, req.draft = req.draft, []
+        if not draft or req.pending != 1:
+            return ()
+        room = min(budget - 1, req.max_tokens - len(req.output) - 1, self.config.max_seq_len - req.num_tokens - 1)
+        return tuple(draft[: max(room, 0)])
 
     def finish(self, request: Request, reason: str) -> None:
         self._finish(request, reason)
@@ -258,7 +293,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.pool.free(req.blocks)
-        req.computed, req.published, req.status = 0, 0, Status.WAITING
+        req.computed, req.published, req.status, req.draft_computed, req.draft = 0, 0, Status.WAITING, 0, []
         req.preemptions += 1
         self.waiting.appendleft(req)
 

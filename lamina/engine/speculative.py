@@ -1,18 +1,104 @@
-"""Speculative decoding's pure parts: proposing draft tokens by prompt lookup (an n-gram of the sequence's own
-tokens), and accepting a draft against the target model's distributions so that the tokens emitted keep the target's
-distribution exactly (the rejection rule of Leviathan et al. 2023 and Chen et al. 2023, as vLLM's rejection sampler
-and gpt-fast's `speculative_decode` apply it). Greedy decoding is the rule's special case: a one-hot target accepts
-a draft token exactly when it is the argmax, and the token after the last accepted one is the argmax.
+"""Speculative decoding: proposing tokens to follow a decoding request's last one (prompt lookup: an n-gram of the
+sequence's own tokens; or a small draft model's greedy choices), so that one forward pass of the target verifies
+several positions at once, and choosing each step how many proposals are worth verifying.
 
-Both are functions of plain values (token lists, probability tensors, a generator), for one sequence; the engine core
-batches the verification (issue 25)."""
+The engine core drives it: before each step `Speculator.propose` sets `Request.draft` for decoding requests, the
+scheduler gives each draft its positions, the runner computes logits at every one of them, the sampler verifies
+them by drawing (lamina.engine.sampler.Sampler: the target's distribution is kept exactly, and a seeded request
+draws the tokens it draws without speculation), and `Speculator.verified` learns from what was accepted.
+
+Never a slowdown: a step of R rows costs what it costs on this machine, measured as the engine runs (`StepCosts`:
+decode steps' seconds by their number of rows), and each request's draft tokens are worth what its acceptance so far
+says (`Acceptance`). Each step verifies the proposals that maximise the expected tokens per second: all of them while
+a step's time hardly grows with its rows (one stream: bound by reading the weights), none when the step is
+compute-bound (many streams) or the drafts keep failing.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import json
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from lamina.engine.blocks import BlockPool
+from lamina.engine.request import Request, Status
+from lamina.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's `speculative_config`: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n,
+    "prompt_lookup_min": m} (prompt lookup, n-grams of m..n tokens; both 5 when neither is given, one the other
+    when only one is), or {"model": PATH, "num_speculative_tokens": k} (a draft model, method "draft_model"; any
+    model lamina loads whose tokenizer is the target's). `disable_by_batch_size`: no speculation while this many
+    requests or more are decoding (None: decided by the measured cost of a step, see the module's docstring)."""
+
+    num_speculative_tokens: int
+    method: str = "ngram"
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+    model: str | None = None
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self):
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 32:
+            raise ConfigError(f"speculative_config: num_speculative_tokens must be an integer in 1..32, got {k!r}")
+        if self.method not in ("ngram", "draft_model"):
+            raise ConfigError(f"speculative_config: method must be 'ngram' or 'draft_model', got {self.method!r}")
+        if self.method == "draft_model" and not self.model:
+            raise ConfigError("speculative_config: method 'draft_model' needs a 'model' (a path lamina loads)")
+        if self.method == "ngram" and self.model is not None:
+            raise ConfigError("speculative_config: method 'ngram' takes no 'model' (leave out 'method' for a draft)")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if self.method == "ngram":
+            lo, hi = (5, 5) if lo is None and hi is None else (lo if lo is not None else hi, hi if hi is not None else lo)
+            for name, value in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ConfigError(f"speculative_config: {name} must be an integer >= 1, got {value!r}")
+            if lo > hi:
+                raise ConfigError(f"speculative_config: prompt_lookup_min {lo} is above prompt_lookup_max {hi}")
+            object.__setattr__(self, "prompt_lookup_min", lo)
+            object.__setattr__(self, "prompt_lookup_max", hi)
+        elif lo is not None or hi is not None:
+            raise ConfigError("speculative_config: prompt_lookup_min/max apply to method 'ngram' only")
+        b = self.disable_by_batch_size
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise ConfigError(f"speculative_config: disable_by_batch_size must be an integer >= 1, got {b!r}")
+
+    @classmethod
+    def parse(cls, spec: "SpeculativeConfig | Mapping[str, Any] | str") -> "SpeculativeConfig":
+        """From a dict in vLLM's shape or its JSON text (the CLI's --speculative-config); ConfigError names what
+        is wrong."""
+        if isinstance(spec, SpeculativeConfig):
+            return spec
+        if isinstance(spec, str):
+            try:
+                spec = json.loads(spec)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"speculative_config is not valid JSON ({e.msg} at column {e.colno}): {spec}") from None
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"speculative_config must be a JSON object (a dict), got {type(spec).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ConfigError(
+                f"speculative_config has unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}"
+            )
+        if "num_speculative_tokens" not in spec:
+            raise ConfigError("speculative_config needs 'num_speculative_tokens' (how many tokens to propose a step)")
+        values = dict(spec)
+        if values.get("method") is None:
+            values["method"] = "draft_model" if values.get("model") is not None else "ngram"
+        elif values["method"] == "draft":
+            values["method"] = "draft_model"
+        if values.get("model") is not None:
+            values["model"] = str(values["model"])
+        return cls(**values)
 
 
 def propose_ngram(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
@@ -33,48 +119,232 @@ def propose_ngram(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> list
     return []
 
 
-def accept(
-    draft: Sequence[int],
-    target_probs: torch.Tensor,
-    draft_probs: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> list[int]:
-    """The tokens a speculative step emits for one sequence, 1 to len(draft) + 1 of them.
+@dataclass
+class Acceptance:
+    """A request's record of accepted draft tokens, as a per-token acceptance rate: each verified position up to the
+    first rejection is a trial. Evidence fades (by FADE a verification, by IDLE_FADE a step that verified none of
+    its proposal) towards a hopeful prior, so that a request whose drafts failed earlier is tried again later (text
+    that starts copying after it did not)."""
 
-    draft: the k proposed tokens. target_probs [k + 1, V]: the target's next-token distribution at each draft
-    position and after the last (float; rows sum to 1; a greedy request's rows are one-hot on the argmax).
-    draft_probs [k, V]: the distributions the draft tokens were drawn from; None for a deterministic proposer
-    (prompt lookup), whose distribution is one-hot on its token.
+    accepted: float = 0.0
+    rejected: float = 0.0
+    hold: bool = False  # no draft at the next step (a position the last verification left undecided)
+    PRIOR = (3.0, 0.5)  # pseudo-trials (accepted, rejected): a new request's drafts are worth trying
+    FADE, IDLE_FADE = 0.8, 0.99
 
-    Draft token i is accepted with probability min(1, p(x) / q(x)); at the first rejection the step emits a draw from
-    the residual max(0, p - q) renormalised, and stops; when every draft token is accepted it emits a draw from the
-    last row (the bonus token). The emitted tokens are distributed as the target's own draws would be."""
-    k = len(draft)
-    if target_probs.dim() != 2 or target_probs.shape[0] != k + 1:
-        raise ValueError(f"target_probs must be [{k + 1}, V] for {k} draft tokens, got {tuple(target_probs.shape)}")
-    if draft_probs is not None and tuple(draft_probs.shape) != (k, target_probs.shape[1]):
-        raise ValueError(f"draft_probs must be [{k}, {target_probs.shape[1]}], got {tuple(draft_probs.shape)}")
-    p = target_probs.double()
-    out: list[int] = []
-    for i, token in enumerate(draft):
-        q = 1.0 if draft_probs is None else float(draft_probs[i, token])
-        u = float(torch.rand((), generator=generator, dtype=torch.float64))
-        if u * q < float(p[i, token]):  # u < p / q, without dividing by a q of 0
-            out.append(int(token))
-            continue
-        if draft_probs is None:
-            residual = p[i].clone()
-            residual[token] = 0.0
-        else:
-            residual = (p[i] - draft_probs[i].double()).clamp(min=0.0)
-        if float(residual.sum()) <= 0.0:  # p == q to rounding: the rejection had probability ~0; draw from p
-            residual = p[i]
-        out.append(_draw(residual, generator))
-        return out
-    out.append(_draw(p[k], generator))
-    return out
+    @property
+    def rate(self) -> float:
+        return (self.accepted + self.PRIOR[0]) / (self.accepted + self.rejected + self.PRIOR[0] + self.PRIOR[1])
+
+    def update(self, proposed: int, accepted: int) -> None:
+        self.accepted = self.FADE * self.accepted + accepted
+        self.rejected = self.FADE * self.rejected + (1 if accepted < proposed else 0)
+
+    def idle(self) -> None:
+        self.accepted *= self.IDLE_FADE
+        self.rejected *= self.IDLE_FADE
 
 
-def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One index drawn with probability proportional to `weights` (float64, non-negative, not all zero)."""
-    return int(torch.multinomial(weights / weights.sum(), 1, generator=generator))
+@dataclass
+class StepCosts:
+    """Seconds of a decode step by its number of rows, as measured (a moving average per row count), and estimated
+    in between by linear interpolation; beyond the largest count measured, as that one (so that larger steps get
+    measured once, not assumed costly forever)."""
+
+    seconds: dict[int, float] = field(default_factory=dict)
+    samples: dict[int, int] = field(default_factory=dict)
+    WEIGHT = 0.3  # of a new measurement
+
+    def record(self, rows: int, seconds: float) -> None:
+        old = self.seconds.get(rows)
+        self.seconds[rows] = seconds if old is None else (1 - self.WEIGHT) * old + self.WEIGHT * seconds
+        self.samples[rows] = self.samples.get(rows, 0) + 1
+
+    def estimate(self, rows: int) -> float:
+        if rows in self.seconds:
+            return self.seconds[rows]
+        if not self.seconds:
+            return 1.0
+        known = sorted(self.seconds)
+        lower = [r for r in known if r < rows]
+        upper = [r for r in known if r > rows]
+        if not lower:
+            return self.seconds[upper[0]]
+        if not upper:
+            return self.seconds[lower[-1]]
+        a, b = lower[-1], upper[0]
+        return self.seconds[a] + (self.seconds[b] - self.seconds[a]) * (rows - a) / (b - a)
+
+
+@dataclass
+class SpecStats:
+    """vLLM's spec-decode counters: drafts verified, their tokens, the tokens accepted, and accepted tokens by
+    position in the draft."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+
+BASELINE_EVERY = 50  # steps: one in this many runs without drafts, measuring what a plain step costs now
+MARGIN = 1.1  # drafts are verified only where they promise 10% more tokens a second than a plain step
+
+
+class Speculator:
+    """Proposes each step's drafts (`propose`), learns from their verification (`verified`) and from the steps'
+    times (`timed`). `draft` is the draft model's runner (a ModelRunner over the target's block geometry: the draft's
+    keys and values of a position sit in the same block as the target's), None for prompt lookup."""
+
+    def __init__(self, config: SpeculativeConfig, draft=None, *, max_step_tokens: int = 512):
+        if (config.method == "draft_model") != (draft is not None):
+            raise ValueError("a draft runner goes with method 'draft_model', and only with it")
+        self.config, self.draft = config, draft
+        self.k = config.num_speculative_tokens
+        self.max_step_tokens = max_step_tokens
+        self.costs = StepCosts()
+        self.draft_step = StepCosts()  # seconds of one batched draft forward, by its number of requests
+        self.stats = SpecStats(accepted_per_position=[0] * self.k)
+        self._steps = 0
+
+    # Choosing
+
+    def propose(self, running: Sequence[Request], pool: BlockPool, max_seq_len: int) -> None:
+        """Set `draft` on the decoding requests among `running` worth speculating for this step (others get [])."""
+        decoding = [r for r in running if r.status is Status.RUNNING and r.pending == 1 and r.computed > 0]
+        for r in decoding:
+            r.draft = []
+        limit = self.config.disable_by_batch_size
+        if not decoding or (limit is not None and len(decoding) >= limit):
+            return
+        caps = {}
+        for r in decoding:
+            cap = min(self.k, r.max_tokens - len(r.output) - 1, max_seq_len - r.num_tokens - 1)
+            if r.spec is not None and r.spec.hold:
+                r.spec.hold, cap = False, 0
+            if cap > 0:
+                caps[id(r)] = cap
+                if r.spec is None:
+                    r.spec = Acceptance()
+        candidates = [r for r in decoding if id(r) in caps]
+        if not candidates:
+            return
+        if self.draft is None:
+            proposals = {
+                id(r): propose_ngram(r.tokens, caps[id(r)], self.config.prompt_lookup_min, self.config.prompt_lookup_max)
+                for r in candidates
+            }
+            plan = self._plan(len(decoding), [(r, len(proposals[id(r)])) for r in candidates], draft_cost=None)
+            for r in candidates:
+                r.draft = proposals[id(r)][: plan.get(id(r), 0)]
+                if proposals[id(r)] and not r.draft:
+                    r.spec.idle()
+            return
+        plan = self._plan(len(decoding), [(r, caps[id(r)]) for r in candidates], draft_cost=self.draft_step)
+        chosen = [(r, plan[id(r)]) for r in candidates if plan.get(id(r), 0) > 0]
+        # room for the draft's own positions (last token .. num_tokens + n - 2), leaving a block a running request
+        spare = pool.num_free - len(running)
+        room = []
+        for r, n in chosen:
+            need = pool.blocks_for(r.num_tokens + n - 1) - len(r.blocks)
+            if need <= spare and pool.grow(r.blocks, r.num_tokens + n - 1):
+                spare -= max(need, 0)
+                room.append((r, n))
+        if room:
+            start = time.perf_counter()
+            self._draft_greedy(room)
+            self.draft_step.record(len(room), (time.perf_counter() - start) / max(n for _, n in room))
+
+    def _plan(self, n: int, offers: list[tuple[Request, int]], draft_cost: StepCosts | None) -> dict[int, int]:
+        """How many draft tokens to verify for each request (by id), to maximise expected tokens per second: the
+        next draft token of request r is accepted with probability rate(r)^(position + 1); a step of n + c rows
+        costs costs.estimate(n + c) seconds (plus, for a draft model, its forwards). Now and then none: the cost the
+        drafts are weighed against is measured, not assumed (a few steps of each batch size at first, then one in
+        BASELINE_EVERY)."""
+        self._steps += 1
+        if self.costs.samples.get(n, 0) < 3 or self._steps % BASELINE_EVERY == 0:
+            return {}
+        gains = [(r.spec.rate ** (j + 1), id(r)) for r, m in offers for j in range(m)]
+        gains.sort(key=lambda g: -g[0])
+        best, best_c, expected = n / self._cost(n, 0, draft_cost, {}), 0, float(n)
+        taken: dict[int, int] = {}
+        for c, (gain, rid) in enumerate(gains, 1):
+            expected += gain
+            taken[rid] = taken.get(rid, 0) + 1
+            rate = expected / self._cost(n, c, draft_cost, taken)
+            if rate > best:
+                best, best_c = rate, c
+        if best < MARGIN * n / self._cost(n, 0, draft_cost, {}):  # within the cost model's error: not worth it
+            best_c = 0
+        plan: dict[int, int] = {}
+        for _, rid in gains[:best_c]:
+            plan[rid] = plan.get(rid, 0) + 1
+        return plan
+
+    def _cost(self, n: int, c: int, draft_cost: StepCosts | None, taken: dict[int, int]) -> float:
+        seconds = self.costs.estimate(n + c)
+        if draft_cost is not None and c:
+            seconds += draft_cost.estimate(len(taken)) * max(taken.values()) if draft_cost.seconds else 0.0
+        return seconds
+
+    @torch.inference_mode()
+    def _draft_greedy(self, chosen: list[tuple[Request, int]]) -> None:
+        """Run the draft model over the tokens its cache lacks (at most max_step_tokens of them a step: a request
+        whose catch-up does not fit gets part of it and no draft this time), then `n` greedy tokens for each."""
+        runner, budget = self.draft, self.max_step_tokens
+        ready, runs = [], []  # requests that get drafts; (request, catch-up tokens) to run
+        for r, n in chosen:
+            r.draft_computed = min(r.draft_computed, r.computed)
+            need = r.num_tokens - r.draft_computed
+            if need <= budget:
+                ready.append((r, n))
+                runs.append((r, r.tokens[r.draft_computed :]))
+                budget -= need
+            elif budget > 0:
+                runs.append((r, r.tokens[r.draft_computed : r.draft_computed + budget]))
+                budget = 0
+        if not runs:
+            return
+        hidden = runner.prefill([t for _, t in runs], [r.blocks for r, _ in runs], [r.draft_computed for r, _ in runs])
+        ends = np.cumsum([len(t) for _, t in runs]) - 1
+        for r, t in runs:
+            r.draft_computed += len(t)
+        if not ready:
+            return
+        logits = runner.logits(hidden[torch.as_tensor(ends[: len(ready)])])  # the ready requests come first
+        for (r, _), t in zip(ready, logits.argmax(dim=-1).tolist()):
+            r.draft = [t]
+        live = [(r, n) for r, n in ready if n > 1]
+        while live:
+            logits = runner.decode(
+                [r.draft[-1] for r, _ in live],
+                [r.blocks for r, _ in live],
+                [r.num_tokens - 1 + len(r.draft) for r, _ in live],
+            )
+            for (r, _), t in zip(live, logits.argmax(dim=-1).tolist()):
+                r.draft_computed += 1
+                r.draft.append(t)
+            live = [(r, n) for r, n in live if len(r.draft) < n]
+
+    # Learning
+
+    def timed(self, rows: int, seconds: float) -> None:
+        """A decode step of `rows` rows (tokens and draft tokens, no prompt) took `seconds`."""
+        self.costs.record(rows, seconds)
+
+    def verified(self, request: Request, draft: Sequence[int], tokens: Sequence[int], *, settled: bool = True) -> None:
+        """A draft was verified: `tokens` are the step's tokens for `request` (accepted draft tokens, then one; fewer
+        when a position was left undecided, `settled` False: the next step computes it without a draft)."""
+        if not settled and request.spec is not None:
+            request.spec.hold = True
+        accepted = 0
+        while accepted < min(len(draft), len(tokens)) and tokens[accepted] == draft[accepted]:
+            accepted += 1
+        stats = self.stats
+        stats.drafts += 1
+        stats.draft_tokens += len(draft)
+        stats.accepted_tokens += accepted
+        for i in range(accepted):
+            stats.accepted_per_position[i] += 1
+        if request.spec is not None:
+            request.spec.update(len(draft), accepted)

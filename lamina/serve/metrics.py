@@ -103,6 +103,18 @@ class Metrics:
             ("vllm:prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", pool.hits),
         ]:
             lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value}"]
+        spec = core.speculator
+        if spec is not None:  # vLLM's spec-decode counters
+            st = spec.stats
+            for name, help, value in [
+                ("vllm:spec_decode_num_drafts_total", "Drafts verified (speculative decoding).", st.drafts),
+                ("vllm:spec_decode_num_draft_tokens_total", "Draft tokens verified.", st.draft_tokens),
+                ("vllm:spec_decode_num_accepted_tokens_total", "Draft tokens accepted.", st.accepted_tokens),
+            ]:
+                lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value}"]
+            name = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
+            lines += [f"# HELP {name} Draft tokens accepted, by position in the draft.", f"# TYPE {name} counter"]
+            lines += [f'{name}{{position="{i}"}} {n}' for i, n in enumerate(st.accepted_per_position)]
         lines += [
             "# HELP lamina_requests_finished_total Requests finished, by reason.",
             "# TYPE lamina_requests_finished_total counter",

@@ -1,6 +1,6 @@
 """Tokenizers and chat formats. Nothing here imports torch."""
 
-from lamina.tokenizer.base import Tokenizer
+from lamina.tokenizer.base import Tokenizer, tokenizer_difference
 from lamina.tokenizer.chat import ChatFormat, Dialog, Message
 from lamina.tokenizer.gguf import tokenizer_from_gguf
 from lamina.tokenizer.hf import HFTokenizer
@@ -17,5 +17,6 @@ __all__ = [
     "Message",
     "StreamDecoder",
     "Tokenizer",
+    "tokenizer_difference",
     "tokenizer_from_gguf",
 ]

@@ -28,3 +28,23 @@ class Tokenizer(Protocol):
     ) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def tokenizer_difference(a: Tokenizer, b: Tokenizer) -> str | None:
+    """How two tokenizers differ (the first difference found), or None when they map every id to the same text and
+    agree on BOS, EOS, the stop tokens and the special tokens: two models that share a tokenizer can verify each
+    other's tokens (speculative decoding's draft and target)."""
+    if a.n_words != b.n_words:
+        return f"{a.n_words} tokens against {b.n_words}"
+    for name in ("bos_id", "eos_id"):
+        if getattr(a, name) != getattr(b, name):
+            return f"{name} {getattr(a, name)} against {getattr(b, name)}"
+    if sorted(a.stop_tokens) != sorted(b.stop_tokens):
+        return f"stop tokens {sorted(a.stop_tokens)} against {sorted(b.stop_tokens)}"
+    if a.special_tokens != b.special_tokens:
+        differ = sorted(set(a.special_tokens.items()) ^ set(b.special_tokens.items()))
+        return f"special tokens differ ({differ[0][0]!r} first)"
+    for i in range(a.n_words):
+        if a.decode([i]) != b.decode([i]):
+            return f"token {i} is {a.decode([i])!r} against {b.decode([i])!r}"
+    return None

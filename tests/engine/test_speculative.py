@@ -1,16 +1,25 @@
-"""Speculative decoding's pure parts (lamina.engine.speculative): prompt lookup against a brute-force search, the
-greedy rule against the argmax by hand, and the rejection rule's output distribution against the exact probabilities
-of a small Markov-chain "model" (a chi-square test, with a control showing the test catches a wrong rule)."""
+"""Speculative decoding (lamina.engine.speculative and its use by the engine core): prompt lookup against a
+brute-force search; greedy and seeded tokens equal to those without speculation (drafts that are always right,
+always wrong, or prompt lookup's own) on a random model and the default model, with a draft model too; the emitted
+distribution against the exact probabilities (a chi-square test); stop tokens and strings, max_tokens, the context,
+structured output, logprobs and prompt logprobs, prefix caching, preemption and aborts with drafts in flight; the
+block pool all free after each; the configuration's errors."""
 
-import itertools
+import dataclasses
 import random
 
-import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
 
-from lamina.engine.speculative import accept, propose_ngram
+import lamina
+from lamina import ConfigError
+from lamina.engine import EngineCore
+from lamina.engine import speculative as spec_module
+from lamina.engine.sampling import SamplingParams, StructuredOutputs
+from lamina.engine.speculative import SpeculativeConfig, propose_ngram
+
+from .test_generate import _prompts
 
 
 def _lookup_by_hand(tokens, k, min_n, max_n):
@@ -46,88 +55,292 @@ def test_prompt_lookup_refuses_bad_settings():
         propose_ngram([1, 2, 3], k=0, min_n=1, max_n=2)
 
 
-def test_greedy_accepts_the_argmax_prefix_then_the_argmax():
-    rng = random.Random(1)
-    V = 6
-    for _ in range(200):
-        k = rng.randrange(0, 5)
-        best = [rng.randrange(V) for _ in range(k + 1)]  # the target's argmax at each position
-        draft = [b if rng.random() < 0.6 else rng.randrange(V) for b in best[:k]]
-        target = torch.nn.functional.one_hot(torch.tensor(best), V).float()
-        n = next((i for i in range(k) if draft[i] != best[i]), k)
-        assert accept(draft, target) == draft[:n] + [best[n]]
-        q = torch.softmax(torch.randn(k, V), -1)  # a drawn draft too: greedy stays greedy
-        assert accept(draft, target, q) == draft[:n] + [best[n]]
 
 
-def test_shapes_are_checked():
-    with pytest.raises(ValueError, match=r"target_probs must be \[3, V\]"):
-        accept([1, 2], torch.full((2, 4), 0.25))
-    with pytest.raises(ValueError, match=r"draft_probs must be \[2, 4\]"):
-        accept([1, 2], torch.full((3, 4), 0.25), torch.full((2, 5), 0.2))
+# ---- The engine core with drafts ---------------------------------------------------------------------------------
 
 
-V, LENGTH, SAMPLES = 4, 3, 12000
+def Engine(llama, spec: dict | None, *, always: bool = True, **config) -> EngineCore:
+    """A core of its own over `llama`'s model, speculating with `spec` (vLLM's shape); `always`: every proposal is
+    verified (the cost model would decline some on a machine where extra rows cost; here each path must run)."""
+    config = dataclasses.replace(llama.config, **({"block_size": 16} | config))
+    draft = getattr(llama, "draft_model", None)
+    engine = EngineCore(
+        llama.model,
+        llama.tokenizer,
+        config,
+        speculative=None if spec is None else SpeculativeConfig.parse(spec),
+        draft_model=draft if spec is not None and "model" in spec else None,
+    )
+    if always and engine.speculator is not None:
+        engine.speculator._plan = lambda n, offers, draft_cost: {id(r): m for r, m in offers if m}
+    engine.llama = llama
+    return engine
 
 
-def _chain(seed):
-    g = torch.Generator().manual_seed(seed)
-    m = torch.rand(V, V, generator=g, dtype=torch.float64) ** 2 + 0.02
-    return m / m.sum(-1, keepdim=True)
+def run(engine: EngineCore, prompts, params, *, abort_at: dict | None = None, max_steps: int = 2000) -> list[list]:
+    """Each prompt as a request (ids 0..), stepped until done: the outputs of each; `abort_at` {step: id}."""
+    for i, p in enumerate(prompts):
+        engine.add(engine.llama.new_request(p, params[i] if isinstance(params, list) else params, request_id=i))
+    outputs = [[] for _ in prompts]
+    for step in range(max_steps):
+        if not engine.has_work:
+            assert engine.pool.num_used == 0, "blocks left behind"
+            return outputs
+        if abort_at and step in abort_at:
+            engine.abort(abort_at[step])
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+    raise AssertionError("the engine did not finish")
 
 
-TARGET, DRAFTER = _chain(1), _chain(2)
+def tokens_of(outs) -> list[int]:
+    return [o.token for o in outs if o.token is not None]
 
 
-def _generate(rule, drafted: bool, k: int, g: torch.Generator) -> tuple[int, ...]:
-    """LENGTH tokens from the target chain (starting after token 0) by speculation rounds of k draft tokens, each
-    drawn from the drafter chain (drafted) or proposed deterministically (token (last + 1) % V), then `rule`."""
-    out = [0]
-    while len(out) < LENGTH + 1:
-        draft, q = [], []
-        last = out[-1]
-        for _ in range(k):
-            if drafted:
-                q.append(DRAFTER[last])
-                last = int(torch.multinomial(DRAFTER[last], 1, generator=g))
-            else:
-                last = (last + 1) % V
-            draft.append(last)
-        p = torch.stack([TARGET[t] for t in [out[-1], *draft]])
-        out += rule(draft, p, torch.stack(q) if drafted else None, g)
-    return tuple(out[1 : LENGTH + 1])
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 
 
-def _p_value(rule, drafted: bool, k: int, seed: int) -> float:
-    g = torch.Generator().manual_seed(seed)
-    counts = {seq: 0 for seq in itertools.product(range(V), repeat=LENGTH)}
-    for _ in range(SAMPLES):
-        counts[_generate(rule, drafted, k, g)] += 1
-    exact = {
-        seq: float(np.prod([TARGET[a, b] for a, b in zip((0, *seq[:-1]), seq)])) for seq in counts
-    }  # the chain's own probability of each sequence
-    observed = np.array([counts[s] for s in counts], dtype=float)
-    expected = np.array([exact[s] for s in counts]) * SAMPLES
-    return float(chisquare(observed, expected).pvalue)
+@pytest.fixture
+def oracle(monkeypatch):
+    """Prompt lookup replaced by a proposer that knows the answers: `oracle.answers` maps a prompt (tuple) to the
+    tokens it gets without speculation; each draft is what follows there (`oracle.wrong`: each token off by one, so
+    every draft token is rejected)."""
+
+    class Oracle:
+        answers: dict = {}
+        wrong = False
+        calls = 0
+
+        def __call__(self, tokens, k, min_n, max_n):
+            for prompt, answer in self.answers.items():
+                if tuple(tokens[: len(prompt)]) == prompt:
+                    done = len(tokens) - len(prompt)
+                    self.calls += 1
+                    draft = list(answer[done : done + k])
+                    return [(t + 1) % 1000 for t in draft] if self.wrong else draft
+            return []
+
+    o = Oracle()
+    monkeypatch.setattr(spec_module, "propose_ngram", o)
+    return o
 
 
-def _rejection_drawing_from_p(draft, p, q, g):
-    """The rule with a classic mistake: at a rejection it draws from the target's p instead of max(0, p - q)."""
-    out = []
-    for i, token in enumerate(draft):
-        q_token = 1.0 if q is None else float(q[i, token])
-        if float(torch.rand((), generator=g, dtype=torch.float64)) * q_token < float(p[i, token]):
-            out.append(token)
-            continue
-        return out + [int(torch.multinomial(p[i], 1, generator=g))]
-    return out + [int(torch.multinomial(p[-1], 1, generator=g))]
+def _baseline(llama, prompts, params, **config):
+    outs = run(Engine(llama, None, **config), prompts, params)
+    return outs, [tokens_of(o) for o in outs]
 
 
-@pytest.mark.parametrize("drafted, k", [(True, 2), (True, 3), (False, 2)])
-def test_rejection_keeps_the_targets_distribution(drafted, k):
-    """12,000 sequences of 3 tokens (64 outcomes) through speculation: their frequencies against the target chain's
-    exact probabilities, a chi-square test (p > 1e-3; measured with these seeds 0.92, 0.95 and 0.057; a fair rule
-    fails it one run in a thousand). The control beside it, the same rule drawing from p instead of the residual at
-    a rejection, fails the same test by far (p < 1e-9; measured 0): the test can see a wrong rule."""
-    assert _p_value(accept, drafted, k, seed=10 + k) > 1e-3
-    assert _p_value(_rejection_drawing_from_p, drafted, k, seed=10 + k) < 1e-9
+@pytest.mark.parametrize("wrong", [False, True])
+def test_greedy_tokens_and_logprobs_are_those_without_drafts(llama, oracle, wrong):
+    prompts = _prompts([3, 9, 5, 14, 6])
+    params = SamplingParams(temperature=0, max_tokens=20, logprobs=True, top_logprobs=2)
+    base_outs, base = _baseline(llama, prompts, params)
+    oracle.answers = {tuple(p): t for p, t in zip(prompts, base)}
+    oracle.wrong = wrong
+    engine = Engine(llama, NGRAM)
+    outs = run(engine, prompts, params)
+    assert [tokens_of(o) for o in outs] == base
+    for got, want in zip(outs, base_outs):
+        assert [o.logprob for o in got] == pytest.approx([o.logprob for o in want], abs=1e-4)
+        assert [o.finish_reason for o in got][-1] == want[-1].finish_reason
+        assert got[-1].completion_tokens == want[-1].completion_tokens  # usage counts tokens, not proposals
+    stats = engine.speculator.stats
+    assert stats.drafts > 10 and stats.draft_tokens > 30
+    if wrong:
+        assert stats.accepted_tokens == 0
+    else:  # the oracle's drafts are right but near ties, which go to a plain step
+        assert stats.accepted_tokens >= 0.9 * stats.draft_tokens
+        assert stats.accepted_per_position[0] >= stats.accepted_per_position[-1] > 0
+
+
+def test_seeded_sampling_draws_the_tokens_it_draws_without_drafts(llama, oracle):
+    prompts = _prompts([4, 7, 11])
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=s, max_tokens=16, logprobs=True) for s in (1, 2, 3)]
+    _, base = _baseline(llama, prompts, params)
+    oracle.answers = {tuple(p): t for p, t in zip(prompts, base)}
+    engine = Engine(llama, NGRAM)
+    assert [tokens_of(o) for o in run(engine, prompts, params)] == base
+    assert engine.speculator.stats.accepted_tokens > 0
+    # drafts that are always wrong: every position's draw is the same draw as without them
+    oracle.wrong = True
+    assert [tokens_of(o) for o in run(Engine(llama, NGRAM), prompts, params)] == base
+
+
+def test_the_emitted_distribution_is_the_targets(llama, monkeypatch):
+    """Three tokens after a prompt, 4000 times (4000 seeds), the second drafted at random among the likely tokens
+    (accepted about a third of the time, the third then the bonus draw), against the triple's exact probability
+    from the model's logits (chi-square, p > 1e-3); and the control: the draft taken as it is, unverified, fails."""
+    from lamina.engine.runner import ModelRunner
+
+    prompt = _prompts([5])[0]
+    likely = [11, 22, 33, 44]
+    bias = {t: 40.0 + 1.0 * i for i, t in enumerate(likely)}  # almost all the mass on four tokens, unevenly
+    params = [
+        SamplingParams(temperature=1.0, seed=s, max_tokens=3, logit_bias=bias, ignore_eos=True) for s in range(4000)
+    ]
+    rng = random.Random(0)
+    monkeypatch.setattr(spec_module, "propose_ngram", lambda tokens, k, lo, hi: [rng.choice(likely) for _ in range(k)])
+    engine = Engine(llama, NGRAM | {"num_speculative_tokens": 1}, max_batch_size=64, max_seq_len=16, max_waiting=4000)
+    triples = [tuple(tokens_of(o)) for o in run(engine, [prompt] * len(params), params)]
+    stats = engine.speculator.stats
+    assert stats.drafts >= 3900 and 0.1 < stats.accepted_tokens / stats.draft_tokens < 0.9
+    # exact probabilities: the model's logits after the prompt and each continuation, biased, softmaxed
+    runner = ModelRunner(llama.model, dataclasses.replace(llama.config, max_batch_size=1), native=False)
+    probs = {}
+    with torch.inference_mode():
+        for row in [prompt] + [prompt + [a] for a in likely] + [prompt + [a, b] for a in likely for b in likely]:
+            logits = runner.logits(runner.prefill([row], [[0]])[-1:])[0].double()
+            for t, b in bias.items():
+                logits[t] += b
+            probs[tuple(row)] = torch.softmax(logits, -1)
+    cells = [(a, b, c) for a in likely for b in likely for c in likely]
+    p = [float(probs[tuple(prompt)][a] * probs[tuple(prompt + [a])][b] * probs[tuple(prompt + [a, b])][c]) for a, b, c in cells]
+    assert sum(p) > 0.999
+    n = len(triples)
+    expected = [x / sum(p) * n for x in p]
+    assert sum(triples.count(c) for c in cells) >= 0.998 * n
+    assert chisquare(*_pooled([triples.count(c) for c in cells], expected)).pvalue > 1e-3
+    # the control: a second token taken from the proposer as it is (uniform among the four) is caught
+    control = [(a, rng.choice(likely), c) for a, _, c in triples]
+    assert chisquare(*_pooled([control.count(c) for c in cells], expected)).pvalue < 1e-9
+
+
+def _pooled(observed, expected, least=5.0):
+    """Cells expected fewer than `least` times pooled into one (the chi-square approximation needs counts)."""
+    small = [i for i, e in enumerate(expected) if e < least]
+    big = [i for i, e in enumerate(expected) if e >= least]
+    obs = [observed[i] for i in big] + [sum(observed[i] for i in small)]
+    exp = [expected[i] for i in big] + [sum(expected[i] for i in small)]
+    scale = sum(obs) / sum(exp)  # the few triples outside the 64 cells are left out of both
+    return obs, [e * scale for e in exp]
+
+
+def test_stop_tokens_stop_strings_and_limits_inside_a_draft(llama, oracle):
+    prompts = _prompts([4, 8, 6, 10])
+    plain = SamplingParams(temperature=0, max_tokens=24)
+    _, free = _baseline(llama, prompts, plain)
+    # a stop token, a stop string and a small max_tokens, each landing inside a draft of 4
+    detok = llama.tokenizer.decode
+    params = [
+        dataclasses.replace(plain, stop_token_ids=[free[0][6]]),
+        dataclasses.replace(plain, stop=[detok(free[1][5:7])] if detok(free[1][5:7]).strip() else []),
+        dataclasses.replace(plain, max_tokens=7),
+        plain,
+    ]
+    base_outs, base = _baseline(llama, prompts, params)
+    oracle.answers = {tuple(p): t for p, t in zip(prompts, free)}
+    outs = run(Engine(llama, NGRAM), prompts, params)
+    assert [tokens_of(o) for o in outs] == base
+    assert ["".join(o.text for o in got) for got in outs] == ["".join(o.text for o in got) for got in base_outs]
+    assert [got[-1].finish_reason for got in outs] == [got[-1].finish_reason for got in base_outs]
+    assert [got[-1].completion_tokens for got in outs] == [got[-1].completion_tokens for got in base_outs]
+    assert len(base[2]) == 7
+    # the context: a request that may only grow to max_seq_len
+    long = _prompts([60])[0]
+    _, base = _baseline(llama, [long], plain)
+    oracle.answers = {tuple(long): base[0]}
+    outs = run(Engine(llama, NGRAM), [long], plain)
+    assert tokens_of(outs[0]) == base[0] and len(long) + len(base[0]) == llama.config.max_seq_len
+
+
+def test_structured_output_rejects_draft_tokens_the_grammar_refuses(llama, oracle):
+    prompts = _prompts([5, 7])
+    params = SamplingParams(temperature=0, max_tokens=12, structured_outputs=StructuredOutputs(choice=["yes", "no way"]))
+    base_outs, base = _baseline(llama, prompts, params)
+    _, free = _baseline(llama, prompts, SamplingParams(temperature=0, max_tokens=12))
+    oracle.answers = {tuple(p): t for p, t in zip(prompts, free)}  # the unconstrained answer: the grammar refuses it
+    engine = Engine(llama, NGRAM)
+    outs = run(engine, prompts, params)
+    assert [tokens_of(o) for o in outs] == base
+    assert {"".join(o.text for o in got) for got in outs} <= {"yes", "no way"}
+    assert engine.speculator.stats.draft_tokens > 0
+
+
+def test_prompt_logprobs_prefix_caching_preemption_and_aborts(llama, oracle, reference):
+    shared = _prompts([20])[0]
+    prompts = [shared + p[1:] for p in _prompts([4, 6, 9, 3], seed=2)]
+    params = SamplingParams(temperature=0, max_tokens=18, prompt_logprobs=1, logprobs=True)
+    # a cache of 10 blocks of 16 for four requests of ~45 positions: some are preempted and recomputed
+    base_outs, base = _baseline(llama, prompts, params, kv_cache_memory=None)
+    oracle.answers = {tuple(p): t for p, t in zip(prompts, base)}
+    for config in ({}, {"kv_cache_memory": 10 * 16 * llama.model.config.n_layers * 2 * 8 * 16 * 4}):
+        engine = Engine(llama, NGRAM, **config)
+        outs = run(engine, prompts, params)
+        assert [tokens_of(o) for o in outs] == base
+        for got, want in zip(outs, base_outs):
+            assert got[0].prompt_logprobs is not None
+            assert [e and e[0] for e in got[0].prompt_logprobs] == pytest.approx(
+                [e and e[0] for e in want[0].prompt_logprobs], abs=1e-5
+            )
+        assert engine.pool.hits > 0  # the shared prefix came from the cache
+    engine = Engine(llama, NGRAM, kv_cache_memory=10 * 16 * llama.model.config.n_layers * 2 * 8 * 16 * 4)
+    run(engine, prompts, params)
+    assert engine.scheduler.requests == {}
+    # aborts while drafts are in flight: the pool is all free when the rest finish (run checks it)
+    engine = Engine(llama, NGRAM)
+    outs = run(engine, prompts, params, abort_at={3: 1, 5: 2})
+    assert outs[1][-1].finish_reason != "length" or len(tokens_of(outs[1])) < 18
+    assert tokens_of(outs[0]) == base[0] and tokens_of(outs[3]) == base[3]
+
+
+def test_prompt_lookup_on_the_default_model_keeps_greedy_and_seeded_tokens():
+    llm = lamina.load(max_batch_size=4, max_seq_len=512)
+    chats = [
+        "Repeat exactly: The quick brown fox jumps over the lazy dog near the bank of the river.",
+        "Copy this list: apples, pears, plums, apples, pears, plums, apples, pears.",
+        "Write the numbers from one to twenty in words, separated by commas.",
+        "What is the capital of France?",
+        'Give me a JSON object with keys "name" and "age" for Alice, 30.',
+        "Write a haiku about the sea.",
+    ]
+    prompts = [llm.formatter.encode_dialog_prompt([{"role": "user", "content": c}]) for c in chats]
+    prompts = [p.tokens if hasattr(p, "tokens") else p for p in prompts]
+    greedy = SamplingParams(temperature=0, max_tokens=48)
+    seeded = [SamplingParams(temperature=0.7, top_p=0.9, seed=i, max_tokens=48) for i in range(len(chats))]
+    for params in (greedy, seeded):
+        _, base = _baseline(llm, prompts, params, block_size=16)
+        engine = Engine(llm, NGRAM | {"num_speculative_tokens": 8}, block_size=16)
+        assert [tokens_of(o) for o in run(engine, prompts, params)] == base
+        assert engine.speculator.stats.accepted_tokens > 20
+
+
+def test_a_draft_model_keeps_greedy_tokens(tmp_path):
+    """The default model's weights in float32 as the target, drafted by the default Q4_1 file."""
+    draft_path = lamina.loader.default_model_path()
+    llm = lamina.load(quantize="none", dtype="float32", max_batch_size=2, max_seq_len=256, speculative_config={"model": str(draft_path), "num_speculative_tokens": 4})
+    assert llm.core.speculator.draft is not None
+    llm.draft_model = llm.core.speculator.draft.model
+    prompts = [llm.tokenizer.encode(t, bos=False, eos=False) for t in ("The capital of France is", "1, 2, 3, 4,")]
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    _, base = _baseline(llm, prompts, greedy)
+    engine = Engine(llm, {"model": str(draft_path), "num_speculative_tokens": 4})
+    assert [tokens_of(o) for o in run(engine, prompts, greedy)] == base
+    stats = engine.speculator.stats
+    assert stats.drafts > 5 and stats.accepted_tokens > stats.draft_tokens / 2  # the same weights, quantized
+
+
+def test_configuration_errors(tiny_ckpt, tokenizer_path, tmp_path):
+    for spec, message in [
+        ({}, "num_speculative_tokens"),
+        ({"num_speculative_tokens": 0}, "1..32"),
+        ({"num_speculative_tokens": 2, "method": "eagle"}, "'ngram' or 'draft_model'"),
+        ({"num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "above"),
+        ({"num_speculative_tokens": 2, "lookahead": 3}, "unknown key"),
+        ({"num_speculative_tokens": 2, "method": "ngram", "model": "x.gguf"}, "takes no 'model'"),
+        ("{not json", "not valid JSON"),
+        ([1, 2], "JSON object"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            SpeculativeConfig.parse(spec)
+    assert SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 3}).prompt_lookup_min == 5
+    assert SpeculativeConfig.parse('{"num_speculative_tokens": 3, "prompt_lookup_max": 4}').prompt_lookup_min == 4
+    assert SpeculativeConfig.parse({"model": "d.gguf", "num_speculative_tokens": 3}).method == "draft_model"
+    with pytest.raises(lamina.WeightsError, match="never downloads"):
+        lamina.load(speculative_config={"model": "someone/some-draft", "num_speculative_tokens": 2})
+    import shutil
+
+    other = shutil.copytree(tiny_ckpt, tmp_path / "llama3-tiny")
+    shutil.copy(tokenizer_path, other / "tokenizer.model")  # Llama 3's tokenizer, not SmolLM2's
+    with pytest.raises(ConfigError, match="does not share the target's tokenizer: 49152 tokens against 128256"):
+        lamina.load(max_batch_size=1, speculative_config={"model": str(other), "num_speculative_tokens": 2})

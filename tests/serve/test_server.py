@@ -506,3 +506,60 @@ def test_the_page_and_without_it_none(llama):
         finally:
             server.should_exit = True
             thread.join(timeout=30)
+
+
+def test_speculative_decoding_through_the_cli_serve_keeps_replies_and_counts_drafts(llama):
+    """`lamina serve --speculative-config` (prompt lookup): greedy replies, streamed or not, are the offline ones
+    without speculation, usage counts the tokens, and /metrics has vLLM's spec-decode counters."""
+    import json as json_module
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = {"method": "ngram", "num_speculative_tokens": 6, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lamina", "serve", "--port", str(port), "--max-seq-len", "512", "--speculative-config",
+         json_module.dumps(spec)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        prompt = "Repeat this line three times: the cat sat on the mat, the cat sat on the mat."
+        ids = llama.tokenizer.encode(prompt, bos=llama.tokenizer.add_bos, eos=False)
+        (offline,), _ = llama.generate([ids], 40, temperature=0)
+        name = client.models.list().data[0].id
+        reply = client.completions.create(model=name, prompt=prompt, max_tokens=40, temperature=0)
+        assert reply.choices[0].text == llama.tokenizer.decode(offline)
+        assert reply.usage.completion_tokens == len(offline)
+        streamed = client.completions.create(model=name, prompt=prompt, max_tokens=40, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in streamed) == reply.choices[0].text
+        metrics = httpx.get(f"{url}/metrics").text
+        values = {
+            line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("vllm:spec")
+        }
+        assert values["vllm:spec_decode_num_accepted_tokens_total"] <= values["vllm:spec_decode_num_draft_tokens_total"]
+        positions = [v for k, v in values.items() if k.startswith("vllm:spec_decode_num_accepted_tokens_per_pos")]
+        assert len(positions) == 6 and sum(positions) == values["vllm:spec_decode_num_accepted_tokens_total"]
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    # a malformed configuration is refused before the model loads
+    bad = subprocess.run(
+        [sys.executable, "-m", "lamina", "serve", "--speculative-config", '{"num_speculative_tokens": 0}'],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "num_speculative_tokens must be an integer in 1..32" in bad.stderr
+    assert "Traceback" not in bad.stderr
