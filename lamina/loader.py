@@ -228,7 +228,9 @@ def _read_draft(path: str, device: torch.device, tokenizer, progress) -> Transfo
     model, draft_tokenizer, _, _ = _read(path, fmt, quantize, device, dtype, None, progress)
     difference = tokenizer_difference(tokenizer, draft_tokenizer)
     if difference is not None:
-        raise ConfigError(f"speculative_config: the draft model {path} does not share the target's tokenizer: {difference}")
+        raise ConfigError(
+            f"speculative_config: the draft model {path} does not share the target's tokenizer: {difference}"
+        )
     return model
 
 

@@ -9,6 +9,7 @@ turns tokens into text and finish reasons. Outputs go back to the caller of `ste
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Hashable
@@ -74,8 +75,9 @@ class EngineCore:
         self.speculator: Speculator | None = None
         if speculative is not None:
             draft = None
-            if draft_model is not None:
-                draft = ModelRunner(draft_model, config, native=native, num_blocks=num_blocks, block_size=block_size)
+            if draft_model is not None:  # its cache in its own dtype (its blocks are counted by the target's pool)
+                own = dataclasses.replace(config, dtype=draft_model.norm.weight.dtype, kv_cache_dtype="auto")
+                draft = ModelRunner(draft_model, own, native=native, num_blocks=num_blocks, block_size=block_size)
             self.speculator = Speculator(speculative, draft, max_step_tokens=config.max_step_tokens)
 
     @property
@@ -119,9 +121,8 @@ class EngineCore:
         if spec is not None and not forward.scored and all(c.length == 1 + len(c.draft) for c in step.chunks):
             spec.timed(step.num_tokens, time.perf_counter() - started)  # a decode step: what its rows cost
         done = self.scheduler.advance(step, {r.request_id: t for r, t in zip(forward.sampling, sampled.tokens)})
-        for b, (r, tokens, lps, tops, completes, draft) in enumerate(
-            zip(forward.sampling, sampled.tokens, sampled.logprobs, sampled.top_logprobs, sampled.complete, forward.drafts)
-        ):
+        columns = (sampled.tokens, sampled.logprobs, sampled.top_logprobs, sampled.complete, forward.drafts)
+        for b, (r, tokens, lps, tops, completes, draft) in enumerate(zip(forward.sampling, *columns)):
             if draft:
                 spec.verified(r, draft, tokens, settled=sampled.settled[b])
             if r.finish_reason == "abort":

@@ -35,10 +35,14 @@ class OutputProcessor:
             del request.output[len(request.output) - after - 1 :]
             return self.finish(request, "stop")
         request.text += request.decoder.add(token)
-        if complete or (after == 0 and request.finish_reason == "length") or self._stop_string(request) is not None:
+        reason = None
+        if complete or self._stop_string(request) is not None:
+            reason = "stop"
+        elif after == 0 and request.finish_reason == "length":
+            reason = "length"
+        if reason is not None:
             if after:
                 del request.output[len(request.output) - after :]
-            reason = "length" if not complete and request.finish_reason == "length" and after == 0 else "stop"
             return self.finish(request, reason, token, logprob, top)
         held = self._held(request)
         text = request.text[request.emitted : len(request.text) - held]

@@ -143,8 +143,13 @@ class Scheduler:
             req = self.running[i]
             n = min(req.pending, budget)
             draft = self._draft(req, budget)
+            # room for the draft's positions, leaving the blocks the running requests after this one need now:
+            # decode as usual otherwise (no request is ever preempted for a draft)
+            extra = self.pool.blocks_for(req.computed + n + len(draft)) - len(req.blocks)
+            if draft and extra > 0 and extra > self.pool.num_free - self._needed(self.running[i + 1 :]):
+                draft = ()
             if draft and not self.pool.grow(req.blocks, req.computed + n + len(draft)):
-                draft = ()  # no room for the draft's positions: decode as usual (no request is preempted for it)
+                draft = ()
             n += len(draft)
             while not self.pool.grow(req.blocks, req.computed + n):
                 victim = self.running[-1]
@@ -222,6 +227,10 @@ class Scheduler:
                 self._finish(req, "length")
                 done.append(req)
         return done
+
+    def _needed(self, requests) -> int:
+        """Blocks the running `requests` need for their next chunk at least (one token each)."""
+        return sum(max(0, self.pool.blocks_for(r.computed + 1) - len(r.blocks)) for r in requests)
 
     def _draft(self, req: Request, budget: int) -> tuple[int, ...]:
         """The part of a decoding request's proposed tokens (speculative decoding) that this step can verify: within

@@ -56,7 +56,9 @@ class SpeculativeConfig:
             raise ConfigError("speculative_config: method 'ngram' takes no 'model' (leave out 'method' for a draft)")
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         if self.method == "ngram":
-            lo, hi = (5, 5) if lo is None and hi is None else (lo if lo is not None else hi, hi if hi is not None else lo)
+            if lo is None and hi is None:
+                lo = hi = 5
+            lo, hi = (hi if lo is None else lo), (lo if hi is None else hi)
             for name, value in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise ConfigError(f"speculative_config: {name} must be an integer >= 1, got {value!r}")
@@ -80,14 +82,17 @@ class SpeculativeConfig:
             try:
                 spec = json.loads(spec)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"speculative_config is not valid JSON ({e.msg} at column {e.colno}): {spec}") from None
+                raise ConfigError(
+                    f"speculative_config is not valid JSON ({e.msg} at column {e.colno}): {spec}"
+                ) from None
         if not isinstance(spec, Mapping):
             raise ConfigError(f"speculative_config must be a JSON object (a dict), got {type(spec).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(spec) - known)
         if unknown:
             raise ConfigError(
-                f"speculative_config has unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}"
+                f"speculative_config has unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(sorted(known))}"
             )
         if "num_speculative_tokens" not in spec:
             raise ConfigError("speculative_config needs 'num_speculative_tokens' (how many tokens to propose a step)")
@@ -230,15 +235,11 @@ class Speculator:
         if not candidates:
             return
         if self.draft is None:
-            proposals = {
-                id(r): propose_ngram(r.tokens, caps[id(r)], self.config.prompt_lookup_min, self.config.prompt_lookup_max)
-                for r in candidates
-            }
-            plan = self._plan(len(decoding), [(r, len(proposals[id(r)])) for r in candidates], draft_cost=None)
-            for r in candidates:
-                r.draft = proposals[id(r)][: plan.get(id(r), 0)]
-                if proposals[id(r)] and not r.draft:
-                    r.spec.idle()
+            lo, hi = self.config.prompt_lookup_min, self.config.prompt_lookup_max
+            offers = [(r, propose_ngram(r.tokens, caps[id(r)], lo, hi)) for r in candidates]
+            plan = self._plan(len(decoding), [(r, len(p)) for r, p in offers], draft_cost=None)
+            for r, proposal in offers:
+                r.draft = proposal[: plan.get(id(r), 0)]
             return
         plan = self._plan(len(decoding), [(r, caps[id(r)]) for r in candidates], draft_cost=self.draft_step)
         chosen = [(r, plan[id(r)]) for r in candidates if plan.get(id(r), 0) > 0]
@@ -262,29 +263,31 @@ class Speculator:
         drafts are weighed against is measured, not assumed (a few steps of each batch size at first, then one in
         BASELINE_EVERY)."""
         self._steps += 1
-        if self.costs.samples.get(n, 0) < 3 or self._steps % BASELINE_EVERY == 0:
-            return {}
-        gains = [(r.spec.rate ** (j + 1), id(r)) for r, m in offers for j in range(m)]
-        gains.sort(key=lambda g: -g[0])
-        best, best_c, expected = n / self._cost(n, 0, draft_cost, {}), 0, float(n)
-        taken: dict[int, int] = {}
-        for c, (gain, rid) in enumerate(gains, 1):
-            expected += gain
-            taken[rid] = taken.get(rid, 0) + 1
-            rate = expected / self._cost(n, c, draft_cost, taken)
-            if rate > best:
-                best, best_c = rate, c
-        if best < MARGIN * n / self._cost(n, 0, draft_cost, {}):  # within the cost model's error: not worth it
-            best_c = 0
         plan: dict[int, int] = {}
-        for _, rid in gains[:best_c]:
-            plan[rid] = plan.get(rid, 0) + 1
+        if self.costs.samples.get(n, 0) >= 3 and self._steps % BASELINE_EVERY:
+            gains = sorted(((r.spec.rate ** (j + 1), id(r)) for r, m in offers for j in range(m)), key=lambda g: -g[0])
+            plain = n / self.costs.estimate(n)
+            best, best_c, expected = plain, 0, float(n)
+            taken: dict[int, int] = {}
+            for c, (gain, rid) in enumerate(gains, 1):
+                expected += gain
+                taken[rid] = taken.get(rid, 0) + 1
+                rate = expected / self._cost(n + c, draft_cost, taken)
+                if rate > best:
+                    best, best_c = rate, c
+            if best >= MARGIN * plain:  # else within the cost model's error: not worth it
+                for _, rid in gains[:best_c]:
+                    plan[rid] = plan.get(rid, 0) + 1
+        for r, m in offers:
+            if m and id(r) not in plan:
+                r.spec.idle()
         return plan
 
-    def _cost(self, n: int, c: int, draft_cost: StepCosts | None, taken: dict[int, int]) -> float:
-        seconds = self.costs.estimate(n + c)
-        if draft_cost is not None and c:
-            seconds += draft_cost.estimate(len(taken)) * max(taken.values()) if draft_cost.seconds else 0.0
+    def _cost(self, rows: int, draft_cost: StepCosts | None, taken: dict[int, int]) -> float:
+        """Seconds of a step of `rows` rows, and of the draft model's forwards for the drafts `taken` (by request)."""
+        seconds = self.costs.estimate(rows)
+        if draft_cost is not None and draft_cost.seconds:
+            seconds += draft_cost.estimate(len(taken)) * max(taken.values())
         return seconds
 
     @torch.inference_mode()

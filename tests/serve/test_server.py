@@ -284,8 +284,8 @@ def test_a_failing_step_fails_its_requests_not_the_server(llama):
         thread.join(timeout=30)
 
 
-def test_sigterm_drains_streams_and_exits_cleanly():
-    import signal
+def _cli_server(*flags: str):
+    """`python -m lamina serve` on a free port with `flags`, once its /health answers: (the process, its URL)."""
     import subprocess
     import sys
 
@@ -293,18 +293,30 @@ def test_sigterm_drains_streams_and_exits_cleanly():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lamina", "serve", "--port", str(port), "--max-seq-len", "512"],
+        [sys.executable, "-m", "lamina", "serve", "--port", str(port), *flags],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the server did not answer /health within a minute")
+
+
+def test_sigterm_drains_streams_and_exits_cleanly():
+    import signal
+
+    proc, url = _cli_server("--max-seq-len", "512")
+    port = url.rsplit(":", 1)[1]
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         body = {"prompt": "Count to a thousand:", "max_tokens": 100, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
@@ -511,29 +523,12 @@ def test_the_page_and_without_it_none(llama):
 def test_speculative_decoding_through_the_cli_serve_keeps_replies_and_counts_drafts(llama):
     """`lamina serve --speculative-config` (prompt lookup): greedy replies, streamed or not, are the offline ones
     without speculation, usage counts the tokens, and /metrics has vLLM's spec-decode counters."""
-    import json as json_module
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     spec = {"method": "ngram", "num_speculative_tokens": 6, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lamina", "serve", "--port", str(port), "--max-seq-len", "512", "--speculative-config",
-         json_module.dumps(spec)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, url = _cli_server("--max-seq-len", "512", "--speculative-config", json.dumps(spec))
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         prompt = "Repeat this line three times: the cat sat on the mat, the cat sat on the mat."
         ids = llama.tokenizer.encode(prompt, bos=llama.tokenizer.add_bos, eos=False)
