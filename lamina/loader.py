@@ -150,8 +150,11 @@ def load(
     check_seed(seed, ConfigError)
     prefill_dtype = _check_kernels(kernel_path, prefill_dtype, native=quantize != "none" and device.type == "cpu")
     spec = None if speculative_config is None else SpeculativeConfig.parse(speculative_config)
-    if spec is not None and spec.model is not None:
-        detect_format(spec.model)  # a wrong draft path is said before any weight is read
+    if spec is not None and spec.model is not None:  # a wrong draft path is said before any weight is read
+        try:
+            detect_format(spec.model)
+        except WeightsError as e:
+            raise WeightsError(f"speculative_config's draft model: {e}") from None
     model, tokenizer, formatter, config = _read(path, fmt, quantize, device, dtype, tp, progress)
     engine = EngineConfig(
         _max_seq_len(config, max_seq_len),
