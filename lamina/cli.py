@@ -433,7 +433,8 @@ def _serve_rank0(args, llama, tp, followers) -> int:
             if failed:  # once is enough: a second SIGTERM, once uvicorn has let go of it, would end this process
                 return  # before it reaps the other ranks
             app.state.engine_loop.on_idle = None
-            gone = [f"rank {r} (pid {p.pid}) exited with status {p.poll()}" for r, p in _exited(followers)]
+            gone = _exited(followers, wait_s=3)
+            gone = [f"rank {r} (pid {p.pid}) exited with status {p.poll()}" for r, p in gone]
             failed.append("; ".join(gone) or f"a collective failed: {error}")
             print(f"lamina: error: the tensor-parallel group failed: {failed[-1]}", file=sys.stderr)
             os.kill(os.getpid(), signal.SIGTERM)
@@ -542,8 +543,21 @@ def _spawn_followers(world: int, argv: list[str]) -> list:
     ]
 
 
-def _exited(followers) -> list:
-    return [(r, p) for r, p in enumerate(followers or [], start=1) if p.poll() is not None]
+def _exited(followers, wait_s: float = 0.0) -> list:
+    """The following ranks that have ended. A killed rank's sockets close before its exit can be collected, so a
+    collective can fail before that rank's status is there: wait up to `wait_s` for one to end, then briefly for the
+    others that go with it."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    gone = [(r, p) for r, p in enumerate(followers or [], start=1) if p.poll() is not None]
+    while not gone and time.monotonic() < deadline:
+        time.sleep(0.05)
+        gone = [(r, p) for r, p in enumerate(followers or [], start=1) if p.poll() is not None]
+    if gone and wait_s:
+        time.sleep(0.2)
+        gone = [(r, p) for r, p in enumerate(followers or [], start=1) if p.poll() is not None]
+    return gone
 
 
 def _reap(followers) -> None:
