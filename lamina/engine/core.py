@@ -16,6 +16,7 @@ from typing import Hashable
 
 import torch
 
+from lamina import parallel
 from lamina.engine.blocks import BlockPool
 from lamina.engine.config import EngineConfig
 from lamina.engine.grammar import Grammars
@@ -79,6 +80,10 @@ class EngineCore:
                 own = dataclasses.replace(config, dtype=draft_model.norm.weight.dtype, kv_cache_dtype="auto")
                 draft = ModelRunner(draft_model, own, native=native, num_blocks=num_blocks, block_size=block_size)
             self.speculator = Speculator(speculative, draft, max_step_tokens=config.max_step_tokens)
+            tp = parallel.group_of(model)
+            if tp is not None:  # every rank plans the same steps: from rank 0's step times (none to share when
+                # rank 0 drives the others: it alone plans, lamina.parallel.drive)
+                self.speculator.share = lambda s: s if self.runner.before_forward else parallel.rank0_value(tp, s)
 
     @property
     def has_work(self) -> bool:

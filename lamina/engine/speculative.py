@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -211,6 +211,9 @@ class Speculator:
         self.draft_step = StepCosts()  # seconds of one batched draft forward, by its number of requests
         self.stats = SpecStats(accepted_per_position=[0] * self.k)
         self._steps = 0
+        # What a measured time becomes before the plan uses it: where several processes each run this engine on
+        # their shard of the model (offline tensor parallelism), rank 0's time for all, so that all plan one step.
+        self.share: Callable[[float], float] = lambda seconds: seconds
 
     # Choosing
 
@@ -254,7 +257,7 @@ class Speculator:
         if room:
             start = time.perf_counter()
             self._draft_greedy(room)
-            self.draft_step.record(len(room), (time.perf_counter() - start) / max(n for _, n in room))
+            self.draft_step.record(len(room), self.share((time.perf_counter() - start) / max(n for _, n in room)))
 
     def _plan(self, n: int, offers: list[tuple[Request, int]], draft_cost: StepCosts | None) -> dict[int, int]:
         """How many draft tokens to verify for each request (by id), to maximise expected tokens per second: the
@@ -333,7 +336,7 @@ class Speculator:
 
     def timed(self, rows: int, seconds: float) -> None:
         """A decode step of `rows` rows (tokens and draft tokens, no prompt) took `seconds`."""
-        self.costs.record(rows, seconds)
+        self.costs.record(rows, self.share(seconds))
 
     def verified(self, request: Request, draft: Sequence[int], tokens: Sequence[int], *, settled: bool = True) -> None:
         """A draft was verified: `tokens` are the step's tokens for `request` (accepted draft tokens, then one; fewer

@@ -28,13 +28,15 @@ holds, and its model's shapes), `layers` (the parallel layers that make a rank's
 from lamina.parallel.group import TensorParallel, agree, current, init, launched_ranks, setup
 from lamina.parallel.layers import AllReduce, VocabParallelEmbedding, VocabParallelLogits, parallelize
 from lamina.parallel.plan import build_config, local_config, shard, span, vocab_rows
-from lamina.parallel.protocol import drive, follow, heartbeat, release
+from lamina.parallel.protocol import drive, follow, group_of, heartbeat, rank0_value, release
 
 __all__ = [
     "current",
     "drive",
     "follow",
+    "group_of",
     "heartbeat",
+    "rank0_value",
     "release",
     "AllReduce",
     "VocabParallelEmbedding",

@@ -46,6 +46,20 @@ def heartbeat(tp: TensorParallel, every_s: float):
     return beat
 
 
+def rank0_value(tp: TensorParallel, value: float) -> float:
+    """Rank 0's `value` on every rank. Where every rank runs the engine itself (offline, under torchrun), a choice
+    made from a measurement (speculative decoding's plan, from step times) must be made from the same one on every
+    rank, or the ranks would run different steps and their collectives would not meet."""
+    box = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(box, src=0, group=tp.group)
+    return float(box.item())
+
+
+def group_of(model) -> TensorParallel | None:
+    """The tensor-parallel group a model was made part of (`parallelize`), None for a whole model."""
+    return getattr(model.output, "tp", None)
+
+
 def follow(runner, tp: TensorParallel) -> None:
     """A following rank: run every forward pass rank 0 announces on this rank's shard, until it says stop. Raises
     what a failed collective raises (rank 0 gone, or a timeout)."""

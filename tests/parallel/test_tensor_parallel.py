@@ -155,6 +155,32 @@ def test_default_gguf_c_step_sharded_and_each_rank_holds_its_share(tmp_path):
         assert r["weight_bytes"] == pytest.approx((whole - norms) / 3 + norms, rel=0.01)
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculative_decoding_sharded(tmp_path, method):
+    """Speculative decoding where every rank runs the engine on its third of the default GGUF: prompt lookup, or the
+    default file as an (unsharded) draft model. Each rank plans its steps from rank 0's step times, so all verify the
+    same drafts in the same steps; greedy and seeded tokens are one process's without speculation, drafts were
+    verified and accepted, and no block is left behind."""
+    one = lamina.load(device="cpu", dtype="float32", max_seq_len=256)
+    chats = ["Repeat exactly: the quick brown fox jumps over the lazy dog.", "Count from one to twelve in words."]
+    prompts = [one.encode_dialog([{"role": "user", "content": c}]) for c in chats]
+    tokens, logprobs = one.generate(prompts, 32, temperature=0, logprobs=True)
+    sampled, _ = one.generate(prompts, 32, temperature=0.8, top_p=0.9, seed=7)
+    config = {"method": "ngram", "num_speculative_tokens": 6, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    if method == "draft_model":
+        config = {"model": str(lamina.loader.default_model_path()), "num_speculative_tokens": 4}
+    spec = {"kind": "gguf", "max_seq_len": 256, "max_batch_size": 2, "prompts": prompts, "max_gen_len": 32}
+    ranks = torchrun(tmp_path, 3, {**spec, "speculative_config": config})
+    for r in ranks:
+        assert r["tokens"] == tokens and r["sampled"] == sampled
+        for ours, theirs in zip(r["logprobs"], logprobs):
+            assert ours == pytest.approx(theirs, abs=2e-3)
+        assert r["spec"] == ranks[0]["spec"]  # the same drafts verified on every rank
+        drafts, draft_tokens, accepted = r["spec"]
+        assert drafts > 0 and accepted > 0
+        assert r["used_blocks"] == 0
+
+
 def test_loaders_read_each_rank_its_part(tmp_path, tiny_ckpt):
     """What a loader reads through `select` (a rank's part of each weight) equals the same part cut from the whole
     model: GGUF blocks by rows and whole-block columns, Meta checkpoints of 1 and 2 shards (pieces overlapped or

@@ -33,6 +33,7 @@ def main() -> None:
             max_seq_len=spec["max_seq_len"],
             max_batch_size=spec["max_batch_size"],
             tensor_parallel_size=spec["world"],
+            speculative_config=spec.get("speculative_config"),
         )
     tokens, logprobs = llama.generate(spec["prompts"], spec["max_gen_len"], temperature=0, logprobs=True)
     sampled, _ = llama.generate(spec["prompts"], spec["max_gen_len"], temperature=0.8, top_p=0.9, seed=7)
@@ -48,6 +49,10 @@ def main() -> None:
         "c_step": llama.runner.native is not None,
         "weight_bytes": sum(t.numel() * t.element_size() for t in [*llama.model.parameters(), *llama.model.buffers()]),
     }
+    if llama.core.speculator is not None:
+        stats = llama.core.speculator.stats
+        out["spec"] = [stats.drafts, stats.draft_tokens, stats.accepted_tokens]
+        out["used_blocks"] = llama.core.pool.num_used
     if spec.get("pytorch_too") and llama.runner.native is not None:  # the same prompts on the PyTorch forward
         llama.runner.native = None
         out["pytorch_tokens"], out["pytorch_logprobs"] = llama.generate(
