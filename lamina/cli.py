@@ -511,6 +511,8 @@ def _startup_lines(args, llama, path: Path, name: str, tp) -> None:
     )
     if tp is not None:
         log.info("tensor parallel across %d processes", tp.world_size)
+    if llama.core.speculator is not None:
+        log.info("speculative decoding: %s", llama.core.speculator.config.describe())
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     url = f"http://{host}:{args.port}"
     where = f" (listening on all addresses, {args.host})" if host != args.host else ""
@@ -641,6 +643,7 @@ def _info(args) -> int:
             {"ChatTemplate": "yes (the model's own)", "ChatFormat": "Llama 3 built-in"}.get(template, template),
         ),
         ("stop tokens", ", ".join(f"{t} {llama.tokenizer.decode([t])!r}" for t in sorted(llama.stop_tokens))),
+        ("speculative", llama.core.speculator.config.describe() if llama.core.speculator else "off"),
     ]
     for key, value in rows:
         print(f"{key:>16}: {value}")

@@ -143,6 +143,13 @@ def test_info():
     assert f"decode step: {path}" in out.stdout
 
 
+def test_info_says_the_speculative_config():
+    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
+    out = run("info", "--max-seq-len", "256", "--speculative-config", spec)
+    assert out.returncode == 0, out.stderr
+    assert "speculative: prompt lookup of 1..3-grams, up to 4 tokens a step" in out.stdout
+
+
 @pytest.mark.parametrize(
     "args, code, message",
     [

@@ -105,6 +105,16 @@ class SpeculativeConfig:
             values["model"] = str(values["model"])
         return cls(**values)
 
+    def describe(self) -> str:
+        """One line for `lamina info` and the server's start-up log."""
+        if self.method == "ngram":
+            n = self.prompt_lookup_min, self.prompt_lookup_max
+            what = f"prompt lookup of {n[0]}-grams" if n[0] == n[1] else f"prompt lookup of {n[0]}..{n[1]}-grams"
+        else:
+            what = f"draft model {self.model}"
+        off = f", off from {self.disable_by_batch_size} decoding requests" if self.disable_by_batch_size else ""
+        return f"{what}, up to {self.num_speculative_tokens} tokens a step{off}"
+
 
 def propose_ngram(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
     """Up to `k` draft tokens by prompt lookup: for the longest n in max_n..min_n whose last n tokens occur earlier in
