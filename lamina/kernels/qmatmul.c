@@ -959,7 +959,7 @@ LAMINA_SPLIT(T_Q4_K) LAMINA_SPLIT(T_Q5_K) LAMINA_SPLIT(T_Q6_K)
 
 /* One activation row: its values q, for SPLIT formats split into bytes (hi, lo, half: split_row), and its scales d
  * and sums s contiguous. */
-typedef struct { const int16_t *q; const int8_t *hi; const uint8_t *lo; const float *half, *d, *s; } one_row;
+typedef struct { const int16_t *q; const int8_t *hi; const uint8_t *lo; const float *half, *d, *s; int64_t K; } one_row;
 /* That row against weight rows 0..rows-1, one at a time in one loop (kquant_split or row512), written to (or added
  * to) y[0..rows-1]: a call per weight row cost as much as a third of the time of a row of 2048 weights. */
 #define LAMINA_ROWS(T)                                                                                              \
@@ -982,6 +982,257 @@ static const rows_fn ROWS[LAMINA_NTYPES] = {
     [T_Q5_1] = rows_T_Q5_1, [T_IQ4_NL] = rows_T_IQ4_NL, [T_IQ4_XS] = rows_T_IQ4_XS, [T_Q2_K] = rows_T_Q2_K,
     [T_Q3_K] = rows_T_Q3_K, [T_Q4_K] = rows_T_Q4_K, [T_Q5_K] = rows_T_Q5_K, [T_Q6_K] = rows_T_Q6_K,
 };
+
+/* ---- A few activation rows (2..FEW_ROWS, AVX-512): each weight row read once for all of them --------------------
+ *
+ * A decode step of a few sequences, or of one sequence and its draft tokens (speculative decoding), is as
+ * memory-bound as one row: the weights are what costs, and each weight vector unpacked once can serve every row.
+ * Here each weight row meets the activation rows up to 4 at a time (their accumulators in registers) while it sits
+ * in L1, one weight row after the other in one stream a thread (as the one-row path). Each activation row's
+ * arithmetic is the one-row kernel's (kquant_split / row512 with one weight row): the same products, scales and
+ * additions in the same order, so a row's result is bitwise what it gets alone, whatever else is in the step
+ * (a verified draft token's logits are those of the step without it). */
+#ifndef FEW_ROWS
+#define FEW_ROWS 8 /* activation rows up to which this path beats the panels on weights from memory (Zen 4) */
+#endif
+#ifndef FEW_BYTES
+#define FEW_BYTES (1 << 20) /* a matrix larger than this comes from memory (more than a core's L2) */
+#endif
+/* Whether M activation rows go through this path: up to FEW_ROWS where the matrix comes from memory. Where it sits
+ * in cache the products are compute-bound, and the tiles (4 rows a vector) and the panels (16) spend about as few
+ * instructions a product or fewer (SmolLM2's 576-wide matrices, Zen 4: 2-3 rows 20% faster here, 4-5 rows 5% slower;
+ * from memory, Llama 3 1B's Q4_K/Q6_K, 2 rows: 2.5x faster than the tiles; 8 rows as fast as the panels). */
+static inline int few_rows_path(int64_t M, int64_t N, int64_t row_bytes) {
+    return M >= 2 && M <= FEW_ROWS && N * row_bytes > FEW_BYTES;
+}
+
+static inline __attribute__((always_inline)) void kquant_few(const int t, const uint8_t *x0, const one_row *a,
+                                                             const int m, float *out) {
+    static const int32_t IDX45[4][16] = {{0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2},
+                                         {1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3},
+                                         {4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6},
+                                         {5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7}};
+    static const int32_t IDX6[4][16] = {{0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
+                                        {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
+                                        {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
+                                        {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
+    const int bytes = TRAITS[t].bytes;
+    const int64_t K = a[0].K;
+    const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512 acc[4][2], bias[4], off[4], S[4];
+    for (int j = 0; j < m; j++) acc[j][0] = acc[j][1] = bias[j] = off[j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < K / 256; g++) {
+        const uint8_t *x = x0 + g * bytes;
+        for (int o = 0; o < bytes; o += 64) __builtin_prefetch(x + PF_ONE + o);
+        /* the weight row's scales once; each activation row's products with them as kquant_split's */
+        __m512 sc = _mm512_setzero_ps(), dm = _mm512_setzero_ps();
+        if (t == T_Q6_K) {
+            const __m128i sc8 = _mm_loadu_si128((const __m128i *)(x + 192));
+            sc = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8))),
+                                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8))), 1);
+        } else {
+            dm = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)u32_at(x)))));
+            sc = k4_scales_mins(x + 4);
+        }
+        for (int j = 0; j < m; j++) {
+            const __m256 XD = _mm256_loadu_ps(a[j].d + 8 * g);
+            if (t == T_Q6_K) {
+                const __m512 x16 = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(XD));
+                S[j] = _mm512_mul_ps(_mm512_mul_ps(sc, _mm512_set1_ps(f16_at(x + 208))), x16);
+                bias[j] = _mm512_fmadd_ps(S[j], _mm512_loadu_ps(a[j].half + 16 * g), bias[j]);
+            } else {
+                const __m512 XDS = _mm512_insertf32x8(_mm512_castps256_ps512(XD),
+                                                      _mm256_sub_ps(_mm256_setzero_ps(), _mm256_loadu_ps(a[j].s + 8 * g)), 1);
+                S[j] = _mm512_mul_ps(_mm512_mul_ps(sc, dm), XDS);
+                off[j] = _mm512_mask_add_ps(off[j], 0xff00, off[j], S[j]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++) {
+            const __m512i idx = _mm512_loadu_si512((const void *)(t == T_Q6_K ? IDX6[v] : IDX45[v]));
+            const __m512i w = split_weights(t, x, v);
+            for (int j = 0; j < m; j++) {
+                const __m512i hi = _mm512_loadu_si512((const void *)(a[j].hi + 256 * g + 64 * v));
+                const __m512i lo = _mm512_loadu_si512((const void *)(a[j].lo + 256 * g + 64 * v));
+                const __m512i high = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, hi), 8);
+                const __m512i p = _mm512_dpbusd_epi32(high, lo, w);
+                acc[j][v & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, S[j]), acc[j][v & 1]);
+            }
+        }
+    }
+    for (int j = 0; j < m; j++)
+        out[j] = hsum16(_mm512_fmadd_ps(bias[j], _mm512_set1_ps(-32.0f),
+                                        _mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), off[j])));
+}
+
+static inline __attribute__((always_inline)) void row512_few(const int wtype, const uint8_t *x0, const one_row *a,
+                                                             const int m, float *out) {
+    const int block = TRAITS[wtype].block, bytes = TRAITS[wtype].bytes, chunks = block / QK;
+    const int has_off = wtype == T_Q4_1 || wtype == T_Q5_1;
+    const int64_t K = a[0].K, nb = K / QK, groups = nb / 8;
+    __m512 acc[4][2];
+    __m256 off[4];
+    float S[4][8], tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j = 0; j < m; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps(), off[j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *base = x0 + (chunks == 8 ? g * bytes : 8 * g * bytes);
+        for (int o = 0; o < (chunks == 8 ? bytes : 8 * bytes); o += 64) __builtin_prefetch(base + PF_ONE + o);
+        __m256 scales, offsets;
+        group_scales(wtype, base, &scales, &offsets);
+        for (int j = 0; j < m; j++) {
+            _mm256_storeu_ps(S[j], _mm256_mul_ps(scales, _mm256_loadu_ps(a[j].d + 8 * g)));
+            if (has_off) off[j] = _mm256_fmadd_ps(offsets, _mm256_loadu_ps(a[j].s + 8 * g), off[j]);
+        }
+        __asm__ volatile("" ::: "memory"); /* broadcast S from memory (a load), not by shuffles */
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++) {
+            const __m512i w = unpack512(wtype, base, bytes, c);
+            for (int j = 0; j < m; j++) {
+                const __m512i av = _mm512_loadu_si512((const void *)(a[j].q + (8 * g + c) * QK));
+                const __m512i p = _mm512_madd_epi16(w, av);
+                acc[j][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(S[j][c]), acc[j][c & 1]);
+                if (wtype == T_Q2_K) {
+                    const __m512i mn = _mm512_inserti64x4(_mm512_set1_epi16(base[2 * c] >> 4),
+                                                          _mm256_set1_epi16(base[2 * c + 1] >> 4), 1);
+                    acc[j][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(mn, av)),
+                                                    _mm512_set1_ps(-f16_at(base + 82) * a[j].d[8 * g + c]), acc[j][c & 1]);
+                }
+            }
+        }
+    }
+    for (int64_t b = groups * 8; b < nb; b++) { /* 32-weight formats only: 256-weight rows are whole groups */
+        float o;
+        const uint8_t *x = x0 + b * bytes;
+        const float scale = chunk_scale(wtype, x, 0, &o);
+        const __m512i w = unpack512(wtype, x, bytes, 0);
+        for (int j = 0; j < m; j++) {
+            const __m512i p = _mm512_madd_epi16(w, _mm512_loadu_si512((const void *)(a[j].q + b * QK)));
+            acc[j][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(scale * a[j].d[b]), acc[j][0]);
+            if (has_off) tail[j] += o * a[j].s[b];
+        }
+    }
+    for (int j = 0; j < m; j++) out[j] = hsum16(_mm512_add_ps(acc[j][0], acc[j][1])) + hsum8(off[j]) + tail[j];
+}
+
+/* Weight rows 0..rows-1 against the M activation rows `a`, written to (or added to) y [M, ldy]. */
+#define LAMINA_FEW(T)                                                                                               \
+    static void few_##T(const uint8_t *w, int64_t row_bytes, const one_row *a, int64_t M, int64_t rows, float *y,  \
+                        int64_t ldy, int accumulate) {                                                              \
+        float out[4];                                                                                               \
+        for (int64_t r = 0; r < rows; r++)                                                                          \
+            for (int64_t j0 = 0; j0 < M; j0 += 4) {                                                                 \
+                const int m = M - j0 < 4 ? (int)(M - j0) : 4;                                                      \
+                const uint8_t *x = w + r * row_bytes;                                                               \
+                if (m == 4) SPLIT(T) ? kquant_few(T, x, a + j0, 4, out) : row512_few(T, x, a + j0, 4, out);        \
+                else if (m == 3) SPLIT(T) ? kquant_few(T, x, a + j0, 3, out) : row512_few(T, x, a + j0, 3, out);   \
+                else if (m == 2) SPLIT(T) ? kquant_few(T, x, a + j0, 2, out) : row512_few(T, x, a + j0, 2, out);   \
+                else SPLIT(T) ? kquant_few(T, x, a + j0, 1, out) : row512_few(T, x, a + j0, 1, out);               \
+                for (int j = 0; j < m; j++) {                                                                       \
+                    float *o = y + (j0 + j) * ldy + r;                                                              \
+                    *o = out[j] + (accumulate ? *o : 0.0f);                                                         \
+                }                                                                                                   \
+            }                                                                                                       \
+    }
+LAMINA_FEW(T_Q4_1) LAMINA_FEW(T_Q8_0) LAMINA_FEW(T_Q4_0) LAMINA_FEW(T_Q5_0) LAMINA_FEW(T_Q5_1)
+LAMINA_FEW(T_IQ4_NL) LAMINA_FEW(T_IQ4_XS) LAMINA_FEW(T_Q2_K) LAMINA_FEW(T_Q3_K) LAMINA_FEW(T_Q4_K)
+LAMINA_FEW(T_Q5_K) LAMINA_FEW(T_Q6_K)
+#undef LAMINA_FEW
+typedef void (*few_fn)(const uint8_t *, int64_t, const one_row *, int64_t, int64_t, float *, int64_t, int);
+static const few_fn FEW[LAMINA_NTYPES] = {
+    [T_Q4_1] = few_T_Q4_1, [T_Q8_0] = few_T_Q8_0, [T_Q4_0] = few_T_Q4_0, [T_Q5_0] = few_T_Q5_0,
+    [T_Q5_1] = few_T_Q5_1, [T_IQ4_NL] = few_T_IQ4_NL, [T_IQ4_XS] = few_T_IQ4_XS, [T_Q2_K] = few_T_Q2_K,
+    [T_Q3_K] = few_T_Q3_K, [T_Q4_K] = few_T_Q4_K, [T_Q5_K] = few_T_Q5_K, [T_Q6_K] = few_T_Q6_K,
+};
+
+#ifdef LAMINA_AVX2
+/* rows_q4_1_m1 (below: one activation row against NR Q4_1 weight rows, the one-row path) for m activation rows
+ * (1..4): each weight block widened once for all of them, each row's arithmetic that of rows_q4_1_m1.
+ * out[j * NR + r]. The rows' values q (row stride K) and scales d, s (SCALE_AT's layout, from row 0 of a group). */
+static inline __attribute__((always_inline)) void q4_1_few(const block_q4_1 *w, int64_t nb, const int16_t *q,
+                                                           int64_t K, const float *d, const float *s, const int m,
+                                                           float *out) {
+    __m256 acc[4][NR], offsets[4]; /* odd lanes of offsets[j]: each weight row's sum of m * s */
+    for (int j = 0; j < m; j++) {
+        offsets[j] = _mm256_setzero_ps();
+        for (int r = 0; r < NR; r++) acc[j][r] = _mm256_setzero_ps();
+    }
+    const __m256i low = _mm256_set1_epi16(0x0f);
+    const char *ahead = (const char *)(w + 2 * NR * nb);
+    for (int64_t b = 0; b < nb; b++) {
+        _mm_prefetch(ahead + b * NR * sizeof(block_q4_1), _MM_HINT_T0);
+        _mm_prefetch(ahead + b * NR * sizeof(block_q4_1) + 64, _MM_HINT_T0);
+        int32_t dm[NR];
+        for (int r = 0; r < NR; r++) memcpy(&dm[r], &w[r * nb + b], sizeof(int32_t));
+        const __m256 wdm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dm));
+        __m256i lo4[NR], hi4[NR];
+        for (int r = 0; r < NR; r++) {
+            const __m256i raw = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)w[r * nb + b].qs));
+            lo4[r] = _mm256_and_si256(raw, low), hi4[r] = _mm256_srli_epi16(raw, 4);
+        }
+        for (int j = 0; j < m; j++) {
+            const int16_t *qj = q + j * K;
+            const float *dj = d + SCALE_AT(j, 0, nb), *sj = s + SCALE_AT(j, 0, nb);
+            const __m256i a0 = _mm256_loadu_si256((const __m256i *)(qj + b * QK));
+            const __m256i a1 = _mm256_loadu_si256((const __m256i *)(qj + b * QK + 16));
+            const __m256 scales = _mm256_mul_ps(wdm, _mm256_blend_ps(_mm256_set1_ps(dj[TM * b]), _mm256_set1_ps(sj[TM * b]), 0xaa));
+            offsets[j] = _mm256_add_ps(offsets[j], scales);
+            for (int r = 0; r < NR; r++) {
+                const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo4[r], a0), _mm256_madd_epi16(hi4[r], a1));
+                acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(2 * r)), acc[j][r]);
+            }
+        }
+    }
+    for (int j = 0; j < m; j++) {
+        float off[8];
+        _mm256_storeu_ps(off, offsets[j]);
+        for (int r = 0; r < NR; r++) out[j * NR + r] = hsum8(acc[j][r]) + off[2 * r + 1];
+    }
+}
+#endif
+
+/* The M activation rows as the one-row kernels read them (one_row each: values, their split for kquant_split's
+ * formats, scales and sums contiguous), in one allocation; weight rows n0..n1-1 through FEW. */
+static void few_rows(int wtype, const void *weights, int64_t K, const int16_t *q, const float *d, const float *s,
+                     int64_t M, float *y, int64_t ldy, int64_t n0, int64_t n1, int accumulate) {
+    const int64_t nb = K / QK, row_bytes = K / TRAITS[wtype].block * TRAITS[wtype].bytes;
+    const int split = SPLIT(wtype);
+    const size_t per_row = sizeof(float) * (size_t)(2 * nb + (split ? K / 16 : 0)) + (split ? 2 * (size_t)K : 0);
+    uint8_t *room = malloc(per_row * (size_t)M);
+    if (!room) abort(); /* out of memory for a few rows of activations */
+    one_row a[FEW_ROWS];
+    for (int64_t j = 0; j < M; j++) {
+        float *one = (float *)(room + j * per_row), *half = one + 2 * nb;
+        for (int64_t b = 0; b < nb; b++) one[b] = d[SCALE_AT(j, b, nb)], one[nb + b] = s[SCALE_AT(j, b, nb)];
+        int8_t *hi = split ? (int8_t *)(half + K / 16) : NULL;
+        if (split) split_row(wtype, q + j * K, K, hi, (uint8_t *)hi + K, half);
+        a[j] = (one_row){q + j * K, hi, split ? (const uint8_t *)hi + K : NULL, split ? half : NULL, one, one + nb, K};
+    }
+    int64_t n = n0;
+#ifdef LAMINA_AVX2
+    if (wtype == T_Q4_1) { /* as one row: NR weight rows at a time (rows_q4_1_m1), the rest below (row512) */
+        const block_q4_1 *w = (const block_q4_1 *)weights;
+        float out[4 * NR];
+        for (; n + NR <= n1; n += NR)
+            for (int64_t j0 = 0; j0 < M; j0 += 4) {
+                const int m = M - j0 < 4 ? (int)(M - j0) : 4;
+                const int16_t *qg = q + j0 * K;
+                const float *dg = d + j0 * nb, *sg = s + j0 * nb; /* SCALE_AT(j0, 0, nb): j0 a multiple of 4 */
+                if (m == 4) q4_1_few(w + n * nb, nb, qg, K, dg, sg, 4, out);
+                else if (m == 3) q4_1_few(w + n * nb, nb, qg, K, dg, sg, 3, out);
+                else if (m == 2) q4_1_few(w + n * nb, nb, qg, K, dg, sg, 2, out);
+                else q4_1_few(w + n * nb, nb, qg, K, dg, sg, 1, out);
+                for (int j = 0; j < m; j++)
+                    for (int r = 0; r < NR; r++) {
+                        float *o = y + (j0 + j) * ldy + n + r;
+                        *o = out[j * NR + r] + (accumulate ? *o : 0.0f);
+                    }
+            }
+    }
+#endif
+    if (n < n1) FEW[wtype]((const uint8_t *)weights + n * row_bytes, row_bytes, a, M, n1 - n, y + n, ldy, accumulate);
+    free(room);
+}
 
 /* ---- Several activation rows on AVX-512: a panel of unpacked weights, 8 or 16 activation rows a vector ---------
  *
@@ -1199,6 +1450,10 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
     int64_t n = n0;
     const int64_t row_bytes = K / TRAITS[wtype].block * TRAITS[wtype].bytes;
 #if defined(LAMINA_AVX512)
+    if (few_rows_path(M, N, row_bytes)) { /* a few activation rows: each weight row read once for them (above) */
+        few_rows(wtype, weights, K, q, d, s, M, y, ldy, n0, n1, accumulate);
+        return;
+    }
     if (M >= PANEL_ROWS && PANELS[wtype]) { /* several activation rows: panels (above) */
         void *panels = aligned_alloc(64, lamina_panel_bytes(M, K));
         if (!panels) abort(); /* out of memory for a panel */
@@ -1264,7 +1519,7 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
 #endif
 #if defined(LAMINA_AVX512)
     if (one_stream) {
-        const one_row a = {q, split, split ? (const uint8_t *)split + K : NULL, half, one, one + nb};
+        const one_row a = {q, split, split ? (const uint8_t *)split + K : NULL, half, one, one + nb, K};
         ROWS[wtype]((const uint8_t *)weights + n * row_bytes, row_bytes, K, &a, n1 - n, y + n, accumulate);
         n = n1;
     }
@@ -1347,8 +1602,9 @@ void lamina_matmul_prepared(int wtype, const void *weights, int64_t N, int64_t K
                             const float *s, int64_t M, const void *panels, float *y, int64_t ldy, int64_t n0,
                             int64_t n1, int accumulate) {
 #if defined(LAMINA_AVX512)
-    if (panels && M >= PANEL_ROWS && PANELS[wtype]) {
-        const int64_t row_bytes = K / TRAITS[wtype].block * TRAITS[wtype].bytes, nb = K / QK;
+    const int64_t row_bytes = K / TRAITS[wtype].block * TRAITS[wtype].bytes;
+    if (panels && M >= PANEL_ROWS && PANELS[wtype] && !few_rows_path(M, N, row_bytes)) {
+        const int64_t nb = K / QK;
         const panel_rows r = panel_layout(panels, M, K);
         int16_t *w = aligned_alloc(64, (sizeof(int16_t) * PC * (size_t)K + 63) / 64 * 64);
         float *SO = malloc(sizeof(float) * 3 * PC * (size_t)nb);

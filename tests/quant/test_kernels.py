@@ -16,7 +16,7 @@ from lamina import kernels
 from lamina.engine.kv_cache import KVCache
 from lamina.engine.runner import ModelRunner
 from lamina.errors import ConfigError
-from lamina.quant import QLinear, kernel_path, use_kernels
+from lamina.quant import QLinear, ggml, kernel_path, use_kernels
 
 from .test_quant import PASSAGE
 
@@ -107,6 +107,36 @@ def test_products_equal_float32_on_the_same_blocks(path, emulated, qtype, n, k):
         expected = F.linear(x, layer.dequantized())
         out = kern.qmatmul(x, layer.blocks, qtype, n)
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("path, emulated", PATHS, ids=IDS)
+@pytest.mark.parametrize(
+    "qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+)
+def test_a_few_rows_against_weights_from_memory_are_each_row_alone(path, emulated, qtype):
+    """2-8 activation rows against a matrix larger than a core's L2 (1 MiB: the AVX-512 path then reads each weight
+    row once for all of them): each row's products bitwise those it gets alone (a decode step's rows do not change
+    each other's results, so a verified draft token's logits are those of the step without it), and within the
+    int16 activations' bound of the float32 product with gguf's dequantization of the same blocks."""
+    import gguf
+
+    kern = _kernels(path, emulated)
+    k = 512
+    w = _weights(8, k, seed=1)
+    row_bytes = ggml.QUANTIZE[qtype](w).shape[1]
+    n = (1 << 20) // row_bytes + 9  # just past 1 MiB, and not a whole number of any tile
+    blocks = ggml.QUANTIZE[qtype](_weights(n, k, seed=2))
+    dense = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[qtype])).float()
+    x = torch.randn(8, k, generator=torch.Generator().manual_seed(3))
+    x[:, 3] = 40.0
+    x[1] = 0.0
+    alone = torch.cat([kern.qmatmul(x[i : i + 1], blocks, qtype, n) for i in range(8)])
+    for rows in (2, 3, 4, 5, 8):
+        together = kern.qmatmul(x[:rows], blocks, qtype, n)
+        if path == "avx512":
+            assert torch.equal(together, alone[:rows])
+        expected = F.linear(x[:rows], dense)
+        torch.testing.assert_close(together, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 def test_activation_quantization_is_identical_on_every_path():
