@@ -122,7 +122,7 @@ class EngineCore:
         forward = self.runner.execute(step.chunks)
         for request, positions, hidden in forward.scored:
             self.sampler.score_prompt(request, positions, hidden, self.runner.logits)
-        sampled = self.sampler(forward.logits, forward.sampling, forward.drafts)
+        sampled = self.sampler(forward.logits, forward.sampling, forward.drafts, forward.rounding)
         if spec is not None and not forward.scored and all(c.length == 1 + len(c.draft) for c in step.chunks):
             spec.timed(step.num_tokens, time.perf_counter() - started)  # a decode step: what its rows cost
         done = self.scheduler.advance(step, {r.request_id: t for r, t in zip(forward.sampling, sampled.tokens)})

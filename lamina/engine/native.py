@@ -132,6 +132,11 @@ class NativeDecode:
             kv_type=KV_TYPE_CODES[cache.dtype],
         )
         self._logits_in_c = output is not None
+        # Steps of up to this many rows give each row bitwise what a step of that row alone gives (every product
+        # on the kernels' few-rows path, rows of one sequence attending one by one, the logits in C too): 1 where
+        # some product is not a block format's (16-bit floats) or the logits are computed after the step.
+        block_formats = all(p.qtype not in ("F16", "BF16") for p in self._projections)
+        self.exact_rows = int(self.kernels.lib.lamina_exact_rows()) if block_formats and self._logits_in_c else 1
 
     def runs_prefill(self, rows: int) -> bool:
         """Whether a prefill of `rows` tokens runs here: its products are the step's (int16 activations over the

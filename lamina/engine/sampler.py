@@ -89,7 +89,11 @@ class Sampler:
             self._pending = (tuple(id(r) for r in constrained), self.grammars.start([r.matcher for r in constrained]))
 
     def __call__(
-        self, logits: torch.Tensor, requests: Sequence[Request], drafts: Sequence[Sequence[int]] | None = None
+        self,
+        logits: torch.Tensor,
+        requests: Sequence[Request],
+        drafts: Sequence[Sequence[int]] | None = None,
+        rounding: float = 0.0,
     ) -> Sampled:
         """The next token of each request from its row of raw logits [B, V] (float32); or, with `drafts`, request b's
         tokens from its 1 + len(drafts[b]) rows (speculative decoding: the rows after its last token and after each
@@ -103,10 +107,10 @@ class Sampler:
         a rejected position's token is drawn from p without x. So the tokens keep the target's distribution, and a
         seeded request draws the very tokens it draws without speculation.
 
-        Up to float rounding: a verification computes several rows at once, with products summed in another order
-        than one row's (differences of ~1e-5 in the logits). A position whose winner leads by less than
-        sampling.decided's margin is left undecided (nothing drawn there, the generator as it was; `settled` False)
-        for the next step to compute on its own."""
+        Up to float rounding: on the C step a step of up to 4 rows gives each row what it gets alone (bitwise);
+        larger steps and the PyTorch forward sum products in another order than one row's, `rounding` apart in the
+        logits at most (Forward.rounding). A position whose winner leads by no more than that is left undecided
+        (nothing drawn there, the generator as it was; `settled` False) for the next step to compute on its own."""
         if drafts is None or not any(drafts):
             flat, _ = self._rows(logits, requests)
             return Sampled(
@@ -123,8 +127,9 @@ class Sampler:
         live = list(range(len(requests)))  # requests whose draft is accepted so far
         for i in range(max(len(d) for d in drafts) + 1):
             live = [b for b in live if i <= len(drafts[b])]
-            guarded = [bool(drafts[b]) for b in live]
-            flat, sure = self._rows(logits[[first[b] + i for b in live]], [requests[b] for b in live], guarded)
+            guarded = [bool(drafts[b]) and rounding > 0 for b in live]
+            rows = logits[[first[b] + i for b in live]]
+            flat, sure = self._rows(rows, [requests[b] for b in live], guarded, rounding)
             still = []
             for j, b in enumerate(live):
                 if not sure[j]:
@@ -142,7 +147,11 @@ class Sampler:
         return Sampled(tokens, lps, tops, complete, settled)
 
     def _rows(
-        self, logits: torch.Tensor, requests: Sequence[Request], guarded: Sequence[bool] | None = None
+        self,
+        logits: torch.Tensor,
+        requests: Sequence[Request],
+        guarded: Sequence[bool] | None = None,
+        margin: float = 0.0,
     ) -> tuple[Sampled, list[bool]]:
         """One token for each request from its row of raw logits [B, V]: a Sampled of flat lists, and whether each
         row's token is decided (always, unless `guarded[b]`: see __call__). An undecided row changes nothing: its
@@ -161,7 +170,7 @@ class Sampler:
         if any(guarded):
             if batch is None:
                 batch = SamplingBatch.from_params([r.params for r in requests], self.vocab_size, logits.device)
-            sure = [s or not g for s, g in zip(decided(scores, batch).tolist(), guarded)]
+            sure = [s or not g for s, g in zip(decided(scores, batch, margin).tolist(), guarded)]
             for b, state in states.items():
                 if not sure[b]:
                     requests[b].generator.set_state(state)

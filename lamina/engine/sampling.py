@@ -359,9 +359,9 @@ def race(logits: torch.Tensor, batch: SamplingBatch, generators: Sequence[torch.
     return torch.where(sampling[:, None], probs / noise, logits)
 
 
-def decided(scores: torch.Tensor, batch: SamplingBatch, margin: float = 1e-3) -> torch.Tensor:
+def decided(scores: torch.Tensor, batch: SamplingBatch, margin: float) -> torch.Tensor:
     """[B] bool: whether each row's winner in `race`'s scores leads by more than `margin` (greedy rows: logits apart;
-    sampled rows: as a fraction of the winner's score), so that float rounding of the order of 1e-5 in the logits
+    sampled rows: as a fraction of the winner's score), so that float rounding of up to `margin` in the logits
     (another batch's kernels) could not have changed it."""
     top = scores.topk(2, dim=-1).values
     greedy = top[:, 0] - top[:, 1] > margin

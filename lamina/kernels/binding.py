@@ -26,6 +26,7 @@ def _load(path: str, emulate: bool) -> "Kernels":
     name, flags = build_flags(path, emulate)
     lib = ctypes.CDLL(str(_compile(name, SOURCES, flags)))
     lib.lamina_path.restype = ctypes.c_char_p
+    lib.lamina_exact_rows.restype = ctypes.c_int64
     fn = lib.lamina_qmatmul
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     fn.argtypes += [ctypes.c_void_p]

@@ -279,7 +279,10 @@ static void attend(const float *q, const lamina_layer *L, int type, const int64_
  * meet them KT keys at a time with an online softmax (flash attention's): the loops over a tile's keys vectorise,
  * where `attend` takes one key at a time. */
 #ifndef RUN_ROWS
-#define RUN_ROWS 4
+#define RUN_ROWS 5 /* runs of up to 4 rows attend row by row, each as it would alone: a decode step of one sequence
+                    * and its draft tokens (speculative decoding) gives every row what a step of that row alone gives
+                    * (with qmatmul.c's few-rows products up to lamina_exact_rows), so such a verification never
+                    * changes a token */
 #endif
 #define KT 32 /* keys a tile */
 #define HG 4  /* query heads of one kv head taken together */

@@ -84,6 +84,10 @@ void lamina_quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, floa
 void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, const int16_t *q, const float *d,
                         const float *s, int64_t M, float *y, int64_t ldy, int64_t n0, int64_t n1, int accumulate);
 
+/* Up to this many activation rows, each row's products are bitwise those it gets alone (the block formats;
+ * AVX-512's few-rows path; 1 elsewhere). */
+int64_t lamina_exact_rows(void);
+
 /* Many activation rows (M >= lamina_panel_rows(), 0 where the path has no panels: AVX-512 only) are multiplied from
  * a transposed copy of q, d and s (qmatmul.c's panels), which lamina_matmul_rows makes for each call. A caller that
  * multiplies the same rows by several matrices, on several threads, makes it once instead: a buffer of

@@ -995,15 +995,19 @@ static const rows_fn ROWS[LAMINA_NTYPES] = {
 #ifndef FEW_ROWS
 #define FEW_ROWS 8 /* activation rows up to which this path beats the panels on weights from memory (Zen 4) */
 #endif
+#ifndef EXACT_ROWS
+#define EXACT_ROWS 4 /* activation rows up to which every matrix goes this way (lamina_exact_rows) */
+#endif
 #ifndef FEW_BYTES
 #define FEW_BYTES (1 << 20) /* a matrix larger than this comes from memory (more than a core's L2) */
 #endif
-/* Whether M activation rows go through this path: up to FEW_ROWS where the matrix comes from memory. Where it sits
- * in cache the products are compute-bound, and the tiles (4 rows a vector) and the panels (16) spend about as few
- * instructions a product or fewer (SmolLM2's 576-wide matrices, Zen 4: 2-3 rows 20% faster here, 4-5 rows 5% slower;
- * from memory, Llama 3 1B's Q4_K/Q6_K, 2 rows: 2.5x faster than the tiles; 8 rows as fast as the panels). */
+/* Whether M activation rows go through this path: 2..EXACT_ROWS whatever the matrix, so that a step of that many
+ * rows gives each row what it gets alone; up to FEW_ROWS where the matrix comes from memory, where this path is the
+ * fastest (Llama 3 1B's Q4_K/Q6_K, Zen 4: 2 rows 2.5x faster than the tiles, 8 as fast as the panels). On a matrix
+ * in cache the products are compute-bound, and from 5 rows the tiles and panels spend fewer instructions a product
+ * (SmolLM2's 576-wide ones, Zen 4: 8 rows ~20% faster through the panels; 2-4 rows as fast or slower). */
 static inline int few_rows_path(int64_t M, int64_t N, int64_t row_bytes) {
-    return M >= 2 && M <= FEW_ROWS && N * row_bytes > FEW_BYTES;
+    return M >= 2 && (M <= EXACT_ROWS || (M <= FEW_ROWS && N * row_bytes > FEW_BYTES));
 }
 
 static inline __attribute__((always_inline)) void kquant_few(const int t, const uint8_t *x0, const one_row *a,
@@ -1565,6 +1569,13 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
 #endif
 }
 
+int64_t lamina_exact_rows(void) {
+#if defined(LAMINA_AVX512)
+    return EXACT_ROWS;
+#else
+    return 1;
+#endif
+}
 int64_t lamina_panel_rows(void) {
 #if defined(LAMINA_AVX512)
     return PANEL_ROWS;

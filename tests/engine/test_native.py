@@ -183,3 +183,39 @@ def test_prompts_as_rows_equal_pytorch_prefill(llama, heads, kv_dtype, path):
                 a, b = a.float(), b.float()
                 rtol = {"float32": 1e-4, "float16": 2**-10, "bfloat16": 2**-7}[kv_dtype]
                 torch.testing.assert_close(a, b, rtol=rtol, atol=1e-4 * max(1.0, b.abs().max().item()))
+
+
+def test_a_step_of_a_few_rows_gives_each_row_what_it_gets_alone():
+    """The default model on the C step: a decode step of up to NativeDecode.exact_rows rows (one sequence and its
+    draft tokens, or several sequences) gives every row bitwise the logits, and writes bitwise the keys and values,
+    that steps of one row each give; what lets speculative decoding verify a draft without changing a token."""
+    import lamina
+
+    llm = lamina.load(max_seq_len=256, max_batch_size=4)
+    runner = llm.runner
+    if runner.native is None or runner.native.exact_rows < 4:
+        pytest.skip("no exact few-rows path here (AVX-512 kernels only)")
+    text = "Once upon a time, in a land of mountains, a young dragon named Ember lived alone in a cave above the town."
+    ids = llm.tokenizer.encode(text, bos=False, eos=False)
+    a, b = [0, 1], [2, 3]  # two sequences' block tables (16-position blocks)
+
+    def keys(table, stop):
+        layer = runner.cache.layers[3][0]
+        return torch.cat([layer[block] for block in table]).transpose(0, 1)[:, :stop].clone()
+
+    with torch.inference_mode():
+        for rows_a, rows_b in ((2, 0), (3, 0), (4, 0), (2, 2), (1, 3)):
+            n = 12
+            alone = []
+            for table, rows, start in ((a, rows_a, 0), (b, rows_b, 9)):
+                runner.prefill([ids[start : start + n]], [table])
+                alone += [runner.decode([t], [table], [n + j])[0] for j, t in enumerate(ids[start + n : start + n + rows])]
+            single_keys = keys(a, n + rows_a), keys(b, n + rows_b)
+            for table, start in ((a, 0), (b, 9)):
+                runner.prefill([ids[start : start + n]], [table])
+            tokens = ids[n : n + rows_a] + ids[9 + n : 9 + n + rows_b]
+            tables = [a] * rows_a + [b] * rows_b
+            positions = [n + j for j in range(rows_a)] + [n + j for j in range(rows_b)]
+            together = runner.decode(tokens, tables, positions)
+            assert torch.equal(together, torch.stack(alone)), (rows_a, rows_b)
+            assert torch.equal(keys(a, n + rows_a), single_keys[0]) and torch.equal(keys(b, n + rows_b), single_keys[1])
