@@ -141,7 +141,7 @@ def main() -> None:
 
         args.threads = len(os.sched_getaffinity(0))
     if args.worker:
-        result = (llama_cpp_worker if args.engine == "llama.cpp" else lamina_worker)(args)
+        result = (llama_cpp_worker if args.engine.startswith("llama.cpp") else lamina_worker)(args)
         print(json.dumps(result))
         return
 

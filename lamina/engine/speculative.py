@@ -266,8 +266,9 @@ class Speculator:
                 room.append((r, n))
         if room:
             start = time.perf_counter()
-            self._draft_greedy(room)
-            self.draft_step.record(len(room), self.share((time.perf_counter() - start) / max(n for _, n in room)))
+            prompts = self._draft_greedy(room)  # a prompt's catch-up is not what a draft token costs
+            seconds = (time.perf_counter() - start - prompts) / max(n for _, n in room)
+            self.draft_step.record(len(room), self.share(seconds))
 
     def _plan(self, n: int, offers: list[tuple[Request, int]], draft_cost: StepCosts | None) -> dict[int, int]:
         """How many draft tokens to verify for each request (by id), to maximise expected tokens per second: the
@@ -304,9 +305,10 @@ class Speculator:
         return seconds
 
     @torch.inference_mode()
-    def _draft_greedy(self, chosen: list[tuple[Request, int]]) -> None:
+    def _draft_greedy(self, chosen: list[tuple[Request, int]]) -> float:
         """Run the draft model over the tokens its cache lacks (at most max_step_tokens of them a step: a request
-        whose catch-up does not fit gets part of it and no draft this time), then `n` greedy tokens for each."""
+        whose catch-up does not fit gets part of it and no draft this time), then `n` greedy tokens for each.
+        Returns the seconds of that catch-up where it was more than a step's worth of tokens (a prompt), else 0."""
         runner, budget = self.draft, self.max_step_tokens
         ready, runs = [], []  # requests that get drafts; (request, catch-up tokens) to run
         for r, n in chosen:
@@ -320,13 +322,15 @@ class Speculator:
                 runs.append((r, r.tokens[r.draft_computed : r.draft_computed + budget]))
                 budget = 0
         if not runs:
-            return
+            return 0.0
+        start = time.perf_counter()
         hidden = runner.prefill([t for _, t in runs], [r.blocks for r, _ in runs], [r.draft_computed for r, _ in runs])
+        prompts = time.perf_counter() - start if max(len(t) for _, t in runs) > self.k + 1 else 0.0
         ends = np.cumsum([len(t) for _, t in runs]) - 1
         for r, t in runs:
             r.draft_computed += len(t)
         if not ready:
-            return
+            return prompts
         logits = runner.logits(hidden[torch.as_tensor(ends[: len(ready)])])  # the ready requests come first
         for (r, _), t in zip(ready, logits.argmax(dim=-1).tolist()):
             r.draft = [t]
@@ -341,6 +345,7 @@ class Speculator:
                 r.draft_computed += 1
                 r.draft.append(t)
             live = [(r, n) for r, n in live if len(r.draft) < n]
+        return prompts
 
     # Learning
 
