@@ -133,10 +133,12 @@ class ModelRunner:
         """How far apart (in logits) a row of a decode step of `rows` rows can be from that row decoded alone: 0 for
         the C step's exact steps (NativeDecode.exact_rows); else products summed in another order, which int16
         activations (GGML blocks through lamina's kernels) can turn into a quantization step: up to ~5e-3 measured
-        (SmolLM2, 9 rows against 1, Zen 4), 2e-2 allowed; float products ~1e-5, 1e-3 allowed."""
+        (SmolLM2, 9 rows against 1, Zen 4), 2e-2 allowed, as for 16-bit float activations; float32 products ~1e-5,
+        1e-3 allowed."""
         if self.native is not None and rows <= self.native.exact_rows:
             return 0.0
-        return 2e-2 if self.int16_products else 1e-3
+        coarse = self.int16_products or self.config.dtype in (torch.bfloat16, torch.float16)
+        return 2e-2 if coarse else 1e-3
 
     def cached_hidden(self, table: Sequence[int], start: int, stop: int) -> torch.Tensor:
         """The final hidden states [stop - start, dim] of positions start..stop-1 of the sequence whose blocks

@@ -163,8 +163,10 @@ class Acceptance:
 @dataclass
 class StepCosts:
     """Seconds of a decode step by its number of rows, as measured (a moving average per row count), and estimated
-    in between by linear interpolation; beyond the largest count measured, as that one (so that larger steps get
-    measured once, not assumed costly forever)."""
+    in between by linear interpolation; beyond the largest count measured, each row past it costing what a row
+    cost on average between the smallest and the largest (a step much larger than any measured yet, many streams
+    with drafts, was taken as cheap as the largest, and chosen on that, again and again at each new size), or as
+    the only one while one count is known (so that a larger step gets measured once, not assumed costly forever)."""
 
     seconds: dict[int, float] = field(default_factory=dict)
     samples: dict[int, int] = field(default_factory=dict)
@@ -186,7 +188,11 @@ class StepCosts:
         if not lower:
             return self.seconds[upper[0]]
         if not upper:
-            return self.seconds[lower[-1]]
+            if len(lower) == 1:
+                return self.seconds[lower[-1]]
+            a, b = lower[0], lower[-1]
+            per_row = max(self.seconds[b] - self.seconds[a], 0.0) / (b - a)
+            return self.seconds[b] + per_row * (rows - b)
         a, b = lower[-1], upper[0]
         return self.seconds[a] + (self.seconds[b] - self.seconds[a]) * (rows - a) / (b - a)
 

@@ -358,3 +358,19 @@ def test_configuration_errors(tiny_ckpt, tokenizer_path, tmp_path):
     shutil.copy(tokenizer_path, other / "tokenizer.model")  # Llama 3's tokenizer, not SmolLM2's
     with pytest.raises(ConfigError, match="does not share the target's tokenizer: 49152 tokens against 128256"):
         lamina.load(max_batch_size=1, speculative_config={"model": str(other), "num_speculative_tokens": 2})
+
+
+def test_step_costs_interpolate_and_extrapolate_what_was_measured():
+    from lamina.engine.speculative import StepCosts
+
+    costs = StepCosts()
+    assert costs.estimate(4) == 1.0  # nothing measured: a placeholder that no plan uses (plans wait for samples)
+    costs.record(1, 0.010)
+    assert costs.estimate(9) == 0.010  # one count known: a larger step is tried, and measured, once
+    costs.record(5, 0.030)
+    assert costs.estimate(3) == pytest.approx(0.020)  # between two measured counts: on the line through them
+    assert costs.estimate(9) == pytest.approx(0.050)  # beyond: 5 ms a row, the average from 1 to 5 rows
+    costs.record(5, 0.010)  # a moving average (weight 0.3 for the new measurement)
+    assert costs.estimate(5) == pytest.approx(0.7 * 0.030 + 0.3 * 0.010)
+    costs.record(9, 0.005)  # faster than fewer rows (noise): never cheaper than the largest measured beyond it
+    assert costs.estimate(20) == pytest.approx(0.005)
