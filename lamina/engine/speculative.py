@@ -178,10 +178,16 @@ class StepCosts:
         self.samples[rows] = self.samples.get(rows, 0) + 1
 
     def estimate(self, rows: int) -> float:
-        if rows in self.seconds:
-            return self.seconds[rows]
+        """Never less than a step of fewer rows was measured to cost: a count that measured cheaper than smaller ones
+        (noise; a GEMM's speed jumping with its shape) is not chosen for that, again and again."""
         if not self.seconds:
             return 1.0
+        fewer = max((s for r, s in self.seconds.items() if r < rows), default=0.0)
+        return max(self._line(rows), fewer)
+
+    def _line(self, rows: int) -> float:
+        if rows in self.seconds:
+            return self.seconds[rows]
         known = sorted(self.seconds)
         lower = [r for r in known if r < rows]
         upper = [r for r in known if r > rows]

@@ -372,5 +372,5 @@ def test_step_costs_interpolate_and_extrapolate_what_was_measured():
     assert costs.estimate(9) == pytest.approx(0.050)  # beyond: 5 ms a row, the average from 1 to 5 rows
     costs.record(5, 0.010)  # a moving average (weight 0.3 for the new measurement)
     assert costs.estimate(5) == pytest.approx(0.7 * 0.030 + 0.3 * 0.010)
-    costs.record(9, 0.005)  # faster than fewer rows (noise): never cheaper than the largest measured beyond it
-    assert costs.estimate(20) == pytest.approx(0.005)
+    costs.record(9, 0.005)  # faster than fewer rows (noise): estimated as the dearest smaller step
+    assert costs.estimate(9) == costs.estimate(20) == pytest.approx(0.7 * 0.030 + 0.3 * 0.010)
