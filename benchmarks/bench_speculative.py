@@ -90,7 +90,7 @@ def lamina_worker(args) -> dict:
         out["one"][name] = got["rates"]
         out["same"][name] = got["tokens"]["off"] == got["tokens"]["on"]
     many = [ids for ids in prompts.values() for _ in range(16 // len(prompts) + 1)][:16]
-    got = best_rates(1, engines, lambda llm: llm.generate(many, args.tokens, temperature=0)[0])
+    got = best_rates(args.runs, engines, lambda llm: llm.generate(many, args.tokens, temperature=0)[0])
     out["sixteen"] = got["rates"]
     spec = engines["on"].core.speculator
     st = spec.stats
