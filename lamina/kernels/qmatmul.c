@@ -763,6 +763,17 @@ static inline __attribute__((always_inline)) __m512i split_weights(const int t, 
     return w;
 }
 
+/* Which entry of a 256-weight block's scale table each lane of weight vector v (split_weights) takes: Q4_K/Q5_K
+ * lanes 0-7 chunk c0, 8-15 chunk c0 + 2; Q6_K 4 lanes a half-chunk. */
+static const int32_t IDX45[4][16] = {{0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2},
+                                     {1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3},
+                                     {4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6},
+                                     {5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7}};
+static const int32_t IDX6[4][16] = {{0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
+                                    {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
+                                    {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
+                                    {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
+
 /* Q4_K, Q5_K or Q6_K, one activation row split by split_row, against weight rows 0..tr-1. Each 256 weights: each
  * row's table of scales (weight scale x activation scale: 8 chunks', or Q6_K's 16 half-chunks'), offsets x the
  * activation sums in one multiply-add; then 4 vectors of 64 weights, each two vpdpbusd, a shift, and one convert
@@ -772,16 +783,6 @@ static inline __attribute__((always_inline)) void kquant_split(const int t, cons
                                                                const float *half, const float *dT, const float *sT,
                                                                const int tr, float *out) {
     const int bytes = TRAITS[t].bytes;
-    /* which table entry each lane of vector v takes: Q4_K/Q5_K lanes 0-7 chunk c0, 8-15 chunk c0 + 2; Q6_K 4 lanes
-     * a half-chunk */
-    static const int32_t IDX45[4][16] = {{0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2},
-                                         {1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3},
-                                         {4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6},
-                                         {5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7}};
-    static const int32_t IDX6[4][16] = {{0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
-                                        {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
-                                        {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
-                                        {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
     const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     __m512 acc[TR][2], bias[TR], off[TR];
@@ -1012,14 +1013,6 @@ static inline int few_rows_path(int64_t M, int64_t N, int64_t row_bytes) {
 
 static inline __attribute__((always_inline)) void kquant_few(const int t, const uint8_t *x0, const one_row *a,
                                                              const int m, float *out) {
-    static const int32_t IDX45[4][16] = {{0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2},
-                                         {1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3},
-                                         {4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6},
-                                         {5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7}};
-    static const int32_t IDX6[4][16] = {{0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
-                                        {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
-                                        {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
-                                        {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
     const int bytes = TRAITS[t].bytes;
     const int64_t K = a[0].K;
     const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
