@@ -165,11 +165,16 @@ class StepCosts:
     """Seconds of a decode step by its number of rows, as measured (a moving average per row count), and estimated
     in between by linear interpolation; beyond the largest count measured, each row past it costing what a row
     cost on average between the smallest and the largest (a step much larger than any measured yet, many streams
-    with drafts, was taken as cheap as the largest, and chosen on that, again and again at each new size), or as
-    the only one while one count is known (so that a larger step gets measured once, not assumed costly forever)."""
+    with drafts, was taken as cheap as the largest, and chosen on that, again and again at each new size), or, while
+    one count is known, as that one (so that a larger step gets measured once, not assumed costly forever) or in
+    proportion (`proportional`)."""
 
     seconds: dict[int, float] = field(default_factory=dict)
     samples: dict[int, int] = field(default_factory=dict)
+    # While one count is known, a larger one is estimated as that one (False: a larger step gets tried and measured)
+    # or in proportion to the rows (True: as if compute-bound; for a cost that is paid before anything is measured,
+    # a draft model's catch-up of every request's prompt, the cautious guess).
+    proportional: bool = False
     WEIGHT = 0.3  # of a new measurement
 
     def record(self, rows: int, seconds: float) -> None:
@@ -195,7 +200,7 @@ class StepCosts:
             return self.seconds[upper[0]]
         if not upper:
             if len(lower) == 1:
-                return self.seconds[lower[-1]]
+                return self.seconds[lower[-1]] * (rows / lower[-1] if self.proportional else 1.0)
             a, b = lower[0], lower[-1]
             per_row = max(self.seconds[b] - self.seconds[a], 0.0) / (b - a)
             return self.seconds[b] + per_row * (rows - b)
@@ -230,7 +235,9 @@ class Speculator:
         self.k = config.num_speculative_tokens
         self.max_step_tokens = max_step_tokens
         self.costs = StepCosts()
-        self.draft_step = StepCosts()  # seconds of one batched draft forward, by its number of requests
+        # seconds of one batched draft forward, by its number of requests (more requests than ever drafted together:
+        # taken to cost in proportion, so that many streams start drafting only where that still pays)
+        self.draft_step = StepCosts(proportional=True)
         self.stats = SpecStats(accepted_per_position=[0] * self.k)
         self._steps = 0
         # What a measured time becomes before the plan uses it: where several processes each run this engine on

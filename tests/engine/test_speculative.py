@@ -374,3 +374,6 @@ def test_step_costs_interpolate_and_extrapolate_what_was_measured():
     assert costs.estimate(5) == pytest.approx(0.7 * 0.030 + 0.3 * 0.010)
     costs.record(9, 0.005)  # faster than fewer rows (noise): estimated as the dearest smaller step
     assert costs.estimate(9) == costs.estimate(20) == pytest.approx(0.7 * 0.030 + 0.3 * 0.010)
+    cautious = StepCosts(proportional=True)  # a draft model's forwards: many requests as dear as one each, at first
+    cautious.record(1, 0.004)
+    assert cautious.estimate(16) == pytest.approx(0.064)
