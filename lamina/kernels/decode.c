@@ -278,12 +278,10 @@ static void attend(const float *q, const lamina_layer *L, int type, const int64_
  * L rounded up to a tile, zeros past L) and the values as stored (V [L][D]), and each row's query heads of a kv head
  * meet them KT keys at a time with an online softmax (flash attention's): the loops over a tile's keys vectorise,
  * where `attend` takes one key at a time. */
-#ifndef RUN_ROWS
-#define RUN_ROWS 5 /* runs of up to 4 rows attend row by row, each as it would alone: a decode step of one sequence
-                    * and its draft tokens (speculative decoding) gives every row what a step of that row alone gives
-                    * (with qmatmul.c's few-rows products up to lamina_exact_rows), so such a verification never
-                    * changes a token */
-#endif
+/* Runs of up to EXACT_ROWS rows attend row by row, each as it would alone: with qmatmul.c's few-rows products a
+ * decode step of one sequence and its draft tokens (speculative decoding) gives every row what a step of that row
+ * alone gives, so such a verification never changes a token. */
+#define RUN_ROWS (EXACT_ROWS + 1)
 #define KT 32 /* keys a tile */
 #define HG 4  /* query heads of one kv head taken together */
 

@@ -85,7 +85,10 @@ void lamina_matmul_rows(int wtype, const void *weights, int64_t N, int64_t K, co
                         const float *s, int64_t M, float *y, int64_t ldy, int64_t n0, int64_t n1, int accumulate);
 
 /* Up to this many activation rows, each row's products are bitwise those it gets alone (the block formats;
- * AVX-512's few-rows path; 1 elsewhere). */
+ * AVX-512's few-rows path; 1 elsewhere). decode.c attends runs of up to as many rows row by row to match. */
+#ifndef EXACT_ROWS
+#define EXACT_ROWS 4
+#endif
 int64_t lamina_exact_rows(void);
 
 /* Many activation rows (M >= lamina_panel_rows(), 0 where the path has no panels: AVX-512 only) are multiplied from

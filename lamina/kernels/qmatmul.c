@@ -996,9 +996,6 @@ static const rows_fn ROWS[LAMINA_NTYPES] = {
 #ifndef FEW_ROWS
 #define FEW_ROWS 8 /* activation rows up to which this path beats the panels on weights from memory (Zen 4) */
 #endif
-#ifndef EXACT_ROWS
-#define EXACT_ROWS 4 /* activation rows up to which every matrix goes this way (lamina_exact_rows) */
-#endif
 #ifndef FEW_BYTES
 #define FEW_BYTES (1 << 20) /* a matrix larger than this comes from memory (more than a core's L2) */
 #endif
