@@ -9,7 +9,8 @@ draws the tokens it draws without speculation), and `Speculator.verified` learns
 
 Never a slowdown: a step of R rows costs what it costs on this machine, measured as the engine runs (`StepCosts`:
 decode steps' seconds by their number of rows), and each request's draft tokens are worth what its acceptance so far
-says (`Acceptance`). Each step verifies the proposals that maximise the expected tokens per second: all of them while
+says, drawn towards what drafts of the same kind (a 1-, 2- or 3-token lookup match; a draft model's) have had in every
+request lately (`Speculator.rate`). Each step verifies the proposals that maximise the expected tokens per second: all of them while
 a step's time hardly grows with its rows (one stream: bound by reading the weights), none when the step is
 compute-bound (many streams) or the drafts keep failing.
 """
@@ -118,6 +119,26 @@ class SpeculativeConfig:
         return f"{what}, up to {self.num_speculative_tokens} tokens a step{off}"
 
 
+def ngram_match(tokens: Sequence[int], min_n: int, max_n: int) -> tuple[int, int]:
+    """The longest n in max_n..min_n whose last n tokens occur earlier in `tokens` (ending before the last token), and
+    where the tokens that followed their latest such occurrence start: (n, start), or (0, -1) when none occurs."""
+    seq = np.asarray(tokens, dtype=np.int64)
+    if len(seq) < 2:
+        return 0, -1
+    ends = np.flatnonzero(seq[:-1] == seq[-1])  # where an earlier occurrence of the last token ends
+    length = np.ones(len(ends), dtype=np.int64)  # how many of the last tokens match, ending there (up to max_n)
+    alive = np.ones(len(ends), dtype=bool)
+    for t in range(1, min(max_n, len(seq) - 1)):
+        before = ends - t
+        alive &= before >= 0
+        alive[alive] = seq[before[alive]] == seq[-1 - t]
+        length += alive
+    n = min(int(length.max(initial=0)), max_n)
+    if n < min_n:
+        return 0, -1
+    return n, int(ends[np.flatnonzero(length >= n)[-1]]) + 1
+
+
 def propose_ngram(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
     """Up to `k` draft tokens by prompt lookup: for the longest n in max_n..min_n whose last n tokens occur earlier in
     `tokens`, the tokens that followed their latest earlier occurrence (the nearest context: an edit of a passage
@@ -125,41 +146,47 @@ def propose_ngram(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> list
     except that vLLM takes the first occurrence."""
     if k < 1 or min_n < 1 or max_n < min_n:
         raise ValueError(f"k >= 1 and 1 <= min_n <= max_n, got k={k}, min_n={min_n}, max_n={max_n}")
-    seq = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(max_n, len(seq) - 1), min_n - 1, -1):
-        # every window of n tokens that ends before the last token (so that at least one token follows it)
-        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
-        found = np.flatnonzero((windows == seq[-n:]).all(axis=1))
-        if found.size:
-            start = int(found[-1]) + n
-            return seq[start : start + k].tolist()
-    return []
+    n, start = ngram_match(tokens, min_n, max_n)
+    return np.asarray(tokens[start : start + k]).tolist() if n else []
+
+
+HOPEFUL = 6 / 7  # the acceptance a draft is taken to have before any evidence: first drafts are worth trying
 
 
 @dataclass
 class Acceptance:
-    """A request's record of accepted draft tokens, as a per-token acceptance rate: each verified position up to the
-    first rejection is a trial. Evidence fades (by FADE a verification, by IDLE_FADE a step that verified none of
-    its proposal) towards a hopeful prior, so that a request whose drafts failed earlier is tried again later (text
-    that starts copying after it did not)."""
+    """A record of verified draft tokens, as a per-token acceptance rate: each verified position up to the first
+    rejection is a trial. Evidence fades (by `fade` a verification, by IDLE_FADE a step that verified none of the
+    drafts offered) towards a prior, so that drafts that failed earlier are tried again later (text that starts
+    copying after it did not)."""
 
     accepted: float = 0.0
     rejected: float = 0.0
-    hold: bool = False  # no draft at the next step (a position the last verification left undecided)
-    PRIOR = (3.0, 0.5)  # pseudo-trials (accepted, rejected): a new request's drafts are worth trying
-    FADE, IDLE_FADE = 0.8, 0.99
+    fade: float = 0.8
+    WEIGHT = 3.5  # pseudo-trials of the prior
+    IDLE_FADE = 0.99
 
-    @property
-    def rate(self) -> float:
-        return (self.accepted + self.PRIOR[0]) / (self.accepted + self.rejected + self.PRIOR[0] + self.PRIOR[1])
+    def rate(self, prior: float = HOPEFUL) -> float:
+        return (self.accepted + self.WEIGHT * prior) / (self.accepted + self.rejected + self.WEIGHT)
 
     def update(self, proposed: int, accepted: int) -> None:
-        self.accepted = self.FADE * self.accepted + accepted
-        self.rejected = self.FADE * self.rejected + (1 if accepted < proposed else 0)
+        self.accepted = self.fade * self.accepted + accepted
+        self.rejected = self.fade * self.rejected + (1 if accepted < proposed else 0)
 
     def idle(self) -> None:
         self.accepted *= self.IDLE_FADE
         self.rejected *= self.IDLE_FADE
+
+
+@dataclass
+class Drafting:
+    """A decoding request's speculation state (Request.spec): its acceptance by the kind of draft (`source`: the
+    length of the n-gram prompt lookup matched, 0 for a draft model's), the source of its current draft, and its
+    back-off."""
+
+    records: dict[int, Acceptance] = field(default_factory=dict)
+    source: int = 0
+    hold: bool = False  # no draft at the next step (a position the last verification left undecided)
 
 
 @dataclass
@@ -227,6 +254,7 @@ class SpecStats:
 
 
 BASELINE_EVERY = 50  # steps: one in this many runs without drafts, measuring what a plain step costs now
+POOLED_FADE = 0.9  # of the acceptance every request's drafts of a kind have had: by a verification
 MARGIN = 1.1  # drafts are verified only where they promise 10% more tokens a second than a plain step
 
 
@@ -245,7 +273,11 @@ class Speculator:
         # seconds of one batched draft forward, by its number of requests (more requests than ever drafted together:
         # taken to cost in proportion, so that many streams start drafting only where that still pays)
         self.draft_step = StepCosts(proportional=True)
+        # seconds a token of a draft model's catch-up (tokens its cache lacks, beyond the last step's: a prompt, or
+        # the tokens a request made while it was not drafting; a moving average, 0 until measured)
+        self.catch_up = 0.0
         self.stats = SpecStats(accepted_per_position=[0] * self.k)
+        self.pooled: dict[int, Acceptance] = {}  # acceptance by the kind of draft (Drafting.source), every request's
         self._steps = 0
         # What a measured time becomes before the plan uses it: where several processes each run this engine on
         # their shard of the model (offline tensor parallelism), rank 0's time for all, so that all plan one step.
@@ -269,13 +301,18 @@ class Speculator:
             if cap > 0:
                 caps[id(r)] = cap
                 if r.spec is None:
-                    r.spec = Acceptance()
+                    r.spec = Drafting()
         candidates = [r for r in decoding if id(r) in caps]
         if not candidates:
             return
         if self.draft is None:
             lo, hi = self.config.prompt_lookup_min, self.config.prompt_lookup_max
-            offers = [(r, propose_ngram(r.tokens, caps[id(r)], lo, hi)) for r in candidates]
+            offers = []
+            for r in candidates:
+                tokens = np.asarray(r.tokens, dtype=np.int64)
+                proposal = propose_ngram(tokens, caps[id(r)], lo, hi)
+                r.spec.source = ngram_match(tokens, lo, hi)[0] if proposal else 0  # the kind: how long a match
+                offers.append((r, proposal))
             plan = self._plan(len(decoding), [(r, len(p)) for r, p in offers], draft_cost=None)
             for r, proposal in offers:
                 r.draft = proposal[: plan.get(id(r), 0)]
@@ -292,36 +329,70 @@ class Speculator:
                 room.append((r, n))
         if room:
             start = time.perf_counter()
-            prompts = self._draft_greedy(room)  # a prompt's catch-up is not what a draft token costs
+            prompts, tokens = self._draft_greedy(room)  # a prompt's catch-up is not what a draft token costs
             seconds = (time.perf_counter() - start - prompts) / max(n for _, n in room)
             self.draft_step.record(len(room), self.share(seconds))
+            if tokens:
+                rate, w = self.share(prompts / tokens), StepCosts.WEIGHT
+                self.catch_up = (1 - w) * self.catch_up + w * rate if self.catch_up else rate
 
     def _plan(self, n: int, offers: list[tuple[Request, int]], draft_cost: StepCosts | None) -> dict[int, int]:
         """How many draft tokens to verify for each request (by id), to maximise expected tokens per second: the
         next draft token of request r is accepted with probability rate(r)^(position + 1); a step of n + c rows
-        costs costs.estimate(n + c) seconds (plus, for a draft model, its forwards). Now and then none: the cost the
-        drafts are weighed against is measured, not assumed (a few steps of each batch size at first, then one in
-        BASELINE_EVERY)."""
+        costs costs.estimate(n + c) seconds (plus, for a draft model, its forwards, and the share of its catch-up that
+        falls to this step: `_catch_up_share`). Now and then none: the cost the drafts are weighed against is
+        measured, not assumed (a few steps of each batch size at first, then one in BASELINE_EVERY)."""
         self._steps += 1
         plan: dict[int, int] = {}
         if self.costs.samples.get(n, 0) >= 3 and self._steps % BASELINE_EVERY:
-            gains = sorted(((r.spec.rate ** (j + 1), id(r)) for r, m in offers for j in range(m)), key=lambda g: -g[0])
+            rates = {id(r): self.rate(r) for r, m in offers if m}
+            gains = sorted(((rates[id(r)] ** (j + 1), id(r)) for r, m in offers for j in range(m)), key=lambda g: -g[0])
+            upfront = {id(r): self._catch_up_share(r, m) for r, m in offers} if draft_cost is not None else {}
             plain = n / self.costs.estimate(n)
-            best, best_c, expected = plain, 0, float(n)
+            best, best_c, expected, catch_up = plain, 0, float(n), 0.0
             taken: dict[int, int] = {}
             for c, (gain, rid) in enumerate(gains, 1):
                 expected += gain
+                if rid not in taken:
+                    catch_up += upfront.get(rid, 0.0)
                 taken[rid] = taken.get(rid, 0) + 1
-                rate = expected / self._cost(n + c, draft_cost, taken)
+                rate = expected / (self._cost(n + c, draft_cost, taken) + catch_up)
                 if rate > best:
                     best, best_c = rate, c
             if best >= MARGIN * plain:  # else within the cost model's error: not worth it
                 for _, rid in gains[:best_c]:
                     plan[rid] = plan.get(rid, 0) + 1
+        declined = {r.spec.source for r, m in offers if m and id(r) not in plan}
         for r, m in offers:
-            if m and id(r) not in plan:
-                r.spec.idle()
+            own = r.spec.records.get(r.spec.source)
+            if m and id(r) not in plan and own is not None:
+                own.idle()
+        for source in declined & self.pooled.keys():  # once a step, however many requests
+            self.pooled[source].idle()
         return plan
+
+    def rate(self, request: Request) -> float:
+        """The acceptance expected of `request`'s draft: its own record for drafts of this kind, drawn towards what
+        such drafts have had in every request lately (a 1-token prompt-lookup match in open-ended writing is rarely
+        right, a 3-token match in a passage being copied nearly always is). A request's first draft of a kind is
+        taken hopefully, so that a request that copies is found even where others did not."""
+        own = request.spec.records.get(request.spec.source)
+        if own is None:
+            return HOPEFUL
+        return own.rate(self.pooled.setdefault(request.spec.source, Acceptance(fade=POOLED_FADE)).rate())
+
+    def _catch_up_share(self, request: Request, offer: int) -> float:
+        """Seconds of the draft model's catch-up of `request` (the tokens its cache lacks, where more than a step
+        adds) that a step drafting for it pays: the catch-up spread over the tokens the request has left to make, this
+        step charged for the tokens it expects (one, and `offer` drafts at the request's acceptance). Paid once, a
+        catch-up serves every later step, so one stream catches up its prompt for a long reply; but at the end of a
+        reply, or for a request that many streams kept from drafting until now, it is not worth it."""
+        lag = request.num_tokens - min(request.draft_computed, request.computed)
+        if lag <= self.k + 1 or not self.catch_up:
+            return 0.0
+        left = max(request.max_tokens - len(request.output), 1)
+        expected = 1 + sum(self.rate(request) ** (j + 1) for j in range(offer))
+        return lag * self.catch_up * min(1.0, expected / left)
 
     def _cost(self, rows: int, draft_cost: StepCosts | None, taken: dict[int, int]) -> float:
         """Seconds of a step of `rows` rows, and of the draft model's forwards for the drafts `taken` (by request)."""
@@ -331,10 +402,11 @@ class Speculator:
         return seconds
 
     @torch.inference_mode()
-    def _draft_greedy(self, chosen: list[tuple[Request, int]]) -> float:
+    def _draft_greedy(self, chosen: list[tuple[Request, int]]) -> tuple[float, int]:
         """Run the draft model over the tokens its cache lacks (at most max_step_tokens of them a step: a request
         whose catch-up does not fit gets part of it and no draft this time), then `n` greedy tokens for each.
-        Returns the seconds of that catch-up where it was more than a step's worth of tokens (a prompt), else 0."""
+        Returns the seconds of that catch-up and its tokens where it was more than a step's worth of tokens (a
+        prompt), else (0, 0)."""
         runner, budget = self.draft, self.max_step_tokens
         ready, runs = [], []  # requests that get drafts; (request, catch-up tokens) to run
         for r, n in chosen:
@@ -348,15 +420,17 @@ class Speculator:
                 runs.append((r, r.tokens[r.draft_computed : r.draft_computed + budget]))
                 budget = 0
         if not runs:
-            return 0.0
+            return 0.0, 0
         start = time.perf_counter()
         hidden = runner.prefill([t for _, t in runs], [r.blocks for r, _ in runs], [r.draft_computed for r, _ in runs])
-        prompts = time.perf_counter() - start if max(len(t) for _, t in runs) > self.k + 1 else 0.0
+        prompts, tokens = 0.0, 0
+        if max(len(t) for _, t in runs) > self.k + 1:
+            prompts, tokens = time.perf_counter() - start, sum(len(t) for _, t in runs)
         ends = np.cumsum([len(t) for _, t in runs]) - 1
         for r, t in runs:
             r.draft_computed += len(t)
         if not ready:
-            return prompts
+            return prompts, tokens
         logits = runner.logits(hidden[torch.as_tensor(ends[: len(ready)])])  # the ready requests come first
         for (r, _), t in zip(ready, logits.argmax(dim=-1).tolist()):
             r.draft = [t]
@@ -371,7 +445,7 @@ class Speculator:
                 r.draft_computed += 1
                 r.draft.append(t)
             live = [(r, n) for r, n in live if len(r.draft) < n]
-        return prompts
+        return prompts, tokens
 
     # Learning
 
@@ -394,4 +468,6 @@ class Speculator:
         for i in range(accepted):
             stats.accepted_per_position[i] += 1
         if request.spec is not None:
-            request.spec.update(len(draft), accepted)
+            source = request.spec.source
+            request.spec.records.setdefault(source, Acceptance()).update(len(draft), accepted)
+            self.pooled.setdefault(source, Acceptance(fade=POOLED_FADE)).update(len(draft), accepted)

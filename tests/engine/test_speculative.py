@@ -377,3 +377,70 @@ def test_step_costs_interpolate_and_extrapolate_what_was_measured():
     cautious = StepCosts(proportional=True)  # a draft model's forwards: many requests as dear as one each, at first
     cautious.record(1, 0.004)
     assert cautious.estimate(16) == pytest.approx(0.064)
+
+
+def test_a_draft_models_catch_up_is_paid_where_the_reply_left_can_repay_it():
+    """A request the draft model has not followed (a prompt, or tokens made while many streams kept it from
+    drafting) costs a catch-up before its first draft: the plan charges it, spread over the tokens the request has
+    left to make. Early in a long reply a catch-up is worth it; near the end of one it is not (the 16-stream
+    slowdown: catch-ups of whole replies for the last few tokens of each)."""
+    from lamina.engine.request import Request
+    from lamina.engine.sampling import SamplingParams
+    from lamina.engine.speculative import Drafting, Speculator
+
+    spec = Speculator(SpeculativeConfig.parse({"model": "draft", "num_speculative_tokens": 4}), draft=object())
+    for _ in range(3):
+        spec.costs.record(1, 0.050)  # one stream, bound by reading the weights: more rows hardly cost more
+        spec.costs.record(5, 0.055)
+    spec.draft_step.record(1, 0.005)  # a draft token: 5 ms
+    spec.catch_up = 0.001  # a token of catch-up: 1 ms
+
+    def request(made: int, max_tokens: int, followed: int) -> Request:
+        r = Request(0, list(range(200)), SamplingParams(temperature=0), max_tokens=max_tokens)
+        r.output, r.computed, r.draft_computed = list(range(made)), 200 + made - 1, followed
+        r.spec = Drafting()
+        return r
+
+    def plan(r: Request) -> int:
+        spec._steps = 1  # not a baseline step
+        return spec._plan(1, [(r, 4)], draft_cost=spec.draft_step).get(id(r), 0)
+
+    assert plan(request(10, 500, followed=209)) == 4  # followed: a draft costs its forwards alone
+    assert plan(request(10, 500, followed=0)) == 4  # 209 tokens of catch-up (0.21 s) spread over 490 tokens left
+    assert plan(request(490, 500, followed=0)) == 0  # 690 tokens of catch-up for the last 10: not worth it
+    spec.catch_up = 0.0  # not measured yet: no charge (the first catch-up measures it)
+    assert plan(request(490, 500, followed=0)) == 4
+
+
+def test_acceptance_is_learned_by_the_kind_of_draft():
+    """Prompt lookup's drafts are worth what drafts of their kind (the length of the n-gram matched) have had lately
+    in every request: in open-ended writing a 1-token match is rarely followed by what the model writes, and trying
+    each new request's 1-token matches again and again cost ~8% there. A request's first draft of a kind is tried."""
+    from lamina.engine.request import Request
+    from lamina.engine.speculative import HOPEFUL, Drafting, Speculator
+
+    spec = Speculator(SpeculativeConfig.parse(NGRAM))
+
+    def request(source: int) -> Request:
+        r = Request(0, [1, 2, 3], SamplingParams(temperature=0))
+        r.spec = Drafting(source=source)
+        return r
+
+    for _ in range(10):  # requests whose 1-token matches each failed once
+        r = request(1)
+        assert spec.rate(r) == HOPEFUL  # its first draft of the kind: tried
+        spec.verified(r, [5, 6], [7])
+        assert spec.rate(r) < 0.6
+    assert spec.rate(r) < 0.3  # one failure of its own, and the kind's record: not tried again soon
+    assert spec.rate(request(1)) == HOPEFUL  # a new request's first 1-token match is still tried once...
+    r = request(1)
+    spec.verified(r, [5, 6], [5, 6, 7])  # ...and when its own drafts are right, it is believed soon
+    spec.verified(r, [5, 6], [5, 6, 7])
+    assert spec.rate(r) > 0.5
+    copying = request(3)
+    for _ in range(3):
+        spec.verified(copying, [5, 6, 7, 8], [5, 6, 7, 8, 9])
+    copying.spec.source = 1
+    assert spec.rate(copying) == HOPEFUL  # its first 1-token match: its 3-token record says nothing of it
+    copying.spec.source = 3
+    assert spec.rate(copying) > 0.9
