@@ -188,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests waiting beyond the batch before new ones get 429 (default 256)",
     )
     serve.add_argument(
+        "--drain-timeout",
+        type=_checked(float, lambda v: v >= 0, "a number of seconds >= 0"),
+        default=30.0,
+        help="on SIGTERM or Ctrl-C, seconds the requests in flight get to finish while new ones get 503; then the "
+        "rest are aborted and the server exits 0 (default 30; a second signal stops at once)",
+    )
+    serve.add_argument(
         "--kv-cache-memory",
         type=_checked(_size, lambda v: v > 0, "a size such as 512M or 2G"),
         default=None,
@@ -445,16 +452,16 @@ def _serve_rank0(args, llama, tp, followers) -> int:
     # uvicorn's own lines (and its access log: lamina writes its own line per request) only at debug; its warnings
     # at info and warning.
     server_level = args.log_level if args.log_level in ("debug", "error") else "warning"
-    # Ctrl-C / SIGTERM: stop accepting, let in-flight requests finish for up to 30 s, then cancel them.
+    server = _draining_server(
+        app,
+        args.drain_timeout,
+        host=args.host,
+        port=args.port,
+        log_level=server_level,
+        access_log=args.log_level == "debug",
+    )
     try:
-        uvicorn.run(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level=server_level,
-            access_log=args.log_level == "debug",
-            timeout_graceful_shutdown=30,
-        )
+        server.run()
     finally:
         if tp is not None and not failed:
             try:
@@ -462,6 +469,44 @@ def _serve_rank0(args, llama, tp, followers) -> int:
             except RuntimeError:
                 failed.append("a rank was gone at shutdown")
     return 1 if failed else 0
+
+
+def _draining_server(app, drain_timeout: float, **config):
+    """A uvicorn server whose first SIGTERM or Ctrl-C drains: new requests get 503 with Retry-After and /health says
+    "draining" (503) while the requests in flight run to their ends, for up to `drain_timeout` seconds; then what is
+    left is aborted (its streams end with finish_reason "abort") and it exits, status 0. A second signal stops it at
+    once, as uvicorn does."""
+    import threading
+    import time
+
+    import uvicorn
+
+    loop, log = app.state.engine_loop, logging.getLogger("lamina.serve")
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if loop.draining or self.should_exit:
+                return super().handle_exit(sig, frame)
+            loop.drain()
+            log.info(
+                "%s: draining %d request(s) for up to %g s; new requests get 503 (again to stop at once)",
+                signal.Signals(sig).name,
+                loop.in_flight,
+                drain_timeout,
+            )
+            threading.Thread(target=self._exit_when_drained, name="lamina-drain", daemon=True).start()
+
+        def _exit_when_drained(self) -> None:
+            deadline = time.monotonic() + drain_timeout
+            while loop.in_flight and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if loop.in_flight:  # their streams end now, with finish_reason "abort"
+                log.warning("drain timeout: aborting %d request(s) still in flight", loop.in_flight)
+                loop.stop()
+            self.should_exit = True
+
+    # Once drained, what the finished requests still have to send (the last events of a stream) gets 5 s.
+    return DrainingServer(uvicorn.Config(app, timeout_graceful_shutdown=5, **config))
 
 
 def _setup_logging(level: str) -> None:

@@ -23,3 +23,7 @@ class RequestError(LaminaError, ValueError):
 
 class CapacityError(RequestError):
     """A request exceeds the engine's limits (batch size, context length)."""
+
+
+class ShuttingDown(CapacityError):
+    """The server is shutting down: it finishes the requests it has and takes no new ones."""

@@ -33,7 +33,7 @@ class OutputProcessor:
         after it out of the output."""
         if token in request.stop_ids:
             del request.output[len(request.output) - after - 1 :]
-            return self.finish(request, "stop")
+            return self.finish(request, "stop", stop=(token, logprob, top))
         request.text += request.decoder.add(token)
         reason = None
         if complete or self._stop_string(request) is not None:
@@ -56,8 +56,11 @@ class OutputProcessor:
         token: int | None = None,
         logprob: float | None = None,
         top: TopLogprobs | None = None,
+        *,
+        stop: tuple[int, float | None, TopLogprobs | None] | None = None,
     ) -> RequestOutput:
-        """The last output of a request: the rest of its text, up to a stop string if one appeared."""
+        """The last output of a request: the rest of its text, up to a stop string if one appeared. `stop`: the stop
+        token that finished it, with its log-probability and alternatives (RequestOutput.stop_token)."""
         request.text += request.decoder.flush()
         cut = self._stop_string(request)
         if cut is not None:
@@ -65,7 +68,7 @@ class OutputProcessor:
         end = len(request.text) if cut is None else max(cut, request.emitted)
         text = request.text[request.emitted : end]
         request.emitted = end
-        return self._output(request, token, text, logprob, top, reason)
+        return self._output(request, token, text, logprob, top, reason, stop)
 
     @staticmethod
     def failed(request: Request, error: BaseException | None) -> RequestOutput:
@@ -74,7 +77,7 @@ class OutputProcessor:
         return RequestOutput(request.request_id, None, "", None, None, reason, len(request.prompt), 0, error=error)
 
     @staticmethod
-    def _output(request: Request, token, text, logprob, top, reason) -> RequestOutput:
+    def _output(request: Request, token, text, logprob, top, reason, stop=None) -> RequestOutput:
         prompt_logprobs = None
         if request.params.prompt_logprobs is not None and not request.reported_prompt:
             prompt_logprobs = (None, *request.prompt_logprobs)
@@ -93,6 +96,7 @@ class OutputProcessor:
             prompt_logprobs,
             cached_tokens=request.cached_tokens or 0,
             constraint_unmet=unmet,
+            **dict(zip(("stop_token", "stop_logprob", "stop_top_logprobs"), stop or ())),
         )
 
     @staticmethod

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from lamina.engine import Request, StructuredOutputs
-from lamina.errors import CapacityError, LaminaError, RequestError
+from lamina.errors import CapacityError, LaminaError, RequestError, ShuttingDown
 from lamina.llama import Llama
 from lamina.tokenizer.tools import CallStream, Tool, check_tools
 from lamina.serve import page
@@ -86,8 +86,15 @@ def create_app(
 router = APIRouter()
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
-    return JSONResponse(r.error_body(message, kind, param), status_code=status)
+def _error(
+    status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, **headers: str
+) -> JSONResponse:
+    return JSONResponse(r.error_body(message, kind, param), status_code=status, headers=headers or None)
+
+
+# Retry-After (seconds) of a refusal: a full queue frees a place as soon as a request finishes; a server shutting
+# down will not take the request again (another replica may, after a load balancer has seen its /health).
+RETRY_FULL_S, RETRY_DRAINING_S = 1, 5
 
 
 async def _invalid_body(request, exc: RequestValidationError):
@@ -104,8 +111,10 @@ async def _http_error(request, exc: HTTPException):
 
 
 def _failure(e: BaseException) -> JSONResponse:
-    if isinstance(e, CapacityError):  # the queue is full, or the server is shutting down: try again later
-        return _error(429, str(e), "rate_limit_error")
+    if isinstance(e, ShuttingDown):  # draining (SIGTERM): the requests it has finish, new ones go elsewhere
+        return _error(503, str(e), "service_unavailable", **{"Retry-After": str(RETRY_DRAINING_S)})
+    if isinstance(e, CapacityError):  # the queue is full: try again later
+        return _error(429, str(e), "rate_limit_error", **{"Retry-After": str(RETRY_FULL_S)})
     if isinstance(e, (RequestError, ValueError, ValidationError)):
         return _error(400, str(e))
     # A failed step (a bug, not the request): this request fails, the server goes on.
@@ -133,7 +142,14 @@ def _unknown_model(served: Served, name: str | None) -> JSONResponse | None:
 
 
 @router.get("/health")
-async def health():
+async def health(request: HTTPRequest):
+    """{"status": "ok"}; "overloaded" (still 200: it answers, but a request now would get 429) with the queue's
+    size; "draining" with 503 once it shuts down (a load balancer's readiness check sends no more)."""
+    loop = _served(request).loop
+    if loop.draining:
+        return JSONResponse({"status": "draining", "in_flight": loop.in_flight}, status_code=503)
+    if loop.overloaded:
+        return {"status": "overloaded", "in_flight": loop.in_flight, "max_queue": loop.max_queue}
     return {"status": "ok"}
 
 

@@ -17,7 +17,7 @@ import torch
 
 from lamina.engine import Request, RequestOutput
 from lamina.engine.output import OutputProcessor
-from lamina.errors import CapacityError
+from lamina.errors import ShuttingDown
 from lamina.llama import Llama
 from lamina.serve.metrics import Metrics
 
@@ -32,6 +32,7 @@ class EngineLoop:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
+        self.draining = False  # set by drain(): new requests are refused (ShuttingDown), running ones go on
         self._threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name="lamina-engine", daemon=True)
         # Called after a failed step's requests have been failed: where a failure cannot be recovered from (a rank of
@@ -43,6 +44,22 @@ class EngineLoop:
 
     def start(self) -> None:
         self._thread.start()
+
+    def drain(self) -> None:
+        """Take no new requests (submit raises ShuttingDown); those running and queued go on to their ends."""
+        self.draining = True
+
+    @property
+    def in_flight(self) -> int:
+        """This server's requests not yet finished (running or queued)."""
+        return len(self._mine)
+
+    @property
+    def overloaded(self) -> bool:
+        """The queue is full: a request now would be refused (429) unless one finishes first."""
+        scheduler = self.engine.scheduler
+        free = max(0, scheduler.config.max_running - len(scheduler.running))
+        return len(scheduler.waiting) >= self.max_queue + free
 
     def stop(self) -> None:
         """Abort what is in flight (its streams end with finish_reason "abort") and stop the thread."""
@@ -58,6 +75,8 @@ class EngineLoop:
         """Queue the requests (all or none; raises the core's RequestError / CapacityError). Returns an async
         iterator of (index in `requests`, output) as outputs come, to the last one's finish; it raises a failed
         step's error, and aborts the requests still running when it is closed (the client went away)."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down: it finishes the requests it has and takes no new ones")
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
 
@@ -115,7 +134,7 @@ class EngineLoop:
     def _call(self, fn: Callable) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         if self._stopping:
-            future.set_exception(CapacityError("the server is shutting down"))
+            future.set_exception(ShuttingDown("the server is shutting down"))
             return future
         self._commands.put((fn, future))
         self._wake.set()

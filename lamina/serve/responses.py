@@ -60,13 +60,24 @@ def completion_piece(
             lp["tokens"] += [token_text(t) for t in prompt]
             lp["token_logprobs"] += [None if e is None else e[0] for e in scored]
             lp["top_logprobs"] += [None if e is None else _alternatives(e[1], token_text) for e in scored]
-    if lp is not None and out.token is not None:
-        lp["tokens"].append(token_text(out.token))
-        lp["token_logprobs"].append(out.logprob)
-        lp["top_logprobs"].append(_alternatives(out.top_logprobs, token_text))
+    for token, logprob, top in _generated(out) if lp is not None else ():
+        lp["tokens"].append(token_text(token))
+        lp["token_logprobs"].append(logprob)
+        lp["top_logprobs"].append(_alternatives(top, token_text))
     if lp is not None:
         lp["text_offset"] = _offsets(lp["tokens"])
     return text, lp
+
+
+def _generated(out: RequestOutput) -> list[tuple[int, float | None, TopLogprobs | None]]:
+    """The tokens an output gives logprobs entries for: its token, or the stop token that finished the request
+    (OpenAI's rule, and vLLM's: the stop token has an entry, its text not in the choice's; lm-eval's loglikelihood
+    drops a reply's last entry as the generated token, so without it a continuation's own last token is dropped)."""
+    if out.token is not None:
+        return [(out.token, out.logprob, out.top_logprobs)]
+    if out.stop_token is not None:
+        return [(out.stop_token, out.stop_logprob, out.stop_top_logprobs)]
+    return []
 
 
 def _offsets(tokens: list[str]) -> list[int]:
@@ -116,19 +127,15 @@ def completion_body(rid: str, created: int, model: str, choices: list[dict], use
 
 
 def chat_logprobs(outs: Sequence[RequestOutput], token_text: TokenText) -> dict:
-    """OpenAI's chat logprobs: an entry per generated token, with its bytes and alternatives."""
+    """OpenAI's chat logprobs: an entry per generated token (the stop token that ended the reply included), with its
+    bytes and alternatives."""
     entries = []
-    for o in outs:
-        if o.token is None:
-            continue
-        text = token_text(o.token)
+    for token, logprob, top in (g for o in outs for g in _generated(o)):
+        text = token_text(token)
         alternatives = [
-            {"token": token_text(t), "logprob": lp, "bytes": list(token_text(t).encode())}
-            for t, lp in (o.top_logprobs or ())
+            {"token": token_text(t), "logprob": lp, "bytes": list(token_text(t).encode())} for t, lp in (top or ())
         ]
-        entries.append(
-            {"token": text, "logprob": o.logprob, "bytes": list(text.encode()), "top_logprobs": alternatives}
-        )
+        entries.append({"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": alternatives})
     return {"content": entries}
 
 

@@ -55,8 +55,6 @@ def test_prompt_lookup_refuses_bad_settings():
         propose_ngram([1, 2, 3], k=0, min_n=1, max_n=2)
 
 
-
-
 # ---- The engine core with drafts ---------------------------------------------------------------------------------
 
 

@@ -22,6 +22,22 @@ MC = [
     {"question": "Water freezes at zero degrees", "choices": ["Celsius", "Fahrenheit"], "answer": 0},
     {"question": "One, two, three,", "choices": ["four", "seven", "blue"], "answer": 0},
 ]
+# Answers the model often ends with its stop token (the greedy token after " Earth." is end-of-text): lm-eval asks
+# for one token after each (context + continuation) and drops the last logprobs entry as that token, so a server
+# that gives the stop token no entry loses the continuation's own last token instead (OpenAI and vLLM give it one).
+MC_STOP = [
+    {"question": q, "choices": choices, "answer": 0}
+    for q, choices in [
+        ("Which planet do we live on?", ["Earth.", "Mars.", "Jupiter."]),
+        ("Which star does the Earth orbit?", ["The Sun.", "Sirius.", "The Moon."]),
+        ("What is the largest ocean?", ["The Pacific Ocean.", "The Atlantic Ocean.", "The Arctic Ocean."]),
+        ("Which continent is Egypt in?", ["Africa.", "Asia.", "Europe."]),
+        ("What is the closest planet to the Sun?", ["Mercury.", "Venus.", "Neptune."]),
+        ("What language is spoken in Brazil?", ["Portuguese.", "Spanish.", "French."]),
+        ("Which planet is known as the Red Planet?", ["Mars.", "Venus.", "Saturn."]),
+        ("What do bees make?", ["Honey.", "Milk.", "Silk."]),
+    ]
+]
 PPL = [
     {"text": "The quick brown fox jumps over the lazy dog. It was a sunny day in the park."},
     {"text": "Once upon a time, there lived a king who had three daughters."},
@@ -34,6 +50,11 @@ TASKS = {
     "lamina_mc": (
         MC,
         'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n',
+    ),
+    "lamina_stop_mc": (
+        MC_STOP,
+        'output_type: multiple_choice\ndoc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\n'
         'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n',
     ),
     "lamina_ppl": (
@@ -115,15 +136,25 @@ def test_lm_eval_local_completions_against_lamina_serve(tmp_path):
     def score(ids: list[int]) -> list[float]:
         return llama.generate([ids], 0, logprobs=True, echo=True)[1][0]
 
-    # loglikelihood: lm-eval's (context, continuation) split, scored offline on the same ids.
-    for sample in _samples(tmp_path / "out", "lamina_mc"):
-        for args, resp in zip(sample["arguments"].values(), sample["resps"]):
-            context, continuation = args["arg_0"], args["arg_1"]
-            context_ids = encode(context)
-            whole = encode(context + continuation)
-            assert any(p[: len(whole)] == whole for p in received)
-            expected = sum(score(whole)[len(context_ids) :])
-            assert float(resp[0][0]) == pytest.approx(expected, abs=2e-3), (context, continuation)
+    # loglikelihood: lm-eval's (context, continuation) split, scored offline on the same ids; the accuracy that
+    # follows from the offline scores.
+    stopped = 0  # continuations the model follows with a stop token (greedy), which lm-eval asks for
+    for task in ("lamina_mc", "lamina_stop_mc"):
+        correct = 0
+        for sample in _samples(tmp_path / "out", task):
+            offline = []
+            for args, resp in zip(sample["arguments"].values(), sample["resps"]):
+                context, continuation = args["arg_0"], args["arg_1"]
+                context_ids = encode(context)
+                whole = encode(context + continuation)
+                assert any(p[: len(whole)] == whole for p in received)
+                offline.append(sum(score(whole)[len(context_ids) :]))
+                assert float(resp[0][0]) == pytest.approx(offline[-1], abs=2e-3), (context, continuation)
+                stopped += llama.generate([whole], 1, temperature=0)[0] == [[]]
+            correct += max(range(len(offline)), key=offline.__getitem__) == sample["doc"]["answer"]
+        results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+        assert results[task]["acc,none"] == pytest.approx(correct / len(_samples(tmp_path / "out", task)))
+    assert stopped >= 8, "the stop-token case is not exercised"
     # loglikelihood_rolling: one window here, a prefix token then the text.
     for sample in _samples(tmp_path / "out", "lamina_ppl"):
         ids = encode(sample["doc"]["text"])

@@ -92,6 +92,74 @@ def test_chat_logprobs(client):
         assert e.logprob == pytest.approx(e.top_logprobs[0].logprob) and e.logprob <= 0
 
 
+def _stop_entry(llama, ids: list[int]) -> tuple[str, float]:
+    """The stop token the model picks greedily after `ids` (asserted: it stops there) and its log-probability,
+    scored offline as the prompt's last token."""
+    (tokens,), _ = llama.generate([ids], 1, temperature=0)
+    assert tokens == [], "the model does not stop here"
+    scored = {
+        s: llama.generate([ids + [s]], 0, logprobs=True, echo=True)[1][0][-1] for s in llama.tokenizer.stop_tokens
+    }
+    stop = max(scored, key=scored.get)
+    return llama.tokenizer.decode([stop]), scored[stop]
+
+
+def test_a_stop_token_has_its_logprobs_entry(client, llama):
+    """OpenAI's and vLLM's rule, which lm-eval counts on: a reply ended by a stop token has an entry for it in its
+    logprobs (the text stays without it), in completions and chat, streamed or not, for each of n choices. Offline
+    `generate` keeps Meta's rule (the stop token is cut: no token, no logprob)."""
+    prompt = "Question: Which planet do we live on?\nAnswer: Earth."
+    ids = llama.tokenizer.encode(prompt, bos=llama.tokenizer.add_bos, eos=False)
+    text, logprob = _stop_entry(llama, ids)
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=2, n=2)
+    for choice in out.choices:
+        assert choice.text == prompt and choice.finish_reason == "stop"
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 1
+        assert lp.tokens[-1] == text and lp.token_logprobs[-1] == pytest.approx(logprob, abs=2e-3)
+        assert max(lp.top_logprobs[-1], key=lp.top_logprobs[-1].get) == text  # greedy: the most probable
+    assert out.usage.completion_tokens == 0  # the completion's tokens: the stop token is not one of them
+    chunks = list(
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=1, stream=True)
+    )
+    entries = [
+        (t, v)
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for t, v in zip(c.choices[0].logprobs.tokens, c.choices[0].logprobs.token_logprobs)
+    ]
+    assert [t for t, _ in entries] == [text] and entries[0][1] == pytest.approx(logprob, abs=2e-3)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ""
+    # chat: a reply that ends, its last entry the stop token (greedy: the most probable there)
+    question = [{"role": "user", "content": "Say hello."}]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=question, max_tokens=64, temperature=0, logprobs=True, top_logprobs=2
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop"
+    content = choice.logprobs.content
+    stops = {llama.tokenizer.decode([s]) for s in llama.tokenizer.stop_tokens}
+    assert len(content) == reply.usage.completion_tokens + 1 and content[-1].token in stops
+    assert content[-1].top_logprobs[0].token == content[-1].token and content[-1].logprob <= 0
+    assert not any(e.token in stops for e in content[:-1]) and not choice.message.content.endswith(content[-1].token)
+    streamed = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=question,
+            max_tokens=64,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    got = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed[-2].choices[0].finish_reason == "stop" and len(got) == streamed[-1].usage.completion_tokens + 1
+    assert streamed[-2].choices[0].logprobs.content[-1] == got[-1] and got[-1].token in stops
+    assert not any(e.token in stops for e in got[:-1])
+
+
 def test_completion_list_of_prompts_n_and_echo(client, llama):
     out = client.completions.create(
         model=MODEL, prompt=["Hello", "Paris is"], max_tokens=3, temperature=0, n=2, echo=True, logprobs=1
@@ -331,6 +399,63 @@ def test_sigterm_drains_streams_and_exits_cleanly():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_refuses_new_requests_with_503_while_it_drains_and_exits_0():
+    """The first SIGTERM drains: the stream in flight runs to its end, a new request gets 503 with Retry-After and
+    OpenAI's error body at once, /health says "draining" (503), and the process exits with status 0. With a short
+    --drain-timeout, what is still running then ends with finish_reason "abort" (and the status is still 0)."""
+    import signal
+
+    for timeout, finish in (("60", "length"), ("0.5", "abort")):
+        proc, url = _cli_server("--max-seq-len", "512", "--drain-timeout", timeout)
+        try:
+            body = {"prompt": "Count to a thousand:", "max_tokens": 400, "stream": True, "ignore_eos": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                lines = r.iter_lines()
+                assert next(line for line in lines if line.startswith("data:"))
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.1)
+                if finish == "length":
+                    refused = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
+                    assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
+                    assert refused.json()["error"]["type"] == "service_unavailable"
+                    health = httpx.get(f"{url}/health", timeout=10)
+                    assert health.status_code == 503 and health.json()["status"] == "draining"
+                rest = list(lines)
+            events = [line for line in rest if line.startswith("data:")]
+            assert events[-1] == "data: [DONE]" and f'"finish_reason": "{finish}"' in events[-2]
+            assert proc.wait(timeout=60) == 0
+            log = proc.stderr.read()
+            assert "SIGTERM: draining 1 request(s)" in log and "Traceback" not in log
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_health_says_overloaded(llama):
+    server, thread, url = _serve(create_app(llama, model_name=MODEL, max_queue=0))
+    try:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        streams = [
+            client.completions.create(model=MODEL, prompt="Count:", max_tokens=300, stream=True) for _ in range(4)
+        ]  # the four cache rows
+        for stream in streams:
+            next(iter(stream))
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 200 and health.json()["status"] == "overloaded"
+        refused = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert (
+            refused.json()["error"]["type"] == "rate_limit_error"
+            and "queue is full" in refused.json()["error"]["message"]
+        )
+        for stream in streams:
+            stream.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def test_a_seed_gives_the_same_tokens_from_generate_the_cli_and_the_server(client, llama):
