@@ -123,8 +123,12 @@ class EngineCore:
         for request, positions, hidden in forward.scored:
             self.sampler.score_prompt(request, positions, hidden, self.runner.logits)
         sampled = self.sampler(forward.logits, forward.sampling, forward.drafts, forward.rounding)
+        seconds = time.perf_counter() - started
         if spec is not None and not forward.scored and all(c.length == 1 + len(c.draft) for c in step.chunks):
-            spec.timed(step.num_tokens, time.perf_counter() - started)  # a decode step: what its rows cost
+            spec.timed(step.num_tokens, seconds)  # a decode step: what its rows cost
+        if self.scheduler.pacer is not None:  # what prompt tokens add to a step, and a decode step's time
+            prompt = sum(c.length for c in step.chunks if c.length - len(c.draft) > 1)
+            self.scheduler.pacer.record(seconds, prompt, any(c.length - len(c.draft) == 1 for c in step.chunks))
         done = self.scheduler.advance(step, {r.request_id: t for r, t in zip(forward.sampling, sampled.tokens)})
         columns = (sampled.tokens, sampled.logprobs, sampled.top_logprobs, sampled.complete, forward.drafts)
         for b, (r, tokens, lps, tops, completes, draft) in enumerate(zip(forward.sampling, *columns)):

@@ -21,7 +21,7 @@ them. `advance` keeps the accepted draft tokens and gives back the blocks only r
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Hashable, Mapping
 
 from lamina.engine.blocks import BlockPool, block_keys
@@ -85,12 +85,63 @@ class Step:
         return sum(c.length for c in self.chunks)
 
 
+@dataclass
+class PrefillPacer:
+    """Stall-free steps (Sarathi-Serve's idea, with a budget in time instead of tokens): while requests decode, a
+    step's prompt tokens are limited so that the step takes about `target` seconds, and a long prompt is spread over
+    steps instead of pausing every stream for its whole chunk. Both are learned from this machine's steps: the target
+    is FACTOR times a decode-only step (at least FLOOR), and what prompt tokens add to a step is fitted to the recent
+    steps that ran them, as a line (a step's fixed cost of running a prompt chunk, then a cost per token; recent steps
+    only, as the cost grows with the prompt's position: attention). Until both are measured, max_step_tokens applies."""
+
+    decode_s: float = 0.0  # seconds of a decode-only step (a moving average)
+    samples: deque = field(default_factory=lambda: deque(maxlen=16))  # (prompt tokens, seconds they added)
+    FACTOR, FLOOR = 4.0, 0.1
+    WEIGHT = 0.3  # of a new decode-only step in decode_s
+    MIN_TOKENS = 32  # a prompt always advances, in chunks a matrix product still runs well
+
+    @property
+    def target(self) -> float:
+        return max(self.FLOOR, self.FACTOR * self.decode_s)
+
+    def record(self, seconds: float, prompt_tokens: int, decoding: bool) -> None:
+        """A step took `seconds`, with `prompt_tokens` prompt tokens and (`decoding`) decode rows."""
+        if prompt_tokens == 0:
+            if decoding:
+                w = self.WEIGHT if self.decode_s else 1.0
+                self.decode_s = (1 - w) * self.decode_s + w * seconds
+        elif self.decode_s or not decoding:
+            self.samples.append((prompt_tokens, max(seconds - (self.decode_s if decoding else 0.0), 0.0)))
+
+    def budget(self) -> int | None:
+        """Prompt tokens for a step that also decodes; None while unmeasured."""
+        if not self.decode_s or not self.samples:
+            return None
+        fixed, per_token = self._line()
+        room = self.target - self.decode_s - fixed
+        return max(self.MIN_TOKENS, int(room / per_token)) if per_token > 0 else None
+
+    def _line(self) -> tuple[float, float]:
+        """Least squares of seconds on tokens over the samples: (fixed seconds >= 0, seconds a token)."""
+        n = len(self.samples)
+        mx = sum(t for t, _ in self.samples) / n
+        my = sum(s for _, s in self.samples) / n
+        var = sum((t - mx) ** 2 for t, _ in self.samples)
+        slope = sum((t - mx) * (s - my) for t, s in self.samples) / var if var else 0.0
+        if slope <= 0:  # one chunk size so far (or noise): all of it per token
+            return 0.0, my / mx
+        fixed = my - slope * mx
+        return (fixed, slope) if fixed >= 0 else (0.0, my / mx)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool):
         self.config, self.pool = config, pool
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[Hashable, Request] = {}  # by id: the same objects, for abort
+        # Stall-free steps while others decode (the server sets one: offline, whole batches prefill at full speed)
+        self.pacer: PrefillPacer | None = None
 
     def add(self, request: Request, *, max_waiting: int | None = None) -> None:
         """Queue a request, resolving its budget (`max_tokens` None: the params', else what the context leaves).
@@ -135,6 +186,10 @@ class Scheduler:
 
     def schedule(self) -> Step:
         budget = self.config.max_step_tokens
+        # prompt tokens this step may run besides the decodes (the pacer's, where requests decode)
+        prompts = budget
+        if self.pacer is not None and any(r.pending <= 1 for r in self.running):
+            prompts = min(budget, self.pacer.budget() or budget)
         chunks: list[Chunk] = []
         preempted: list[Hashable] = []
         finished: list[Request] = []
@@ -142,6 +197,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.pending, budget)
+            if n > 1:  # a prompt (or, after preemption, tokens to recompute): within the prompts' share
+                if prompts <= 0:
+                    i += 1
+                    continue
+                n = min(n, prompts)
+                prompts -= n
             draft = self._draft(req, budget)
             # room for the draft's positions, leaving the blocks the running requests after this one need now:
             # decode as usual otherwise (no request is ever preempted for a draft)
@@ -169,14 +230,16 @@ class Scheduler:
         # Admit waiting requests, oldest first, while there is room (none in a step that had to preempt).
         in_flight = self._in_flight()
         deferred: list[Request] = []
-        while self.waiting and not preempted and len(self.running) < self.config.max_running and budget > 0:
+        while (
+            self.waiting and not preempted and len(self.running) < self.config.max_running and min(budget, prompts) > 0
+        ):
             req = self.waiting.popleft()
             hit = self._take_cached(req)
             if in_flight and self._waits_for(req, in_flight):
                 self._release(req)  # its next block is being computed: take it from the cache next time
                 deferred.append(req)
                 continue
-            n = min(req.pending, budget)
+            n = min(req.pending, budget, prompts)
             if not self.pool.grow(req.blocks, req.computed + n):
                 self._release(req)
                 self.waiting.appendleft(req)
@@ -189,6 +252,7 @@ class Scheduler:
             self.running.append(req)
             chunks.append(Chunk(req, req.computed, n))
             budget -= n
+            prompts -= n
             if self.pool.caching:
                 in_flight.update(self._prompt_keys(req)[req.computed // self.pool.block_size :])
         self.waiting.extendleft(reversed(deferred))

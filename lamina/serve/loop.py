@@ -17,6 +17,7 @@ import torch
 
 from lamina.engine import Request, RequestOutput
 from lamina.engine.output import OutputProcessor
+from lamina.engine.scheduler import PrefillPacer
 from lamina.errors import ShuttingDown
 from lamina.llama import Llama
 from lamina.serve.metrics import Metrics
@@ -27,6 +28,8 @@ class EngineLoop:
 
     def __init__(self, llama: Llama, max_queue: int):
         self.llama, self.engine, self.max_queue = llama, llama.core, max_queue
+        # stall-free steps: a long prompt is spread over steps instead of pausing every stream for its whole chunk
+        self.engine.scheduler.pacer = PrefillPacer()
         self.metrics = Metrics()
         self._mine: dict = {}  # request id -> Request, this server's requests still running (to abort at shutdown)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()

@@ -202,3 +202,34 @@ def test_the_lowest_blocks_are_reused_first():
             scheduler.advance(step, {c.request.request_id: 7 for c in step.chunks if c.samples})
         assert request.finish_reason == "length"
     assert used == {0, 1} and pool.num_used == 0
+
+
+def test_the_pacer_sizes_prompt_chunks_by_time_while_streams_decode():
+    """Stall-free steps: with a PrefillPacer, a step that also decodes takes only the prompt tokens that keep it near
+    its target time, as fitted to the steps measured (a line: fixed cost, then per token); a step that decodes
+    nothing takes max_step_tokens; every token still comes out as without it."""
+    from lamina.engine.scheduler import PrefillPacer
+
+    pacer = PrefillPacer()
+    assert pacer.budget() is None  # nothing measured: max_step_tokens
+    pacer.record(0.020, 0, decoding=True)  # a decode-only step: 20 ms, so the target is 100 ms (the floor)
+    pacer.record(0.020 + 0.010 + 64 * 0.001, 64, decoding=True)  # 10 ms to run a prompt chunk, 1 ms a token
+    pacer.record(0.020 + 0.010 + 16 * 0.001, 16, decoding=True)
+    assert pacer.target == pytest.approx(0.1) and pacer.budget() == 70  # (100 - 20 - 10) ms at 1 ms a token
+    pacer.record(0.050, 0, decoding=True)  # slower decode steps (more streams): a target of 4 of them
+    assert pacer.target == pytest.approx(4 * (0.7 * 0.020 + 0.3 * 0.050))
+
+    scheduler, _ = make(max_step_tokens=64, max_seq_len=512, num_blocks=256)
+    scheduler.pacer = pacer = PrefillPacer()
+    pacer.record(0.020, 0, decoding=True)
+    pacer.record(0.020 + 40 * 0.002, 40, decoding=True)  # 2 ms a token: (100 - 20) / 2 = 40 tokens a step
+    engine = FakeEngine(scheduler)
+    short, long = prompts(1)[0], [(j * 11) % 400 + 1 for j in range(300)]
+    engine.run({0: [("short", short, 60)], 2: [("long", long, 4)]})
+    assert engine.finished["long"].output == expected_output(long, 4)
+    assert engine.finished["short"].output == expected_output(short, 60)
+    for s in engine.steps:
+        prompt = sum(c.length for c in s.chunks if c.length > 1)
+        decoding = any(c.length == 1 for c in s.chunks)
+        assert prompt <= (40 if decoding else 64)
+    assert max(c.length for s in engine.steps for c in s.chunks if c.request.request_id == "long") == 40

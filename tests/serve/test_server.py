@@ -683,3 +683,49 @@ def test_speculative_decoding_through_the_cli_serve_keeps_replies_and_counts_dra
     )
     assert bad.returncode != 0 and "num_speculative_tokens must be an integer in 1..32" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_long_prompt_does_not_stall_the_streams():
+    """Stall-free steps on the real server: while a fresh 2,000-token prompt is prefilled (and scored, as lm-eval
+    asks), a stream that is decoding keeps getting tokens, its longest pause at most a quarter of the time the prompt's
+    request takes. Before the pacer it paused for each 512-token chunk: four pauses, the longest about a third."""
+    import random
+
+    big = lamina.load(max_batch_size=4, max_seq_len=4096)
+    server, thread, url = _serve(create_app(big, model_name=MODEL))
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        stream = client.completions.create(
+            model=MODEL, prompt="Count to a thousand:", max_tokens=2000, stream=True, extra_body={"ignore_eos": True}
+        )
+        chunks = iter(stream)
+        for _ in range(20):  # decoding: the pacer has measured decode steps
+            next(chunks)
+        rng = random.Random(0)
+        for scored in (False, True):
+            prompt = [rng.randrange(1000, 20000) for _ in range(2000)]  # fresh: nothing from the prefix cache
+            done = {}
+
+            def long_request():
+                start = time.perf_counter()
+                client.completions.create(
+                    model=MODEL, prompt=prompt, max_tokens=1, echo=scored, logprobs=1 if scored else None
+                )
+                done["took"] = time.perf_counter() - start
+                done["end"] = time.perf_counter()
+
+            worker = threading.Thread(target=long_request)
+            start = time.perf_counter()
+            worker.start()
+            arrivals = [start]
+            while "end" not in done:
+                next(chunks)
+                arrivals.append(time.perf_counter())
+            worker.join()
+            gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+            assert len(arrivals) > 12, "the stream got few tokens while the prompt was prefilled"
+            assert max(gaps) <= done["took"] / 4, (max(gaps), done["took"])
+        stream.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
