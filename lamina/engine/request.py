@@ -49,7 +49,7 @@ class RequestOutput:
     constraint_unmet: bool = False
     # The stop token that finished the request ("stop"), which is not part of the completion (Meta's rule: `token`
     # is None), with its log-probability and alternatives when asked for: OpenAI's API gives it an entry in a
-    # choice's logprobs (its text empty), and clients such as lm-eval count on that entry.
+    # choice's logprobs (the choice's text stays without it), and clients such as lm-eval count on that entry.
     stop_token: int | None = None
     stop_logprob: float | None = None
     stop_top_logprobs: TopLogprobs | None = None
