@@ -444,6 +444,7 @@ def _serve_rank0(args, llama, tp, followers) -> int:
             gone = [f"rank {r} (pid {p.pid}) exited with status {p.poll()}" for r, p in gone]
             failed.append("; ".join(gone) or f"a collective failed: {error}")
             print(f"lamina: error: the tensor-parallel group failed: {failed[-1]}", file=sys.stderr)
+            app.state.engine_loop.drain()  # nothing to drain (its requests failed): the signal stops it at once
             os.kill(os.getpid(), signal.SIGTERM)
 
         app.state.engine_loop.on_step_error = stop
