@@ -126,7 +126,7 @@ class EngineCore:
         seconds = time.perf_counter() - started
         if spec is not None and not forward.scored and all(c.length == 1 + len(c.draft) for c in step.chunks):
             spec.timed(step.num_tokens, seconds)  # a decode step: what its rows cost
-        if self.scheduler.pacer is not None:  # what prompt tokens add to a step, and a decode step's time
+        if self.scheduler.pacer is not None and not forward.scored:  # what prompt tokens add, a decode step's time
             prompt = sum(c.length for c in step.chunks if c.length - len(c.draft) > 1)
             self.scheduler.pacer.record(seconds, prompt, any(c.length - len(c.draft) == 1 for c in step.chunks))
         done = self.scheduler.advance(step, {r.request_id: t for r, t in zip(forward.sampling, sampled.tokens)})

@@ -115,10 +115,19 @@ class Request:
         """Tokens to run before the next token can be sampled."""
         return self.num_tokens - self.computed
 
-    def scored_positions(self, start: int, length: int) -> range:
+    def scored_positions(self, start: int, length: int, limit: int | None = None) -> range:
         """Positions up to start+length-1 whose hidden states score the next prompt token and are not scored yet
-        (none unless the request asks for prompt logprobs). Those before `start` were not run by this request: their
-        blocks came from the prefix cache, which keeps their hidden states too."""
+        (none unless the request asks for prompt logprobs), at most `limit` of them. Those before `start` were not
+        run by this request: their blocks came from the prefix cache, which keeps their hidden states too."""
         if self.params.prompt_logprobs is None:
             return range(0)
-        return range(len(self.prompt_logprobs), min(start + length, len(self.prompt) - 1))
+        first = len(self.prompt_logprobs)
+        stop = min(start + length, len(self.prompt) - 1)
+        return range(first, stop if limit is None else min(stop, first + limit))
+
+    @property
+    def scoring_behind(self) -> int:
+        """Positions already computed (blocks from the prefix cache) whose prompt logprobs are still owed."""
+        if self.params.prompt_logprobs is None:
+            return 0
+        return max(0, min(self.computed, len(self.prompt) - 1) - len(self.prompt_logprobs))

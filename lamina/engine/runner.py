@@ -14,7 +14,7 @@ from lamina.engine.config import EngineConfig
 from lamina.engine.kv_cache import KVCache, lazy_zeros, padded_tables
 from lamina.engine.native import NativeDecode, unsupported
 from lamina.engine.request import Request
-from lamina.engine.scheduler import Chunk
+from lamina.engine.scheduler import SCORE_STEP, Chunk
 from lamina.model import Decode, Prefill, Transformer
 from lamina.quant import QLinear
 
@@ -87,13 +87,19 @@ class ModelRunner:
         """Run a scheduled step: the one-token chunks of running requests (with their draft tokens, if any) in one
         decode step, every other chunk (a prompt's, a recomputation's, or one scoring prompt tokens) packed into one
         prefill pass."""
-        scores = [c.request.scored_positions(c.start, c.length) for c in chunks]
+        scores = [c.request.scored_positions(c.start, c.length, SCORE_STEP if not c.length else None) for c in chunks]
         is_decode = [
             c.length - len(c.draft) == 1 and c.start > 0 and c.samples and not p for c, p in zip(chunks, scores)
         ]
         decode = [c for c, d in zip(chunks, is_decode) if d]
         prefill = [(c, p) for c, p, d in zip(chunks, scores, is_decode) if not d]
         logits, sampling, scored = [], [], []
+        for c, positions in prefill:  # chunks of no tokens: positions scored from the prefix cache alone
+            if not c.length and positions:
+                scored.append(
+                    (c.request, positions, self.cached_hidden(c.request.blocks, positions.start, positions.stop))
+                )
+        prefill = [(c, p) for c, p in prefill if c.length]
         if prefill:
             hidden = self.prefill(
                 [c.tokens for c, _ in prefill], [c.request.blocks for c, _ in prefill], [c.start for c, _ in prefill]

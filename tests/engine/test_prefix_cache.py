@@ -189,3 +189,34 @@ def test_an_offline_batch_computes_its_shared_system_prompt_once(llama):
     decode_tokens = sum(len(summary(outs)["tokens"]) for outs in plain.values()) - len(prompts)
     assert sum(p.ran) == prompt_tokens + decode_tokens
     assert sum(c.ran) == prompt_tokens - 3 * 20 + decode_tokens  # three of the four took the 5 cached blocks
+
+
+def test_a_cached_prompt_scored_again_is_scored_a_few_positions_a_step(llama, monkeypatch):
+    """lm-eval sends a context again for each choice (echo + logprobs): the positions whose blocks come from the
+    prefix cache are scored SCORE_STEP a step (chunks of no tokens) while another request decodes, not all in one
+    step; prompt logprobs, tokens and the end of a request with no token to make are those without caching."""
+    from lamina.engine import runner as runner_module
+    from lamina.engine import scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "SCORE_STEP", 8)
+    monkeypatch.setattr(runner_module, "SCORE_STEP", 8)
+    context = SYSTEM + _prompts([30], seed=9)[0]  # 51 tokens: 12 full blocks of 4
+    arrivals = {
+        0: [("first", context, SCORED, 2), ("stream", _prompts([5], seed=4)[0], GREEDY, 40)],
+        12: [("again", context, SCORED, 2)],
+        24: [("again, no token", context, SCORED, 0)],
+    }
+    plain = Engine(llama, caching=False)
+    cached = Engine(llama, caching=True)
+    scored = []  # (request, positions scored) of each call, cached engine
+    score_prompt = cached.sampler.score_prompt
+
+    def spy(request, positions, hidden, logits):
+        scored.append((request.request_id, len(positions)))
+        return score_prompt(request, positions, hidden, logits)
+
+    cached.sampler.score_prompt = spy
+    same(drive(plain, arrivals), drive(cached, arrivals))
+    for request_id in ("again", "again, no token"):
+        sizes = [n for r, n in scored if r == request_id]
+        assert sum(sizes) == len(context) - 1 and len(sizes) >= 48 // 8 and max(sizes) <= 8 + 4, sizes
