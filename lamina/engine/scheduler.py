@@ -311,7 +311,7 @@ class Scheduler:
         the step's token budget, the request's max_tokens and max_seq_len (each accepted token is an output token).
         The proposal is used once."""
         draft, req.draft = req.draft, []
-        if not draft or req.pending != 1:
+        if not draft or req.pending != 1 or req.scoring_behind:  # (a prompt still being scored: no draft)
             return ()
         room = min(budget - 1, req.max_tokens - len(req.output) - 1, self.config.max_seq_len - req.num_tokens - 1)
         return tuple(draft[: max(room, 0)])

@@ -287,7 +287,11 @@ class Speculator:
 
     def propose(self, running: Sequence[Request], pool: BlockPool, max_seq_len: int) -> None:
         """Set `draft` on the decoding requests among `running` worth speculating for this step (others get [])."""
-        decoding = [r for r in running if r.status is Status.RUNNING and r.pending == 1 and r.computed > 0]
+        decoding = [
+            r
+            for r in running
+            if r.status is Status.RUNNING and r.pending == 1 and r.computed > 0 and not r.scoring_behind
+        ]
         for r in decoding:
             r.draft = []
         limit = self.config.disable_by_batch_size

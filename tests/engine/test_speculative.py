@@ -297,6 +297,31 @@ def test_prompt_logprobs_prefix_caching_preemption_and_aborts(llama, oracle):
     assert tokens_of(outs[0]) == base[0] and tokens_of(outs[3]) == base[3]
 
 
+def test_a_prompt_scored_from_the_cache_gets_no_draft_until_it_is_scored(llama, oracle, monkeypatch):
+    """A prompt whose blocks come from the prefix cache and that asks for prompt logprobs is scored a few positions a
+    step (chunks of no tokens) before it runs on; a draft in the meantime, or on its last prompt token's chunk (which
+    scores the rest: a prefill pass, whose logits are those of the chunk's last position), would sample from the
+    wrong position. Prompts of one block and one token: all but the last token from the cache."""
+    from lamina.engine import runner as runner_module
+    from lamina.engine import scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "SCORE_STEP", 4)
+    monkeypatch.setattr(runner_module, "SCORE_STEP", 4)
+    shared = _prompts([16])[0]
+    prompts = [shared + [t] for t in (7, 11, 13, 17)]
+    params = SamplingParams(temperature=0, max_tokens=12, prompt_logprobs=1, logprobs=True)
+    base_outs, base = _baseline(llama, prompts, params)
+    oracle.answers = {tuple(p): t for p, t in zip(prompts, base)}
+    engine = Engine(llama, NGRAM)
+    outs = run(engine, prompts, params)
+    assert [tokens_of(o) for o in outs] == base
+    for got, want in zip(outs, base_outs):
+        assert [e and e[0] for e in got[0].prompt_logprobs] == pytest.approx(
+            [e and e[0] for e in want[0].prompt_logprobs], abs=1e-5
+        )
+    assert engine.pool.hits >= 3 * 16 and engine.speculator.stats.accepted_tokens > 0
+
+
 def test_prompt_lookup_on_the_default_model_keeps_greedy_and_seeded_tokens():
     llm = lamina.load(max_batch_size=4, max_seq_len=512)
     chats = [
