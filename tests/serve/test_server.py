@@ -729,3 +729,55 @@ def test_a_long_prompt_does_not_stall_the_streams():
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_clients_that_go_away_queued_or_mid_prefill_leave_nothing_behind():
+    """A streaming client that disconnects while its request waits in the queue, or while its 2,000-token prompt is
+    being prefilled (spread over steps), has its request aborted: soon nothing runs or waits, every KV block is free,
+    and the requests that stayed finish."""
+    import random
+
+    big = lamina.load(max_batch_size=2, max_seq_len=4096)
+    server, thread, url = _serve(create_app(big, model_name=MODEL, max_queue=8))
+    core = big.core
+
+    def stream(prompt, max_tokens):
+        body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+        return httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60)
+
+    def soon(condition) -> bool:
+        for _ in range(200):
+            if condition():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def settled() -> bool:
+        return soon(lambda: core.scheduler.idle and core.pool.num_used == 0)
+
+    try:
+        rng = random.Random(1)
+        with stream("Count to a thousand:", 300) as a, stream("Once upon a time", 300) as b:  # the two rows
+            lines_a, lines_b = a.iter_lines(), b.iter_lines()
+            next(line for line in lines_a if line.startswith("data:"))
+            next(line for line in lines_b if line.startswith("data:"))
+            with stream("Queued, then gone", 50):  # waits for a row; its client leaves before it runs
+                time.sleep(0.3)
+                assert len(core.scheduler.waiting) == 1
+            assert soon(lambda: not core.scheduler.waiting) and len(core.scheduler.running) == 2
+        assert settled(), (len(core.scheduler.running), len(core.scheduler.waiting), core.pool.num_used)
+        with stream("Count to a thousand:", 1000) as a:
+            lines_a = a.iter_lines()
+            next(line for line in lines_a if line.startswith("data:"))
+            prompt = [rng.randrange(1000, 20000) for _ in range(2000)]
+            with stream(prompt, 20):  # its prompt is prefilled over many steps; its client leaves meanwhile
+                time.sleep(0.5)
+                (long,) = [r for r in core.scheduler.running if len(r.prompt) == 2000]
+                assert 0 < long.computed < 2000  # mid-prefill
+            assert soon(lambda: all(len(r.prompt) != 2000 for r in core.scheduler.running))
+            assert len(core.scheduler.running) == 1 and long.blocks == []
+        assert settled(), (len(core.scheduler.running), len(core.scheduler.waiting), core.pool.num_used)
+        assert _metric(url, "lamina_kv_blocks_used") == 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
