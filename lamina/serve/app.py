@@ -69,13 +69,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _invalid_body)
     app.add_exception_handler(HTTPException, _http_error)
 
-    @app.middleware("http")
-    async def _auth(request: HTTPRequest, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
-        return await call_next(request)
-
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)
     app.add_middleware(RequestLog)  # outermost: a refused request has its id and its log line too
     app.include_router(router)
     if ui:
@@ -84,6 +79,22 @@ def create_app(
 
 
 router = APIRouter()
+
+
+class ApiKey:
+    """Requests to /v1/ need `Authorization: Bearer <key>`. A plain ASGI middleware: Starlette's "http" middleware
+    (BaseHTTPMiddleware) hides a client's disconnect from the handlers behind it (`Request.is_disconnected` stays
+    False), and a handler answering in one piece needs it (`_while_connected`)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode("latin-1")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            if dict(scope["headers"]).get(b"authorization") != self.expected:
+                refused = _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+                return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def _error(
@@ -110,7 +121,39 @@ async def _http_error(request, exc: HTTPException):
     return _error(exc.status_code, str(exc.detail), kind)
 
 
+class ClientGone(Exception):
+    """The client of a request answered in one piece went away before its answer was ready."""
+
+
+async def _while_connected(request: HTTPRequest, outputs):
+    """`outputs` as a handler that answers in one piece reads them, watching the connection meanwhile (a stream
+    notices a client that goes away when it writes; this answer writes only at the end): when the client goes away,
+    the handler is interrupted there and its requests are aborted (their blocks free by the next step), raising
+    ClientGone, instead of running to their ends for nobody."""
+    task, gone = asyncio.current_task(), asyncio.Event()
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        gone.set()
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async for item in outputs:
+            yield item
+    except asyncio.CancelledError:
+        if not gone.is_set():
+            raise
+        task.uncancel()
+        raise ClientGone("the client went away before the answer was ready") from None
+    finally:
+        watcher.cancel()
+
+
 def _failure(e: BaseException) -> JSONResponse:
+    if isinstance(e, ClientGone):  # nobody reads it; the log says 499, as nginx's does
+        return _error(499, str(e), "client_closed_request")
     if isinstance(e, ShuttingDown):  # draining (SIGTERM): the requests it has finish, new ones go elsewhere
         return _error(503, str(e), "service_unavailable", **{"Retry-After": str(RETRY_DRAINING_S)})
     if isinstance(e, CapacityError):  # the queue is full: try again later
@@ -215,7 +258,7 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
         finish: dict[int, str] = {}
         unmet: dict[int, bool] = {}
         completion, cached = 0, {}
-        async for i, out in outputs:
+        async for i, out in _while_connected(request, outputs):
             pieces[i].append(piece(i, out))
             completion += out.token is not None
             cached.setdefault(i, out.cached_tokens)
@@ -362,7 +405,7 @@ async def chat(body: ChatCompletionRequest, request: HTTPRequest):
         return StreamingResponse(_guarded(events()), media_type="text/event-stream")
     try:
         per_choice: dict[int, list] = {i: [] for i in range(len(requests))}
-        async for i, out in outputs:
+        async for i, out in _while_connected(request, outputs):
             per_choice[i].append(out)
     except Exception as e:  # noqa: BLE001
         return _failure(e)

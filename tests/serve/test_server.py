@@ -732,9 +732,9 @@ def test_a_long_prompt_does_not_stall_the_streams():
 
 
 def test_clients_that_go_away_queued_or_mid_prefill_leave_nothing_behind():
-    """A streaming client that disconnects while its request waits in the queue, or while its 2,000-token prompt is
-    being prefilled (spread over steps), has its request aborted: soon nothing runs or waits, every KV block is free,
-    and the requests that stayed finish."""
+    """A client that disconnects while its request waits in the queue (streaming, or waiting for an answer in one
+    piece), or while its 2,000-token prompt is being prefilled (spread over steps), has its request aborted: soon
+    nothing runs or waits that should not, and at the end every KV block is free."""
     import random
 
     big = lamina.load(max_batch_size=2, max_seq_len=4096)
@@ -757,13 +757,17 @@ def test_clients_that_go_away_queued_or_mid_prefill_leave_nothing_behind():
 
     try:
         rng = random.Random(1)
-        with stream("Count to a thousand:", 300) as a, stream("Once upon a time", 300) as b:  # the two rows
+        with stream("Count to a thousand:", 3000) as a, stream("Once upon a time", 3000) as b:  # the two rows
             lines_a, lines_b = a.iter_lines(), b.iter_lines()
             next(line for line in lines_a if line.startswith("data:"))
             next(line for line in lines_b if line.startswith("data:"))
             with stream("Queued, then gone", 50):  # waits for a row; its client leaves before it runs
                 time.sleep(0.3)
                 assert len(core.scheduler.waiting) == 1
+            assert soon(lambda: not core.scheduler.waiting) and len(core.scheduler.running) == 2
+            # a client waiting for an answer in one piece, which gives up while its request is queued
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 50}, timeout=0.5)
             assert soon(lambda: not core.scheduler.waiting) and len(core.scheduler.running) == 2
         assert settled(), (len(core.scheduler.running), len(core.scheduler.waiting), core.pool.num_used)
         with stream("Count to a thousand:", 1000) as a:
