@@ -10,8 +10,8 @@ draws the tokens it draws without speculation), and `Speculator.verified` learns
 Never a slowdown: a step of R rows costs what it costs on this machine, measured as the engine runs (`StepCosts`:
 decode steps' seconds by their number of rows), and each request's draft tokens are worth what its acceptance so far
 says, drawn towards what drafts of the same kind (a 1-, 2- or 3-token lookup match; a draft model's) have had in every
-request lately (`Speculator.rate`). Each step verifies the proposals that maximise the expected tokens per second: all of them while
-a step's time hardly grows with its rows (one stream: bound by reading the weights), none when the step is
+request lately (`Speculator.rate`). Each step verifies the proposals that maximise the expected tokens per second: all
+of them while a step's time hardly grows with its rows (one stream: bound by reading the weights), none when the step is
 compute-bound (many streams) or the drafts keep failing.
 """
 
@@ -383,7 +383,11 @@ class Speculator:
         own = request.spec.records.get(request.spec.source)
         if own is None:
             return HOPEFUL
-        return own.rate(self.pooled.setdefault(request.spec.source, Acceptance(fade=POOLED_FADE)).rate())
+        return own.rate(self._pooled(request.spec.source).rate())
+
+    def _pooled(self, source: int) -> Acceptance:
+        """Every request's record for drafts of kind `source`."""
+        return self.pooled.setdefault(source, Acceptance(fade=POOLED_FADE))
 
     def _catch_up_share(self, request: Request, offer: int) -> float:
         """Seconds of the draft model's catch-up of `request` (the tokens its cache lacks, where more than a step
@@ -474,4 +478,4 @@ class Speculator:
         if request.spec is not None:
             source = request.spec.source
             request.spec.records.setdefault(source, Acceptance()).update(len(draft), accepted)
-            self.pooled.setdefault(source, Acceptance(fade=POOLED_FADE)).update(len(draft), accepted)
+            self._pooled(source).update(len(draft), accepted)
