@@ -8,10 +8,12 @@ as the table's first line does; with matplotlib missing the benchmark says so an
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 CHARTS = Path(__file__).with_name("charts")
-COLORS = {"lamina": "#2563eb", "llama.cpp": "#ea580c", "transformers": "#16a34a"}  # one color per engine, always
+# One color per engine, always (llama-server is llama.cpp's own server)
+COLORS = {"lamina": "#2563eb", "llama.cpp": "#ea580c", "llama-server": "#ea580c", "transformers": "#16a34a"}
 OTHER = ["#7c3aed", "#db2777", "#0891b2", "#65a30d"]
 
 
@@ -57,7 +59,8 @@ def figure(panels: int, title: str, width: float = 6.0):
     if plt is None:
         return None, [None] * panels
     fig, axes = plt.subplots(1, panels, figsize=(width * panels, 4.6), squeeze=False)
-    fig.suptitle(title, fontsize=10)
+    # A title line wider than the figure is wrapped (~14 characters an inch at this size)
+    fig.suptitle("\n".join(textwrap.fill(line, int(14 * width * panels)) for line in title.split("\n")), fontsize=10)
     for ax in axes[0]:
         ax.grid(True, axis="y", alpha=0.3)
         ax.set_axisbelow(True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
@@ -164,6 +164,14 @@ def _failure(e: BaseException) -> JSONResponse:
     return _error(500, f"the engine failed while running this request: {type(e).__name__}: {e}", "server_error")
 
 
+async def _answer(build, *, large: bool) -> Response:
+    """A one-piece answer, `build()` giving its JSON. A `large` one (logprobs: an entry per token, for a scored
+    prompt thousands) is built in a worker thread, encoded in pieces (responses.encode): the event loop meanwhile
+    goes on streaming to others, and the engine thread runs between the pieces."""
+    content = await asyncio.to_thread(build) if large else build()
+    return Response(content, media_type="application/json")
+
+
 def _served(request: HTTPRequest) -> Served:
     return request.app.state.served
 
@@ -237,16 +245,21 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
             echo = (tokenizer.decode(requests[i].prompt), requests[i].prompt)
         return r.completion_piece(out, echo=echo, logprobs=body.logprobs is not None, token_text=served.token_text)
 
+    scored = body.echo and body.logprobs is not None  # a body as long as the prompt: built off the event loop
+
     if body.stream:
+
+        def event(i: int, out) -> str:
+            text, lp = piece(i, out)
+            choice = r.completion_choice(i, text, lp, out.finish_reason, unmet=out.constraint_unmet)
+            return r.sse(r.completion_body(rid, now, served.name, [choice], None, chunk=True))
 
         async def events():
             completion, cached = 0, {}
             async for i, out in outputs:
-                text, lp = piece(i, out)
                 completion += out.token is not None
                 cached.setdefault(i, out.cached_tokens)
-                choice = r.completion_choice(i, text, lp, out.finish_reason, unmet=out.constraint_unmet)
-                yield r.sse(r.completion_body(rid, now, served.name, [choice], None, chunk=True))
+                yield await asyncio.to_thread(event, i, out) if scored and i not in echoed else event(i, out)
             if body.include_usage:
                 use = _usage(prompts, completion, cached, body.n)
                 yield r.sse(r.completion_body(rid, now, served.name, [], use, chunk=True))
@@ -254,25 +267,31 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
 
         return StreamingResponse(_guarded(events()), media_type="text/event-stream")
     try:
+        outs = [item async for item in _while_connected(request, outputs)]
+    except Exception as e:  # noqa: BLE001
+        return _failure(e)
+
+    def answer() -> bytes:
         pieces: dict[int, list] = {i: [] for i in range(len(requests))}
         finish: dict[int, str] = {}
         unmet: dict[int, bool] = {}
         completion, cached = 0, {}
-        async for i, out in _while_connected(request, outputs):
+        for i, out in outs:
             pieces[i].append(piece(i, out))
             completion += out.token is not None
             cached.setdefault(i, out.cached_tokens)
             finish[i] = out.finish_reason or finish.get(i)
             unmet[i] = out.constraint_unmet or unmet.get(i, False)
-    except Exception as e:  # noqa: BLE001
-        return _failure(e)
-    choices = [
-        r.completion_choice(
-            i, "".join(t for t, _ in ps), r.merge_logprobs([lp for _, lp in ps]), finish[i], unmet=unmet[i]
-        )
-        for i, ps in pieces.items()
-    ]
-    return r.completion_body(rid, now, served.name, choices, _usage(prompts, completion, cached, body.n))
+        choices = [
+            r.completion_choice(
+                i, "".join(t for t, _ in ps), r.merge_logprobs([lp for _, lp in ps]), finish[i], unmet=unmet[i]
+            )
+            for i, ps in pieces.items()
+        ]
+        use = _usage(prompts, completion, cached, body.n)
+        return r.encode(r.completion_body(rid, now, served.name, choices, use))
+
+    return await _answer(answer, large=body.logprobs is not None)
 
 
 def _usage(prompts: list[list[int]], completion: int, cached: dict[int, int], n: int) -> dict:
@@ -409,16 +428,20 @@ async def chat(body: ChatCompletionRequest, request: HTTPRequest):
             per_choice[i].append(out)
     except Exception as e:  # noqa: BLE001
         return _failure(e)
-    choices = []
-    for i, outs in per_choice.items():
-        content, calls = "".join(o.text for o in outs), []
-        if fmt is not None:
-            content, calls = fmt.parse(content, tools)
-        unmet = outs[-1].constraint_unmet
-        choices.append(r.chat_choice(i, content, logprobs(outs), outs[-1].finish_reason, tool_calls=calls, unmet=unmet))
-    completion = sum(o.token is not None for outs in per_choice.values() for o in outs)
-    cached = per_choice[0][0].cached_tokens if per_choice[0] else 0
-    return r.chat_body(rid, now, served.name, choices, r.usage(len(prompt), completion, cached))
+
+    def answer() -> bytes:
+        choices = []
+        for i, outs in per_choice.items():
+            content, calls = "".join(o.text for o in outs), []
+            if fmt is not None:
+                content, calls = fmt.parse(content, tools)
+            unmet, finish = outs[-1].constraint_unmet, outs[-1].finish_reason
+            choices.append(r.chat_choice(i, content, logprobs(outs), finish, tool_calls=calls, unmet=unmet))
+        completion = sum(o.token is not None for outs in per_choice.values() for o in outs)
+        cached = per_choice[0][0].cached_tokens if per_choice[0] else 0
+        return r.encode(r.chat_body(rid, now, served.name, choices, r.usage(len(prompt), completion, cached)))
+
+    return await _answer(answer, large=bool(body.logprobs))
 
 
 def _tools(body: ChatCompletionRequest, llama: Llama) -> tuple[list[Tool], StructuredOutputs | None]:

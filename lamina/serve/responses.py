@@ -31,6 +31,45 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+PIECE = 256  # list items encoded by one json.dumps call
+
+
+def encode(body) -> bytes:
+    """A response body's JSON (as FastAPI's JSONResponse writes it), encoded in pieces: a long list (a prompt's
+    logprobs, thousands of entries) PIECE items at a time. One json.dumps call holds the interpreter until it returns,
+    so a thread encoding a large body in one call would stop the event loop and the engine thread for its whole
+    length; between pieces they run."""
+    out: list[str] = []
+    _encode(body, out)
+    return "".join(out).encode()
+
+
+def _encode(value, out: list[str]) -> None:
+    if isinstance(value, dict):
+        out.append("{")
+        for n, (key, item) in enumerate(value.items()):
+            out.append(("," if n else "") + _dumps(str(key)) + ":")
+            _encode(item, out)
+        out.append("}")
+    elif isinstance(value, (list, tuple)) and len(value) > PIECE:
+        out.append("[")
+        for at in range(0, len(value), PIECE):
+            out.append(("," if at else "") + _dumps(value[at : at + PIECE])[1:-1])
+        out.append("]")
+    elif isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
+        out.append("[")
+        for n, item in enumerate(value):
+            out.append("," if n else "")
+            _encode(item, out)
+        out.append("]")
+    else:
+        out.append(_dumps(value))
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def _alternatives(top: TopLogprobs | None, token_text: TokenText) -> dict[str, float]:
     return {token_text(t): lp for t, lp in (top or ())}
 

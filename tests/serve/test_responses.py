@@ -3,6 +3,7 @@ positions), chat logprobs, stream deltas and usage, checked against the shapes O
 
 import openai.types as ot
 import openai.types.chat as oc
+import pytest
 
 from lamina.engine import RequestOutput
 from lamina.serve import responses as r
@@ -97,3 +98,23 @@ def test_token_budget_names_both_numbers():
         token_budget(10, 55, 64)
     with pytest.raises(RequestError, match="your prompt has 64 tokens"):
         token_budget(64, None, 64)
+
+
+def test_encode_writes_what_json_dumps_writes_in_pieces(monkeypatch):
+    import json
+
+    n = 3 * r.PIECE + 5
+    logprobs = {
+        "tokens": [f'tok{i} é"\n' for i in range(n)],
+        "token_logprobs": [None, *(-0.5 * i for i in range(1, n))],
+        "top_logprobs": [None, *({f"a{i}": -1.0, "b": -2.5} for i in range(1, n))],
+        "text_offset": list(range(n)),
+    }
+    body = {"id": "x", "choices": [{"index": 0, "text": "日本", "logprobs": logprobs, "e": [], "f": {}}], "usage": None}
+    calls = []
+    dumps = r._dumps
+    monkeypatch.setattr(r, "_dumps", lambda v: calls.append(len(v) if isinstance(v, list) else 0) or dumps(v))
+    assert r.encode(body) == json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    assert max(calls) == r.PIECE  # no call encodes more than a piece of a long list
+    with pytest.raises(ValueError):  # as FastAPI's JSONResponse: no NaN or infinity in JSON
+        r.encode({"logprob": float("-inf")})

@@ -497,6 +497,21 @@ def test_echo_scores_every_prompt_position(client, llama):
         assert out.usage.completion_tokens == max_tokens
 
 
+def test_a_scored_prompt_s_answer_is_built_off_the_event_loop(client, monkeypatch):
+    """An answer with an entry per prompt token is built and encoded in a worker thread (the event loop goes on
+    streaming to others meanwhile); a plain one, small, where it is."""
+    from lamina.serve import responses
+
+    threads, encode = [], responses.encode
+    monkeypatch.setattr(responses, "encode", lambda body: threads.append(threading.current_thread()) or encode(body))
+    prompt = "The quick brown fox jumps over the lazy dog " * 40
+    scored = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, echo=True, logprobs=1)
+    plain = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+    assert len(scored.choices[0].logprobs.tokens) > 300 and plain.choices[0].text
+    worker, loop = threads  # asyncio's default executor names its threads asyncio_N
+    assert worker.name.startswith("asyncio") and not loop.name.startswith("asyncio") and worker is not loop
+
+
 def test_openai_limits_and_errors(client, server, llama):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt="word " * 500, max_tokens=100)
