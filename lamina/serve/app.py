@@ -249,17 +249,18 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
 
     if body.stream:
 
-        def event(i: int, out) -> str:
+        def event(i: int, out, large: bool = False) -> str:
             text, lp = piece(i, out)
             choice = r.completion_choice(i, text, lp, out.finish_reason, unmet=out.constraint_unmet)
-            return r.sse(r.completion_body(rid, now, served.name, [choice], None, chunk=True))
+            chunk = r.completion_body(rid, now, served.name, [choice], None, chunk=True)
+            return r.sse_large(chunk) if large else r.sse(chunk)
 
         async def events():
             completion, cached = 0, {}
             async for i, out in outputs:
                 completion += out.token is not None
                 cached.setdefault(i, out.cached_tokens)
-                yield await asyncio.to_thread(event, i, out) if scored and i not in echoed else event(i, out)
+                yield await asyncio.to_thread(event, i, out, True) if scored and i not in echoed else event(i, out)
             if body.include_usage:
                 use = _usage(prompts, completion, cached, body.n)
                 yield r.sse(r.completion_body(rid, now, served.name, [], use, chunk=True))

@@ -31,6 +31,11 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+def sse_large(payload: dict) -> str:
+    """sse() for a payload with long lists (a scored prompt's logprobs), encoded in pieces as encode() does."""
+    return f"data: {encode(payload).decode()}\n\n"
+
+
 PIECE = 256  # list items encoded by one json.dumps call
 
 

@@ -510,6 +510,11 @@ def test_a_scored_prompt_s_answer_is_built_off_the_event_loop(client, monkeypatc
     assert len(scored.choices[0].logprobs.tokens) > 300 and plain.choices[0].text
     worker, loop = threads  # asyncio's default executor names its threads asyncio_N
     assert worker.name.startswith("asyncio") and not loop.name.startswith("asyncio") and worker is not loop
+    streamed = list(
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, echo=True, logprobs=1, stream=True)
+    )
+    assert streamed[0].choices[0].logprobs.tokens[:300] == scored.choices[0].logprobs.tokens[:300]
+    assert len(threads) == 3 and threads[2].name.startswith("asyncio")  # the chunk with the prompt's entries
 
 
 def test_openai_limits_and_errors(client, server, llama):
