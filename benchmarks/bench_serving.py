@@ -184,7 +184,7 @@ async def workload(url: str, model: str, args) -> dict:
             prompt = TEXTS[i % len(TEXTS)] + " " + " ".join(TEXTS[: i % 3])
             return await one(client, url, model, prompt, args.max_tokens)
 
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, limits=NO_KEEPALIVE) as client:
         await one(client, url, model, "Hello", 4)  # warm-up
         start = time.perf_counter()
         results = await asyncio.gather(*(limited(i) for i in range(args.requests)))
@@ -479,7 +479,7 @@ def open_main(args) -> int:
 
 async def send_warmup(url: str, model: str, engine: str) -> None:
     """A request of each kind, so that no first-time cost lands in a measurement."""
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, limits=NO_KEEPALIVE) as client:
         for req in requests_mix(6, seed=12345):
             await send(client, url, model, req, engine)
 
