@@ -126,9 +126,12 @@ class EngineCore:
         seconds = time.perf_counter() - started
         if spec is not None and not forward.scored and all(c.length == 1 + len(c.draft) for c in step.chunks):
             spec.timed(step.num_tokens, seconds)  # a decode step: what its rows cost
-        if self.scheduler.pacer is not None and not forward.scored:  # what prompt tokens add, a decode step's time
-            prompt = sum(c.length for c in step.chunks if c.length - len(c.draft) > 1)
-            self.scheduler.pacer.record(seconds, prompt, any(c.length - len(c.draft) == 1 for c in step.chunks))
+        if self.scheduler.pacer is not None:  # what prompt tokens add (at their depth), a decode step's time
+            prompts = [c for c in step.chunks if c.length - len(c.draft) > 1]
+            tokens = sum(c.length for c in prompts)
+            depth = sum(c.start * c.length for c in prompts) // tokens if tokens else 0
+            decoding = any(c.length - len(c.draft) == 1 for c in step.chunks)
+            self.scheduler.pacer.record(seconds, tokens, decoding, depth, scored=bool(forward.scored))
         done = self.scheduler.advance(step, {r.request_id: t for r, t in zip(forward.sampling, sampled.tokens)})
         columns = (sampled.tokens, sampled.logprobs, sampled.top_logprobs, sampled.complete, forward.drafts)
         for b, (r, tokens, lps, tops, completes, draft) in enumerate(zip(forward.sampling, *columns)):

@@ -179,13 +179,21 @@ class NativeDecode:
         return self.step(tokens, tables, positions)[1]
 
     def step(
-        self, tokens: Sequence[int], tables: Sequence[Sequence[int]], positions: Sequence[int]
+        self,
+        tokens: Sequence[int],
+        tables: Sequence[Sequence[int]],
+        positions: Sequence[int],
+        logits_of: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As the call, returning (final hidden states [B, dim], logits [B, vocab])."""
+        """As the call, returning (final hidden states [B, dim], logits [B, vocab]); with `logits_of`, the logits of
+        those rows only ([len(logits_of), vocab], in that order)."""
         if not (len(tokens) == len(tables) == len(positions)):
             raise ValueError(f"{len(tokens)} tokens, {len(tables)} block tables and {len(positions)} positions")
         packed = torch.tensor([list(tokens), list(positions), [len(t) for t in tables]], dtype=torch.long)
-        return self._run(packed[0], padded_tables(tables), packed[1], packed[2], logits=True)
+        picked = None if logits_of is None else torch.tensor(list(logits_of), dtype=torch.long)
+        if picked is not None and len(picked) and not bool(((picked >= 0) & (picked < len(tokens))).all()):
+            raise ValueError(f"logits asked of rows {list(logits_of)} of a step of {len(tokens)} rows")
+        return self._run(packed[0], padded_tables(tables), packed[1], packed[2], logits=True, picked=picked)
 
     def prefill(
         self, prompts: Sequence[Sequence[int]], tables: Sequence[Sequence[int]], starts: Sequence[int]
@@ -202,10 +210,16 @@ class NativeDecode:
         return self._run(tokens, padded, positions, blocks, logits=False)[0]
 
     def _run(
-        self, tokens: torch.Tensor, padded: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, logits: bool
+        self,
+        tokens: torch.Tensor,
+        padded: torch.Tensor,
+        positions: torch.Tensor,
+        blocks: torch.Tensor,
+        logits: bool,
+        picked: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows (token, its sequence's padded block table, position, how many blocks the table has) through the C
-        step: (final hidden states, logits when asked for)."""
+        step: (final hidden states, logits when asked for: of every row, or of the rows `picked` lists)."""
         # The C step trusts every address: each position within its own blocks, each block within the cache.
         outside = (positions < 0) | (positions >= blocks * self.block_size)
         outside |= ((padded < 0) | (padded >= self.num_blocks)).any(1)
@@ -219,7 +233,7 @@ class NativeDecode:
         padded, positions = padded.contiguous(), positions.contiguous()
         if not (logits and self._logits_in_c):
             self._decode(h, padded, positions, None)
-            return h, self.model.logits(h) if logits else None
-        out = torch.empty(len(tokens), self.vocab_size, dtype=torch.float32)
-        self._decode(h, padded, positions, out)
+            return h, (self.model.logits(h if picked is None else h[picked]) if logits else None)
+        out = torch.empty(len(tokens) if picked is None else len(picked), self.vocab_size, dtype=torch.float32)
+        self._decode(h, padded, positions, out, picked)
         return h, out

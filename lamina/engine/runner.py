@@ -1,6 +1,6 @@
 """ModelRunner: the only owner of a model's KV cache; runs a scheduled step's chunks as forward passes (prompt chunks
-packed into one prefill, one-token chunks of running requests into one decode step) through the native C step, the
-compiled or the eager forward. A sequence's cache is the list of blocks (its block table) the block pool gave it."""
+packed into one prefill, one-token chunks of running requests into one decode step; both in one pass of the native
+C step where it runs) through the native C step, the compiled or the eager forward. A sequence's cache is the list of blocks (its block table) the block pool gave it."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class ModelRunner:
     def execute(self, chunks: Sequence[Chunk]) -> Forward:
         """Run a scheduled step: the one-token chunks of running requests (with their draft tokens, if any) in one
         decode step, every other chunk (a prompt's, a recomputation's, or one scoring prompt tokens) packed into one
-        prefill pass."""
+        prefill pass; on the native C step, both in one pass."""
         scores = [c.request.scored_positions(c.start, c.length, SCORE_STEP if not c.length else None) for c in chunks]
         is_decode = [
             c.length - len(c.draft) == 1 and c.start > 0 and c.samples and not p for c, p in zip(chunks, scores)
@@ -100,11 +100,29 @@ class ModelRunner:
                     (c.request, positions, self.cached_hidden(c.request.blocks, positions.start, positions.stop))
                 )
         prefill = [(c, p) for c, p in prefill if c.length]
+        # Prompt chunks and decode rows in one pass where the C step runs them (it takes a prompt chunk's rows as a
+        # run of one sequence, as a draft's): the weights are read once a step, not once for each kind of row.
+        fused = bool(prefill and decode) and self.native is not None
+        rows = 0  # the rows of the pass the decode rows ran in
         if prefill:
-            hidden = self.prefill(
-                [c.tokens for c, _ in prefill], [c.request.blocks for c, _ in prefill], [c.start for c, _ in prefill]
-            )
             ends = list(itertools.accumulate(c.length for c, _ in prefill))
+            wanted = [(c, end - 1) for (c, _), end in zip(prefill, ends) if c.samples]
+            if fused:
+                chunks_in_order = [c for c, _ in prefill] + decode
+                tokens = [t for c in chunks_in_order for t in c.tokens]
+                rows = len(tokens)
+                hidden, both = self.rows(
+                    tokens,
+                    [c.request.blocks for c in chunks_in_order for _ in range(c.length)],
+                    [c.start + j for c in chunks_in_order for j in range(c.length)],
+                    [i for _, i in wanted] + list(range(ends[-1], rows)),
+                )
+            else:
+                hidden = self.prefill(
+                    [c.tokens for c, _ in prefill],
+                    [c.request.blocks for c, _ in prefill],
+                    [c.start for c, _ in prefill],
+                )
             for (c, positions), end in zip(prefill, ends):
                 if not positions:
                     continue
@@ -114,13 +132,16 @@ class ModelRunner:
                 if positions.start < c.start:  # positions whose blocks came from the prefix cache
                     states = torch.cat([self.cached_hidden(c.request.blocks, positions.start, c.start), states])
                 scored.append((c.request, positions, states))
-            wanted = [(c, end - 1) for (c, _), end in zip(prefill, ends) if c.samples]
-            if wanted:
+            if fused:
+                logits.append(both)
+                sampling += [c.request for c, _ in wanted] + [c.request for c in decode]
+            elif wanted:
                 logits.append(self.logits(hidden[[i for _, i in wanted]]))
                 sampling += [c.request for c, _ in wanted]
-        if decode:
+        if decode and not fused:
             # a row per token: a chunk with a draft gives rows at consecutive positions of one sequence, which
             # attend causally to each other (every row's keys and values are stored before any row attends)
+            rows = sum(c.length for c in decode)
             logits.append(
                 self.decode(
                     [t for c in decode for t in c.tokens],
@@ -132,7 +153,7 @@ class ModelRunner:
         drafts = [()] * (len(sampling) - len(decode)) + [c.draft for c in decode]
         if not logits:
             return Forward(torch.empty(0, device=self.config.device), [], scored, [])
-        rounding = self.rounding(sum(c.length for c in decode)) if decode else 0.0
+        rounding = self.rounding(rows) if decode else 0.0
         return Forward(logits[0] if len(logits) == 1 else torch.cat(logits), sampling, scored, drafts, rounding)
 
     def rounding(self, rows: int) -> float:
@@ -202,6 +223,27 @@ class ModelRunner:
         if self.hidden is not None:
             self.hidden[packed[2], packed[3]] = hidden
         return hidden
+
+    def rows(
+        self,
+        tokens: Sequence[int],
+        tables: Sequence[Sequence[int]],
+        positions: Sequence[int],
+        logits_of: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of every kind in one pass of the C step (the native runner only): token b at `positions[b]` of the
+        sequence whose blocks `tables[b]` lists, rows of one sequence at consecutive positions attending causally to
+        each other (a prompt's chunk, a decode token and its draft). Returns (final hidden states [B, dim], logits of
+        the rows `logits_of` lists, in that order)."""
+        if self.native is None:
+            raise RuntimeError("rows() runs on the native C step only; this runner has none")
+        if self.before_forward is not None:
+            self.before_forward("rows", (tokens, tables, positions, logits_of))
+        hidden, logits = self.native.step(tokens, tables, positions, logits_of)
+        if self.hidden is not None:
+            bs = self.block_size
+            self.hidden[[t[p // bs] for t, p in zip(tables, positions)], [p % bs for p in positions]] = hidden
+        return hidden, logits
 
     def decode(self, tokens: Sequence[int], tables: Sequence[Sequence[int]], positions: Sequence[int]) -> torch.Tensor:
         """One step: token b goes to `positions[b]` of the sequence whose blocks `tables[b]` lists. Returns logits

@@ -96,44 +96,69 @@ class PrefillPacer:
     """Stall-free steps (Sarathi-Serve's idea, with a budget in time instead of tokens): while requests decode, a
     step's prompt tokens are limited so that the step takes about `target` seconds, and a long prompt is spread over
     steps instead of pausing every stream for its whole chunk. Both are learned from this machine's steps: the target
-    is FACTOR times a decode-only step (at least FLOOR), and what prompt tokens add to a step is fitted to the recent
-    steps that ran them, as a line (a step's fixed cost of running a prompt chunk, then a cost per token; recent steps
-    only, as the cost grows with the prompt's position: attention). Until both are measured, max_step_tokens applies."""
+    is FACTOR times the typical decode-only step (a slow average, at least FLOOR), the prompt tokens get what the
+    recent decode-only steps leave of it, and what prompt tokens add to a step is fitted to the recent
+    steps that ran them, as a line (a step's fixed cost of running a prompt chunk, then a cost per token), one line
+    for each depth of the prompt (a token 2,000 positions in attends to 2,000 keys: on 2 cores it costs twice what
+    one near the start does) and for chunks whose positions are scored (their logits are computed too). Until both
+    are measured, max_step_tokens applies."""
 
-    decode_s: float = 0.0  # seconds of a decode-only step (a moving average)
-    samples: deque = field(default_factory=lambda: deque(maxlen=16))  # (prompt tokens, seconds they added)
-    FACTOR, FLOOR = 4.0, 0.1
-    WEIGHT = 0.3  # of a new decode-only step in decode_s
-    MIN_TOKENS = 32  # a prompt always advances, in chunks a matrix product still runs well
+    decode_s: float = 0.0  # seconds of a decode-only step (a slow moving average: the target's base)
+    recent_s: float = 0.0  # the same, a fast moving average (what this step's decode rows will cost)
+    # (depth bucket, scored) -> the recent (prompt tokens, seconds they added) of chunks starting at that depth
+    samples: dict = field(default_factory=dict)
+    FACTOR, FLOOR = 3.0, 0.03
+    # of a new decode-only step in decode_s: slow (a time constant of ~50 steps), so that the target follows the
+    # typical step, not a burst of streams (a target 3x a burst's slower steps put the inter-token tail at 4x p50)
+    WEIGHT = 0.02
+    FAST = 0.3  # of a new decode-only step in recent_s
+    MIN_TOKENS = 8  # a prompt always advances
+    KEEP = 16  # samples kept a bucket
+
+    @staticmethod
+    def bucket(depth: int) -> int:
+        """Depths 0-127, 128-255, 256-511, 512-1023, ...: 0, 1, 2, 3, ..."""
+        return (max(depth, 0) // 128).bit_length()
 
     @property
     def target(self) -> float:
         return max(self.FLOOR, self.FACTOR * self.decode_s)
 
-    def record(self, seconds: float, prompt_tokens: int, decoding: bool) -> None:
-        """A step took `seconds`, with `prompt_tokens` prompt tokens and (`decoding`) decode rows."""
+    def record(self, seconds: float, prompt_tokens: int, decoding: bool, depth: int = 0, scored: bool = False) -> None:
+        """A step took `seconds`, with `prompt_tokens` prompt tokens (from position `depth` on; `scored`: their
+        positions' log-probabilities computed) and (`decoding`) decode rows."""
         if prompt_tokens == 0:
-            if decoding:
-                w = self.WEIGHT if self.decode_s else 1.0
+            if decoding and not scored:
+                w, fast = (self.WEIGHT, self.FAST) if self.decode_s else (1.0, 1.0)
                 self.decode_s = (1 - w) * self.decode_s + w * seconds
+                self.recent_s = (1 - fast) * self.recent_s + fast * seconds
         elif self.decode_s or not decoding:
-            self.samples.append((prompt_tokens, max(seconds - (self.decode_s if decoding else 0.0), 0.0)))
+            kept = self.samples.setdefault((self.bucket(depth), scored), deque(maxlen=self.KEEP))
+            kept.append((prompt_tokens, max(seconds - (self.recent_s if decoding else 0.0), 0.0)))
 
-    def budget(self) -> int | None:
-        """Prompt tokens for a step that also decodes; None while unmeasured."""
+    def budget(self, depth: int = 0, scored: bool = False) -> int | None:
+        """Prompt tokens for a step that also decodes, of a chunk from position `depth` (`scored`: with its
+        positions' log-probabilities); None while unmeasured. The line of that depth and kind, or while it has no
+        sample, of all the kind's depths (else of every chunk)."""
         if not self.decode_s or not self.samples:
             return None
-        fixed, per_token = self._line()
-        room = self.target - self.decode_s - fixed
+        samples = self.samples.get((self.bucket(depth), scored))
+        if not samples:
+            samples = [x for (_, kind), kept in self.samples.items() if kind == scored for x in kept]
+        if not samples:
+            samples = [x for kept in self.samples.values() for x in kept]
+        fixed, per_token = self._line(samples)
+        room = self.target - self.recent_s - fixed
         return max(self.MIN_TOKENS, int(room / per_token)) if per_token > 0 else None
 
-    def _line(self) -> tuple[float, float]:
-        """Least squares of seconds on tokens over the samples: (fixed seconds >= 0, seconds a token)."""
-        n = len(self.samples)
-        mx = sum(t for t, _ in self.samples) / n
-        my = sum(s for _, s in self.samples) / n
-        var = sum((t - mx) ** 2 for t, _ in self.samples)
-        slope = sum((t - mx) * (s - my) for t, s in self.samples) / var if var else 0.0
+    @staticmethod
+    def _line(samples) -> tuple[float, float]:
+        """Least squares of seconds on tokens over `samples`: (fixed seconds >= 0, seconds a token)."""
+        n = len(samples)
+        mx = sum(t for t, _ in samples) / n
+        my = sum(s for _, s in samples) / n
+        var = sum((t - mx) ** 2 for t, _ in samples)
+        slope = sum((t - mx) * (s - my) for t, s in samples) / var if var else 0.0
         if slope <= 0:  # one chunk size so far (or noise): all of it per token
             return 0.0, my / mx
         fixed = my - slope * mx
@@ -192,10 +217,10 @@ class Scheduler:
 
     def schedule(self) -> Step:
         budget = self.config.max_step_tokens
-        # prompt tokens this step may run besides the decodes (the pacer's, where requests decode)
-        prompts = budget
-        if self.pacer is not None and any(r.pending <= 1 for r in self.running):
-            prompts = min(budget, self.pacer.budget() or budget)
+        # prompt tokens this step may run besides the decodes: where requests decode, the pacer's for the step's
+        # first prompt chunk (None until then: its depth and kind size it)
+        paced = self.pacer is not None and any(r.pending <= 1 for r in self.running)
+        prompts = None if paced else budget
         chunks: list[Chunk] = []
         preempted: list[Hashable] = []
         finished: list[Request] = []
@@ -208,6 +233,8 @@ class Scheduler:
                 continue
             n = min(req.pending, budget)
             if n > 1:  # a prompt (or, after preemption, tokens to recompute): within the prompts' share
+                if prompts is None:
+                    prompts = self._paced(req, budget)
                 if prompts <= 0:
                     i += 1
                     continue
@@ -241,7 +268,10 @@ class Scheduler:
         in_flight = self._in_flight()
         deferred: list[Request] = []
         while (
-            self.waiting and not preempted and len(self.running) < self.config.max_running and min(budget, prompts) > 0
+            self.waiting
+            and not preempted
+            and len(self.running) < self.config.max_running
+            and min(budget, budget if prompts is None else prompts) > 0
         ):
             req = self.waiting.popleft()
             hit = self._take_cached(req)
@@ -249,6 +279,8 @@ class Scheduler:
                 self._release(req)  # its next block is being computed: take it from the cache next time
                 deferred.append(req)
                 continue
+            if prompts is None:
+                prompts = self._paced(req, budget)
             n = min(req.pending, budget, prompts) if req.scoring_behind <= SCORE_STEP else 0
             if not self.pool.grow(req.blocks, req.computed + n):
                 self._release(req)
@@ -267,6 +299,10 @@ class Scheduler:
                 in_flight.update(self._prompt_keys(req)[req.computed // self.pool.block_size :])
         self.waiting.extendleft(reversed(deferred))
         return Step(tuple(chunks), tuple(preempted), tuple(finished))
+
+    def _paced(self, req: Request, budget: int) -> int:
+        """The pacer's prompt tokens for a step whose first prompt chunk is `req`'s (at most `budget`)."""
+        return min(budget, self.pacer.budget(req.computed, req.params.prompt_logprobs is not None) or budget)
 
     def advance(self, step: Step, sampled: Mapping[Hashable, int | list[int]]) -> list[Request]:
         """Record a step the engine ran: each chunk's tokens are now cached, and each sampling chunk's new tokens

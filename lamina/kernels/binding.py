@@ -40,7 +40,7 @@ def _load(path: str, emulate: bool) -> "Kernels":
     quant.restype = None
     step = lib.lamina_decode
     step.argtypes = [ctypes.POINTER(DecodeModel), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    step.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
+    step.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     step.restype = ctypes.c_int
     for t in TYPES.values():  # the C side of the type table agrees with the Python side
         if (lib.lamina_type_block(t.kid), lib.lamina_type_bytes(t.kid)) != (t.block, t.nbytes):
@@ -214,16 +214,18 @@ class Kernels:
         tables: torch.Tensor,
         positions: torch.Tensor,
         logits: torch.Tensor | None,
+        logit_rows: torch.Tensor | None = None,
     ) -> None:
         """decode.c's lamina_decode: one step for h.shape[0] sequences; h [B, dim] float32 (the new tokens'
-        embeddings) becomes their final normalised hidden states, and `logits` [B, vocab] (when given, and `model`
-        has an output projection) their logits. tables: int64 [B, width], each sequence's cache blocks; positions:
-        int64 [B]; both checked by the caller against the cache (lamina.engine.native); every tensor behind `model`
-        must stay alive."""
+        embeddings) becomes their final normalised hidden states, and `logits` (when given, and `model` has an output
+        projection) their logits: [B, vocab], or [n, vocab] for the rows `logit_rows` (int64 [n]) lists. tables:
+        int64 [B, width], each sequence's cache blocks; positions: int64 [B]; both checked by the caller against the
+        cache (lamina.engine.native), as the logit rows; every tensor behind `model` must stay alive."""
         out = None if logits is None else logits.data_ptr()
         B, width = tables.shape
+        picked, n = (None, 0) if logit_rows is None else (logit_rows.data_ptr(), len(logit_rows))
         rc = self.lib.lamina_decode(
-            ctypes.byref(model), B, h.data_ptr(), tables.data_ptr(), width, positions.data_ptr(), out
+            ctypes.byref(model), B, h.data_ptr(), tables.data_ptr(), width, positions.data_ptr(), out, picked, n
         )
         if rc == -1:
             raise MemoryError("lamina_decode could not allocate its working buffers")

@@ -319,6 +319,7 @@ static void kv_read(int type, const void *cache, const float *scales, int64_t at
 typedef struct {
     int64_t first, rows, len, lp; /* its first row, how many, the keys it reaches (last position + 1), len rounded up */
     int64_t at;                   /* where its kt and v start in the step's buffer of gathered floats */
+    int64_t rb;                   /* rows attended together (a unit of the attention stage), at most RB */
     float *kt, *v; /* [KVH][lp / KT][D][KT] (a tile of keys transposed, tile after tile) and [KVH][len][D] */
 } run;
 
@@ -552,10 +553,12 @@ static void stacked_rows(int parts, const void *const *w, const int32_t *types, 
  * on return; token b is at `positions[b]` of the sequence whose blocks row b of `tables` [B, width] lists (the caller
  * checks that every block a position needs is there and < num_blocks); rows of one sequence (the same table) attend
  * to each other causally. Every layer's keys and values for the rows are written to the caches. With an output
- * projection in `m` and `logits` not NULL, logits [B, vocab_size] are computed too. Returns 0, -1 when out of memory
- * (nothing is written then), or -2 when a sum over the ranks failed (the step stopped there). */
+ * projection in `m` and `logits` not NULL, logits are computed too: [B, vocab_size], or with `logit_rows` not NULL
+ * [n_logits, vocab_size] for rows logit_rows[0..n_logits-1] only (a step that also runs prompt chunks wants a
+ * chunk's last row, not all of them). Returns 0, -1 when out of memory (nothing is written then), or -2 when a sum
+ * over the ranks failed (the step stopped there). */
 int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tables, int64_t width,
-                  const int64_t *positions, float *logits) {
+                  const int64_t *positions, float *logits, const int64_t *logit_rows, int64_t n_logits) {
     const int64_t dim = m->dim, F = m->hidden_dim, H = m->n_heads, KVH = m->n_kv_heads, D = m->head_dim;
     const int64_t BS = m->block_size, QKV = (H + 2 * KVH) * D, group = H / KVH;
     const int64_t widest = F > dim ? (F > H * D ? F : H * D) : (dim > H * D ? dim : H * D);
@@ -563,6 +566,7 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
     int64_t longest = 0;
     for (int64_t b = 0; b < B; b++) longest = positions[b] + 1 > longest ? positions[b] + 1 : longest;
     /* Runs of RUN_ROWS or more rows of one sequence (see run): their rows attend through attend_run. */
+    const int threads = omp_get_max_threads();
     int64_t n_runs = 0, run_floats = 0;
     run *runs = malloc(sizeof(run) * (size_t)(B / RUN_ROWS + 1));
     int64_t *run_of = malloc(sizeof(int64_t) * (size_t)B); /* each row's run, or -1 */
@@ -578,21 +582,27 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
         for (int64_t i = b; i < e; i++) run_of[i] = in_run ? n_runs : -1;
         if (in_run) {
             const int64_t len = positions[e - 1] + 1, lp = (len + KT - 1) / KT * KT;
-            runs[n_runs++] = (run){b, e - b, len, lp, run_floats, NULL, NULL};
+            /* units of at most RB rows, and at least two a thread over the kv heads, or one thread would idle
+             * while another attends a whole run's rows (SmolLM2's 3 kv heads on 2 threads) */
+            int64_t parts = (e - b + RB - 1) / RB;
+            const int64_t enough = (2 * threads + KVH - 1) / KVH;
+            if (parts < enough) parts = enough < e - b ? enough : e - b;
+            runs[n_runs++] = (run){b, e - b, len, lp, run_floats, (e - b + parts - 1) / parts, NULL, NULL};
             run_floats += KVH * D * (lp + len);
         }
     }
-    /* the attention stage's units: the first row of each RB rows of a run, and every other row */
+    /* the attention stage's units: the first row of each rb rows of a run, and every other row */
     int64_t n_units = 0, *units = malloc(sizeof(int64_t) * (size_t)B);
     for (int64_t b = 0; units && b < B; b++)
-        if (run_of[b] < 0 || (b - runs[run_of[b]].first) % RB == 0) units[n_units++] = b;
+        if (run_of[b] < 0 || (b - runs[run_of[b]].first) % runs[run_of[b]].rb == 0) units[n_units++] = b;
+    /* each layer's next unit to take (threads take them as they finish one: a run's units cost more than a row's) */
+    int64_t *next_unit = calloc((size_t)m->n_layers, sizeof(int64_t));
     float *gathered = n_runs ? calloc((size_t)run_floats, sizeof(float)) : NULL; /* Kt's padding stays zero */
     for (int64_t r = 0; r < n_runs; r++) {
         runs[r].kt = gathered + runs[r].at;
         runs[r].v = runs[r].kt + KVH * D * runs[r].lp;
     }
 
-    const int threads = omp_get_max_threads();
     float *qkv = malloc(sizeof(float) * (size_t)(B * QKV));
     float *att = malloc(sizeof(float) * (size_t)(B * H * D));
     float *gu = malloc(sizeof(float) * (size_t)(B * 2 * F));
@@ -604,13 +614,17 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
     float *part = m->reduce ? malloc(sizeof(float) * (size_t)(B * dim)) : NULL;
     const int64_t per_thread = RB * group * (D + 2) + D; /* a thread's attend_run room, and a read of one vector */
     float *run_tmp = malloc(sizeof(float) * (size_t)(threads * per_thread));
+    /* the rows whose logits are asked for, gathered after the final norm (all rows: h itself) */
+    const int64_t L_rows = logits && logit_rows ? n_logits : B;
+    float *picked = logits && logit_rows ? malloc(sizeof(float) * (size_t)((L_rows ? L_rows : 1) * dim)) : NULL;
     /* many rows: their panels made once a quantize stage for all the products after it (lamina_panel_prepare) */
     const int prepared = lamina_panel_rows() && B >= lamina_panel_rows();
     void *panels = prepared ? aligned_alloc(64, lamina_panel_bytes(B, widest)) : NULL;
     if (!qkv || !att || !gu || !rot || !scores || !q || !qd || !qs || (m->reduce && !part) || !run_tmp || !units ||
-        (n_runs && !gathered) || (prepared && !panels)) {
+        (n_runs && !gathered) || (prepared && !panels) || (logits && logit_rows && !picked) || !next_unit) {
         free(qkv); free(att); free(gu); free(rot); free(scores); free(q); free(qd); free(qs); free(part);
-        free(run_tmp); free(gathered); free(runs); free(run_of); free(units); free(panels);
+        free(run_tmp); free(gathered); free(runs); free(run_of); free(units); free(panels); free(picked);
+        free(next_unit);
         return -1;
     }
     volatile int failed = 0;
@@ -669,13 +683,14 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
                     }
 #pragma omp barrier
             }
-            /* (rows, kv head) units dealt in turn (a run's later rows reach more keys than its first): RB rows of
-             * a run at a time, other rows one by one */
-            for (int64_t u = tid; u < n_units * KVH; u += nth) {
+            /* (rows, kv head) units, each thread taking the next as it finishes one: rb rows of a run at a time,
+             * other rows one by one */
+            for (int64_t u = __atomic_fetch_add(&next_unit[l], 1, __ATOMIC_RELAXED); u < n_units * KVH;
+                 u = __atomic_fetch_add(&next_unit[l], 1, __ATOMIC_RELAXED)) {
                 const int64_t b = units[u / KVH], kvh = u % KVH;
                 if (run_of[b] >= 0) {
                     const run *r = &runs[run_of[b]];
-                    const int64_t rows = r->first + r->rows - b < RB ? r->first + r->rows - b : RB;
+                    const int64_t rows = r->first + r->rows - b < r->rb ? r->first + r->rows - b : r->rb;
                     attend_run(qkv + b * QKV, QKV, rows, positions + b, r, kvh, group, H, D, my_o, att + b * H * D);
                 } else
                     for (int64_t g = 0; g < group; g++)
@@ -718,14 +733,28 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
                 const float r = inverse_rms(h + b * dim, dim, m->norm_eps);
                 for (int64_t i = 0; i < dim; i++) h[b * dim + i] = (h[b * dim + i] * r) * m->norm[i];
             }
-            if (m->output && logits) {
+            if (m->output && logits && L_rows) {
+                const float *x = h;
 #pragma omp barrier
-                SPLIT(B * dim / QK, 1);
-                quantize_stage(h, dim, NULL, 0.0, lo, hi, q, qd, qs);
+                if (picked) {
+                    SPLIT(L_rows, 1);
+                    for (int64_t i = lo; i < hi; i++)
+                        memcpy(picked + i * dim, h + logit_rows[i] * dim, sizeof(float) * (size_t)dim);
+                    x = picked;
 #pragma omp barrier
-                PREPARE(dim);
+                }
+                SPLIT(L_rows * dim / QK, 1);
+                quantize_stage(x, dim, NULL, 0.0, lo, hi, q, qd, qs);
+#pragma omp barrier
+                /* panels for these rows where there are enough of them (fewer: the few-rows path, as alone) */
+                const void *lp = panels && L_rows >= lamina_panel_rows() ? panels : NULL;
+                if (lp) {
+                    SPLIT(lamina_panel_groups(L_rows), 1);
+                    lamina_panel_prepare(q, qd, qs, L_rows, dim, lo, hi, panels);
+#pragma omp barrier
+                }
                 SPLIT(m->vocab_size, NR);
-                lamina_matmul_prepared(m->output_type, m->output, m->vocab_size, dim, q, qd, qs, B, panels, logits,
+                lamina_matmul_prepared(m->output_type, m->output, m->vocab_size, dim, q, qd, qs, L_rows, lp, logits,
                                        m->vocab_size, lo, hi, 0);
             }
         }
@@ -733,6 +762,7 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
 #undef SPLIT
     }
     free(qkv); free(att); free(gu); free(rot); free(scores); free(q); free(qd); free(qs); free(part);
-    free(run_tmp); free(gathered); free(runs); free(run_of); free(units); free(panels);
+    free(run_tmp); free(gathered); free(runs); free(run_of); free(units); free(panels); free(picked);
+    free(next_unit);
     return failed ? -2 : 0;
 }

@@ -75,7 +75,7 @@ def follow(runner, tp: TensorParallel) -> None:
             if op == "logits":  # hidden states rank 0 projects (each rank computes its share of the vocabulary)
                 runner.logits(args[0].to(runner.config.device))
                 continue
-            if op not in ("prefill", "decode"):
+            if op not in ("prefill", "decode", "rows"):
                 raise RuntimeError(f"rank 0 announced an unknown step {op!r}")
             getattr(runner, op)(*args)
 

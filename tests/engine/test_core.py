@@ -135,8 +135,9 @@ def test_bad_requests(llama):
     assert not engine.has_work and torch.equal(torch.tensor(engine.pool.num_used), torch.tensor(0))
 
 
-def test_default_model_through_the_native_step():
-    """The default model (GGUF blocks: the C decode step for decode chunks, PyTorch for prompt chunks)."""
+def test_default_model_through_the_native_step(monkeypatch):
+    """The default model (GGUF blocks: the C step for decode chunks and prompt chunks; a step with both runs them in
+    one pass)."""
     import lamina
 
     model = lamina.load(max_batch_size=2, max_seq_len=256)
@@ -144,9 +145,14 @@ def test_default_model_through_the_native_step():
     prompts.append(model.tokenizer.encode("Once upon a time, in a land far away, there lived a", bos=False, eos=False))
     expected = [model.generate([p], 10, temperature=0)[0][0] for p in prompts]
     engine = Engine(model, max_step_tokens=6)
+    if engine.runner.native is not None:  # count the steps that ran prompt chunks and decode rows together
+        fused, rows = [], engine.runner.rows
+        monkeypatch.setattr(engine.runner, "rows", lambda *a: fused.append(len(a[0])) or rows(*a))
     greedy = SamplingParams(temperature=0, max_tokens=10)
     outputs = run(engine, {0: [(0, prompts[0], greedy), (1, prompts[1], greedy)], 3: [(2, prompts[2], greedy)]})
     assert [tokens_of(outputs[i]) for i in range(3)] == expected
+    if engine.runner.native is not None:
+        assert fused  # the third prompt's chunks, while the first two decode
 
 
 def test_a_small_paged_cache_preempts_and_still_gives_offline_tokens(llama):

@@ -185,6 +185,44 @@ def test_prompts_as_rows_equal_pytorch_prefill(llama, heads, kv_dtype, path):
                 torch.testing.assert_close(a, b, rtol=rtol, atol=1e-4 * max(1.0, b.abs().max().item()))
 
 
+@pytest.mark.parametrize("heads", [(4, 2, 64), (6, 1, 48)])
+def test_prompt_chunks_and_decode_rows_in_one_pass_equal_separate_passes(llama, heads):
+    """The server's steps while streams decode: prompt chunks (a later chunk as a run of rows, a short fresh one row
+    by row) and decode rows through one pass of the C step (ModelRunner.rows) give what PyTorch's separate prefill
+    and decode passes give: the chunks' hidden states, the logits of the rows asked for only (a chunk's last row and
+    the decode rows, in that order), the same keys and values in the cache."""
+    model = _random_model(*heads)
+    config = dataclasses.replace(llama.config, max_seq_len=128)
+    kw = {"num_blocks": 40, "block_size": 8}
+    native = ModelRunner(model, config, **kw)
+    assert native.native is not None
+    reference = ModelRunner(model, config, native=False, **kw)
+    tables = [list(range(0, 40, 4)), list(range(1, 40, 4)), list(range(2, 40, 4)), [3, 7]]
+    firsts = [[(5 * i + 1) % 101 for i in range(30)], [(3 * i + 2) % 101 for i in range(17)]]
+    firsts.append([(7 * i + 3) % 101 for i in range(21)])  # the third prompt's first chunk
+    chunk, fresh, decoded = [(11 * i) % 101 for i in range(40)], [9, 8, 7], [4, 5]
+    with torch.inference_mode():
+        for runner in (native, reference):
+            runner.prefill(firsts, tables[:3])
+        hidden, logits = native.rows(
+            chunk + fresh + decoded,
+            [tables[2]] * 40 + [tables[3]] * 3 + tables[:2],
+            [*range(21, 61), 0, 1, 2, 30, 17],
+            [39, 42, 43, 44],
+        )
+        theirs = reference.prefill([chunk, fresh], [tables[2], tables[3]], [21, 0])
+        expected = torch.cat([reference.logits(theirs[[39, 42]]), reference.decode(decoded, tables[:2], [30, 17])])
+        with pytest.raises(ValueError, match="logits asked of rows"):
+            native.native.step([1], [tables[0]], [31], [1])
+    scale = theirs.abs().max().item()
+    torch.testing.assert_close(hidden[:43], theirs, rtol=1e-4, atol=1e-4 * scale)
+    assert logits.shape == expected.shape == (4, 101)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    for (k, v), (rk, rv) in zip(native.cache.layers, reference.cache.layers):
+        for a, b in ((k, rk), (v, rv)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))
+
+
 def test_a_step_of_a_few_rows_gives_each_row_what_it_gets_alone():
     """The default model on the C step: a decode step of up to NativeDecode.exact_rows rows (one sequence and its
     draft tokens, or several sequences) gives every row bitwise the logits, and writes bitwise the keys and values,

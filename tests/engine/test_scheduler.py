@@ -211,6 +211,8 @@ def test_the_pacer_sizes_prompt_chunks_by_time_while_streams_decode():
     from lamina.engine.scheduler import PrefillPacer
 
     pacer = PrefillPacer()
+    # the settings this test was written for (the defaults until 2026-12-06)
+    pacer.FACTOR, pacer.FLOOR, pacer.WEIGHT = 4.0, 0.1, 0.3
     assert pacer.budget() is None  # nothing measured: max_step_tokens
     pacer.record(0.020, 0, decoding=True)  # a decode-only step: 20 ms, so the target is 100 ms (the floor)
     pacer.record(0.020 + 0.010 + 64 * 0.001, 64, decoding=True)  # 10 ms to run a prompt chunk, 1 ms a token
@@ -221,6 +223,7 @@ def test_the_pacer_sizes_prompt_chunks_by_time_while_streams_decode():
 
     scheduler, _ = make(max_step_tokens=64, max_seq_len=512, num_blocks=256)
     scheduler.pacer = pacer = PrefillPacer()
+    pacer.FACTOR, pacer.FLOOR, pacer.WEIGHT = 4.0, 0.1, 0.3
     pacer.record(0.020, 0, decoding=True)
     pacer.record(0.020 + 40 * 0.002, 40, decoding=True)  # 2 ms a token: (100 - 20) / 2 = 40 tokens a step
     engine = FakeEngine(scheduler)
@@ -233,3 +236,43 @@ def test_the_pacer_sizes_prompt_chunks_by_time_while_streams_decode():
         decoding = any(c.length == 1 for c in s.chunks)
         assert prompt <= (40 if decoding else 64)
     assert max(c.length for s in engine.steps for c in s.chunks if c.request.request_id == "long") == 40
+
+
+def test_the_pacer_sizes_each_chunk_by_its_depth_and_kind():
+    """A prompt token deep in a prompt costs more than one near its start (it attends to more keys), and a scored one
+    more again (its logits too): the pacer keeps a line for each depth bucket and kind, and the scheduler asks it for
+    the budget of the chunk it is about to run, at that chunk's position."""
+    from lamina.engine.scheduler import PrefillPacer
+
+    pacer = PrefillPacer()
+    pacer.FACTOR, pacer.FLOOR = 4.0, 0.1  # a target of 100 ms while decode-only steps take 20 ms
+    pacer.record(0.020, 0, decoding=True)
+    for tokens in (16, 48):  # near the start: 10 ms, then 1 ms a token
+        pacer.record(0.020 + 0.010 + tokens * 0.001, tokens, decoding=True, depth=0)
+    for tokens in (16, 32):  # from position 1,500 on: 10 ms, then 3.5 ms a token
+        pacer.record(0.020 + 0.010 + tokens * 0.0035, tokens, decoding=True, depth=1500)
+    pacer.record(0.020 + 0.010 + 16 * 0.002, 16, decoding=True, depth=0, scored=True)  # scored: all of it per token
+    assert pacer.budget(0) == 70  # (100 - 20 - 10) ms at 1 ms a token
+    assert pacer.budget(1500) == 20  # at 3.5 ms a token
+    assert pacer.budget(1024) == 20 and pacer.budget(2047) == 20  # the same bucket: 1,024-2,047
+    assert pacer.budget(0, scored=True) == int(0.080 / (0.042 / 16))  # one size so far: 2.625 ms a token
+    # a depth with no line yet: the kind's lines together
+    pooled = PrefillPacer._line([(16, 0.026), (48, 0.058), (16, 0.066), (32, 0.122)])
+    assert pacer.budget(600) == max(pacer.MIN_TOKENS, int((0.1 - 0.020 - pooled[0]) / pooled[1]))
+    # a scoring chunk at a depth with no scored line: the scored lines of every depth
+    assert pacer.budget(1500, scored=True) == pacer.budget(0, scored=True)
+    # a decode-only step that scored cached positions (a chunk of no tokens) is not a decode step
+    pacer.record(0.500, 0, decoding=True, scored=True)
+    assert pacer.decode_s == pytest.approx(0.020)
+
+    scheduler, _ = make(max_step_tokens=256, max_seq_len=2048, num_blocks=1024)
+    scheduler.pacer = pacer
+    engine = FakeEngine(scheduler)
+    short, long = prompts(1)[0], [(j * 11) % 400 + 1 for j in range(1700)]
+    engine.run({0: [("short", short, 400)], 2: [("long", long, 1)]})
+    assert engine.finished["long"].output == expected_output(long, 1)
+    sizes = [(c.start, c.length) for s in engine.steps for c in s.chunks if c.request.request_id == "long"]
+    for start, length in sizes[:-1]:  # while "short" decodes (it outlasts the prompt), by the chunk's depth
+        assert length == pacer.budget(start), (start, length)
+    assert {length for start, length in sizes if start < 128} == {70}
+    assert {length for start, length in sizes[:-1] if start >= 1024} == {20}
