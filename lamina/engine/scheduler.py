@@ -107,9 +107,9 @@ class PrefillPacer:
     recent_s: float = 0.0  # the same, a fast moving average (what this step's decode rows will cost)
     # (depth bucket, scored) -> the recent (prompt tokens, seconds they added) of chunks starting at that depth
     samples: dict = field(default_factory=dict)
-    FACTOR, FLOOR = 3.0, 0.03
+    FACTOR, FLOOR = 2.5, 0.025
     # of a new decode-only step in decode_s: slow (a time constant of ~50 steps), so that the target follows the
-    # typical step, not a burst of streams (a target 3x a burst's slower steps put the inter-token tail at 4x p50)
+    # typical step, not a burst of streams (a target 3x a burst's slower steps put the inter-token tail at 3.9x p50)
     WEIGHT = 0.02
     FAST = 0.3  # of a new decode-only step in recent_s
     MIN_TOKENS = 8  # a prompt always advances
