@@ -464,8 +464,9 @@ def _serve_rank0(args, llama, tp, followers) -> int:
     )
     # Everything loaded so far (the model's modules, the tokenizer's tables, the app: ~200,000 objects with the
     # default model) lives as long as the server. Frozen, it is left out of the collector's full passes, each of
-    # which walked it all with the engine thread waiting on the GIL: 20-170 ms pauses of every stream, more often
-    # where replies build many objects (a scored prompt's log-probabilities). New garbage is collected as before.
+    # which walked it all with the engine thread waiting on the GIL (169 ms once, Zen 4): a pause of every stream,
+    # more often where replies build many objects (a scored prompt's log-probabilities). New garbage is collected
+    # as before.
     gc.collect()
     gc.freeze()
     try:

@@ -1,6 +1,7 @@
 """ModelRunner: the only owner of a model's KV cache; runs a scheduled step's chunks as forward passes (prompt chunks
-packed into one prefill, one-token chunks of running requests into one decode step; both in one pass of the native
-C step where it runs) through the native C step, the compiled or the eager forward. A sequence's cache is the list of blocks (its block table) the block pool gave it."""
+packed into one prefill, one-token chunks of running requests into one decode step; both in one pass where the
+native C step runs them) through the native C step, the compiled or the eager forward. A sequence's cache is the list
+of blocks (its block table) the block pool gave it."""
 
 from __future__ import annotations
 
@@ -100,12 +101,13 @@ class ModelRunner:
                     (c.request, positions, self.cached_hidden(c.request.blocks, positions.start, positions.stop))
                 )
         prefill = [(c, p) for c, p in prefill if c.length]
-        # Prompt chunks and decode rows in one pass where the C step runs them (it takes a prompt chunk's rows as a
-        # run of one sequence, as a draft's): the weights are read once a step, not once for each kind of row.
-        fused = bool(prefill and decode) and self.native is not None
+        # Prompt chunks and decode rows in one pass where the C step runs both (it takes a prompt chunk's rows as a
+        # run of one sequence, as a draft's; a prompt in another arithmetic, `prefill_dtype`, keeps its own pass):
+        # the weights are read once a step, not once for each kind of row.
+        ends = list(itertools.accumulate(c.length for c, _ in prefill))
+        fused = bool(prefill and decode) and self.native is not None and self.native.runs_prefill(ends[-1])
         rows = 0  # the rows of the pass the decode rows ran in
         if prefill:
-            ends = list(itertools.accumulate(c.length for c, _ in prefill))
             wanted = [(c, end - 1) for (c, _), end in zip(prefill, ends) if c.samples]
             if fused:
                 chunks_in_order = [c for c, _ in prefill] + decode

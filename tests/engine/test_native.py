@@ -223,6 +223,43 @@ def test_prompt_chunks_and_decode_rows_in_one_pass_equal_separate_passes(llama, 
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))
 
 
+def test_a_prompt_in_another_arithmetic_keeps_its_own_pass(llama, monkeypatch):
+    """A model whose many-row products are float32 GEMMs (`prefill_dtype`, the default off AVX-512) keeps them for a
+    prompt chunk of more rows than the C step's products take (NATIVE_MAX_ROWS), decode rows beside it or not; a
+    shorter chunk joins the decode rows' pass."""
+    from lamina.engine import EngineCore
+    from lamina.engine.sampling import SamplingParams
+    from lamina.quant.linear import NATIVE_MAX_ROWS
+
+    quantized = _quantized(llama, "int4")
+    use_kernels(quantized.model, prefill_dtype=torch.float32)
+    config = dataclasses.replace(quantized.config, max_step_tokens=NATIVE_MAX_ROWS + 8, max_seq_len=128)
+    engine = EngineCore(quantized.model, quantized.tokenizer, config)
+    assert engine.runner.native is not None
+    passes = []  # (the runner's method, the rows it ran)
+
+    def rows(kind, first):  # prefill takes prompts, the others a token a row
+        return sum(map(len, first)) if kind == "prefill" else len(first)
+
+    for kind in ("rows", "prefill", "decode"):
+        real = getattr(engine.runner, kind)
+        monkeypatch.setattr(
+            engine.runner, kind, lambda *a, kind=kind, real=real: passes.append((kind, rows(kind, a[0]))) or real(*a)
+        )
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    short, long = _prompts([4, NATIVE_MAX_ROWS + 27])  # "long": a chunk of 39 rows, then one of 20
+    engine.add(quantized.new_request(short, greedy, request_id="short"))
+    engine.step()
+    engine.add(quantized.new_request(long, greedy, request_id="long"))
+    while engine.has_work:
+        engine.step()
+    prompt_passes = [n for kind, n in passes if kind == "prefill"]
+    # "short"'s prompt, then "long"'s first chunk in a pass of its own beside "short"'s decode row (that row took one
+    # of the step's tokens)
+    assert prompt_passes == [4, NATIVE_MAX_ROWS + 7] and ("decode", 1) in passes
+    assert [n for kind, n in passes if kind == "rows"] == [21]  # its last 20 rows and "short"'s one
+
+
 def test_a_step_of_a_few_rows_gives_each_row_what_it_gets_alone():
     """The default model on the C step: a decode step of up to NativeDecode.exact_rows rows (one sequence and its
     draft tokens, or several sequences) gives every row bitwise the logits, and writes bitwise the keys and values,
