@@ -106,18 +106,18 @@ class ModelRunner:
         # the weights are read once a step, not once for each kind of row.
         ends = list(itertools.accumulate(c.length for c, _ in prefill))
         fused = bool(prefill and decode) and self.native is not None and self.native.runs_prefill(ends[-1])
-        rows = 0  # the rows of the pass the decode rows ran in
+        pass_rows = 0  # the rows of the pass the decode rows ran in
         if prefill:
             wanted = [(c, end - 1) for (c, _), end in zip(prefill, ends) if c.samples]
             if fused:
-                chunks_in_order = [c for c, _ in prefill] + decode
-                tokens = [t for c in chunks_in_order for t in c.tokens]
-                rows = len(tokens)
+                together = [c for c, _ in prefill] + decode
+                tokens = [t for c in together for t in c.tokens]
+                pass_rows = len(tokens)
                 hidden, both = self.rows(
                     tokens,
-                    [c.request.blocks for c in chunks_in_order for _ in range(c.length)],
-                    [c.start + j for c in chunks_in_order for j in range(c.length)],
-                    [i for _, i in wanted] + list(range(ends[-1], rows)),
+                    [c.request.blocks for c in together for _ in range(c.length)],
+                    [c.start + j for c in together for j in range(c.length)],
+                    [i for _, i in wanted] + list(range(ends[-1], pass_rows)),
                 )
             else:
                 hidden = self.prefill(
@@ -143,7 +143,7 @@ class ModelRunner:
         if decode and not fused:
             # a row per token: a chunk with a draft gives rows at consecutive positions of one sequence, which
             # attend causally to each other (every row's keys and values are stored before any row attends)
-            rows = sum(c.length for c in decode)
+            pass_rows = sum(c.length for c in decode)
             logits.append(
                 self.decode(
                     [t for c in decode for t in c.tokens],
@@ -155,7 +155,7 @@ class ModelRunner:
         drafts = [()] * (len(sampling) - len(decode)) + [c.draft for c in decode]
         if not logits:
             return Forward(torch.empty(0, device=self.config.device), [], scored, [])
-        rounding = self.rounding(rows) if decode else 0.0
+        rounding = self.rounding(pass_rows) if decode else 0.0
         return Forward(logits[0] if len(logits) == 1 else torch.cat(logits), sampling, scored, drafts, rounding)
 
     def rounding(self, rows: int) -> float:

@@ -271,7 +271,8 @@ class Scheduler:
             self.waiting
             and not preempted
             and len(self.running) < self.config.max_running
-            and min(budget, budget if prompts is None else prompts) > 0
+            and budget > 0
+            and (prompts is None or prompts > 0)
         ):
             req = self.waiting.popleft()
             hit = self._take_cached(req)

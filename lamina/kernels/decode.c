@@ -615,8 +615,8 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
     const int64_t per_thread = RB * group * (D + 2) + D; /* a thread's attend_run room, and a read of one vector */
     float *run_tmp = malloc(sizeof(float) * (size_t)(threads * per_thread));
     /* the rows whose logits are asked for, gathered after the final norm (all rows: h itself) */
-    const int64_t L_rows = logits && logit_rows ? n_logits : B;
-    float *picked = logits && logit_rows ? malloc(sizeof(float) * (size_t)((L_rows ? L_rows : 1) * dim)) : NULL;
+    const int64_t n_picked = logits && logit_rows ? n_logits : B;
+    float *picked = logits && logit_rows ? malloc(sizeof(float) * (size_t)((n_picked ? n_picked : 1) * dim)) : NULL;
     /* many rows: their panels made once a quantize stage for all the products after it (lamina_panel_prepare) */
     const int prepared = lamina_panel_rows() && B >= lamina_panel_rows();
     void *panels = prepared ? aligned_alloc(64, lamina_panel_bytes(B, widest)) : NULL;
@@ -733,28 +733,28 @@ int lamina_decode(const lamina_model *m, int64_t B, float *h, const int64_t *tab
                 const float r = inverse_rms(h + b * dim, dim, m->norm_eps);
                 for (int64_t i = 0; i < dim; i++) h[b * dim + i] = (h[b * dim + i] * r) * m->norm[i];
             }
-            if (m->output && logits && L_rows) {
+            if (m->output && logits && n_picked) {
                 const float *x = h;
 #pragma omp barrier
                 if (picked) {
-                    SPLIT(L_rows, 1);
+                    SPLIT(n_picked, 1);
                     for (int64_t i = lo; i < hi; i++)
                         memcpy(picked + i * dim, h + logit_rows[i] * dim, sizeof(float) * (size_t)dim);
                     x = picked;
 #pragma omp barrier
                 }
-                SPLIT(L_rows * dim / QK, 1);
+                SPLIT(n_picked * dim / QK, 1);
                 quantize_stage(x, dim, NULL, 0.0, lo, hi, q, qd, qs);
 #pragma omp barrier
                 /* panels for these rows where there are enough of them (fewer: the few-rows path, as alone) */
-                const void *lp = panels && L_rows >= lamina_panel_rows() ? panels : NULL;
+                const void *lp = panels && n_picked >= lamina_panel_rows() ? panels : NULL;
                 if (lp) {
-                    SPLIT(lamina_panel_groups(L_rows), 1);
-                    lamina_panel_prepare(q, qd, qs, L_rows, dim, lo, hi, panels);
+                    SPLIT(lamina_panel_groups(n_picked), 1);
+                    lamina_panel_prepare(q, qd, qs, n_picked, dim, lo, hi, panels);
 #pragma omp barrier
                 }
                 SPLIT(m->vocab_size, NR);
-                lamina_matmul_prepared(m->output_type, m->output, m->vocab_size, dim, q, qd, qs, L_rows, lp, logits,
+                lamina_matmul_prepared(m->output_type, m->output, m->vocab_size, dim, q, qd, qs, n_picked, lp, logits,
                                        m->vocab_size, lo, hi, 0);
             }
         }
